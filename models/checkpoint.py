@@ -1,0 +1,154 @@
+"""HF checkpoint folders <-> our models: config dispatch, tensor-by-tensor loading, saving.
+
+A model family plugs in by registering its architectures (see `families.py`). Every model class
+provides:
+  - `config_class` with `from_hf(dict)` and `to_hf() -> dict` (a complete config.json),
+  - `__init__(config)` that builds only modules (cheap on the meta device),
+  - `checkpoint_key(key) -> str | None`: a checkpoint's key as our state-dict key (None: skip it),
+  - `init_buffers()`: recompute non-persistent buffers (RoPE tables) after loading,
+  - `tie_weights()`: re-point tied parameters (may be a no-op).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import safetensors_io
+from .families import ARCHITECTURES, DEFAULT_ARCHITECTURE
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not fit the model it describes."""
+
+
+def read_config(path: str | Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face checkpoint folder")
+    return json.loads(config_file.read_text())
+
+
+def model_class_for(hf_config: dict) -> type[nn.Module]:
+    """Dispatch on `architectures[0]` when we know it, else on `model_type`."""
+    for arch in hf_config.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    model_type = hf_config.get("model_type")
+    if model_type not in DEFAULT_ARCHITECTURE:
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(DEFAULT_ARCHITECTURE))}"
+        )
+    return ARCHITECTURES[DEFAULT_ARCHITECTURE[model_type]]
+
+
+def from_config(config, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """A randomly initialised model from a config object or a config.json dict."""
+    if isinstance(config, dict):
+        cls = model_class_for(config)
+        config = cls.config_class.from_hf(config)
+    else:
+        cls = next(c for c in ARCHITECTURES.values() if isinstance(config, c.config_class))
+    model = cls(config)
+    return model.to(device=device, dtype=dtype)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    found = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {path} (found: {', '.join(found) or 'nothing'}); "
+        "peftcore reads safetensors only"
+    )
+
+
+def expected_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (tied ones once) and persistent buffers, by state-dict key."""
+    keys = dict(model.named_parameters())
+    non_persistent = {
+        f"{name}.{b}" if name else b for name, mod in model.named_modules() for b in mod._non_persistent_buffers_set
+    }
+    keys.update({k: v for k, v in model.named_buffers() if k not in non_persistent})
+    return keys
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
+    else:
+        module._buffers[attr] = value
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantize=None, group_size=None) -> nn.Module:
+    """Build on the meta device, then fill in tensor by tensor: peak RAM ~ one copy of the model.
+
+    dtype None keeps each tensor's stored dtype (transformers' `dtype="auto"`).
+    """
+    if quantize is not None:
+        raise NotImplementedError("quantized loading arrives with the kernels issue")  # replaced there
+    path = Path(path)
+    hf_config = read_config(path)
+    cls = model_class_for(hf_config)
+    with torch.device("meta"):
+        model = cls(cls.config_class.from_hf(hf_config))
+    model.tie_weights()
+    wanted = expected_keys(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in checkpoint_files(path):
+        for ckpt_key, tensor in safetensors_io.iter_tensors(file):
+            key = model.checkpoint_key(ckpt_key)
+            if key is None:
+                continue
+            if key not in wanted:
+                unexpected.append(ckpt_key)
+                continue
+            check_shape(ckpt_key, tensor, wanted[key], file)
+            if tensor.is_floating_point() and dtype is not None:
+                tensor = tensor.to(dtype)
+            set_tensor(model, key, tensor.to(device) if device is not None else tensor)
+            loaded.add(key)
+    report_key_mismatch(path, sorted(set(wanted) - loaded), unexpected)
+    model.tie_weights()
+    model.init_buffers()
+    return model.eval()
+
+
+def check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, file: Path) -> None:
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise CheckpointError(
+            f"{file.name}: {key} has shape {tuple(tensor.shape)} but the model built from config.json "
+            f"expects {tuple(expected.shape)}"
+        )
+
+
+def report_key_mismatch(path: Path, missing: list[str], unexpected: list[str]) -> None:
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    raise CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
+
+
+def save_pretrained(model: nn.Module, path) -> None:
+    """config.json + model.safetensors that transformers' `from_pretrained` loads (tied weights once)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in expected_keys(model).items()}
+    hf_config = model.config.to_hf()
+    hf_config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    safetensors_io.write(state, path / "model.safetensors")

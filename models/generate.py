@@ -1,0 +1,89 @@
+"""Autoregressive decoding with a KV cache: one prefill, then one token per step."""
+from __future__ import annotations
+
+import torch
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """transformers' generate: count real tokens, so a left-padded row starts at position 0."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. logits: (B, V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p: the top token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_next_token(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """logits (B, V) -> (B,) token ids; greedy at temperature 0."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def full_mask(attention_mask: torch.Tensor, covered: int) -> torch.Tensor:
+    """Prepend ones for positions the caller's mask does not cover (a learned prefix / prompt)."""
+    extra = covered - attention_mask.shape[-1]
+    if extra <= 0:
+        return attention_mask
+    ones = attention_mask.new_ones(attention_mask.shape[0], extra)
+    return torch.cat([ones, attention_mask], dim=-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    cache=None,
+) -> torch.Tensor:
+    """-> (B, T + new) token ids. Rows that hit EOS are padded (pad_token_id, else EOS) after it.
+
+    `cache` may arrive pre-filled (prefix tuning) and `inputs_embeds` may be longer than
+    `input_ids` (prompt tuning); the mask is extended with ones in front to cover both.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    B, T = input_ids.shape
+    cache = model.new_cache() if cache is None else cache
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    prefill_len = T if inputs_embeds is None else inputs_embeds.shape[1]
+    mask = full_mask(attention_mask, cache.seq_len + prefill_len)
+    positions = positions_from_mask(mask)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), dtype=torch.long, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    ids = input_ids if inputs_embeds is None else None
+    logits = model(ids, attention_mask=mask, position_ids=positions[:, -prefill_len:], inputs_embeds=inputs_embeds, cache=cache)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = pick_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, pad)
+        new_tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+        logits = model(token[:, None], attention_mask=mask, position_ids=positions, cache=cache)
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens else input_ids
