@@ -1,0 +1,295 @@
+"""LoRA and DoRA layers, written by hand around the layer they adapt (the base-layer pattern).
+
+LoraLinear:    y = base(x) + s * B(A(dropout(x)))              for nn.Linear and GPT-2's Conv1D
+DoRA:          y = m / ||W + s*B*A||_row * (W x + s*B*A x) + b  (row norm detached, DoRA paper §4.3)
+LoraEmbedding: y = E[x] + s * (A^T[x]) B^T
+
+Parameter names and nesting equal HF PEFT's (`base_layer`, `lora_A.<name>`, `lora_B.<name>`,
+`lora_magnitude_vector.<name>.weight`, `lora_embedding_A.<name>`), so state dicts and adapter
+files line up key for key. Several named adapters live side by side in one layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore.models.layers import Conv1D
+
+from .config import LoraConfig
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The base layer's dense weight as (out, in): Conv1D stores (in, out); quantized layers dequantize."""
+    if hasattr(layer, "dequantize"):
+        return layer.dequantize()
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """||W_i + s (BA)_i|| for every output row i, without forming the (out, in) matrix BA.
+
+    ||W_i + s(BA)_i||^2 = ||W_i||^2 + 2s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T
+    Cost: one (out, in, r) GEMM and O((out + in) r^2) — vs an (out, in, r) GEMM *and* an out x in
+    temporary for the dense form. W: (out, in), A: (r, in), B: (out, r) -> (out,) in fp32.
+    """
+    W_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+    WAt = (W @ A.to(W.dtype).T).float()  # (out, r)
+    A32, B32 = A.float(), B.float()
+    cross = (B32 * WAt).sum(dim=1)
+    lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)
+    return (W_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+
+
+class Magnitude(nn.Module):
+    """DoRA's learned magnitude vector, one entry per output feature (a module so its key is `.weight`)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class LoraLinear(nn.Module):
+    """LoRA / DoRA around an nn.Linear, a GPT-2 Conv1D, or a quantized linear with `.dequantize()`."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the row norm used when merging, to undo it
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        weight = base_weight(self.base_layer)
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        kw = dict(device=weight.device, dtype=dtype)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, config.use_rslora)
+        from .lora_init import init_adapter  # init schemes may rewrite the base weight (PiSSA, OLoRA)
+
+        init_adapter(self, name, config.init_lora_weights)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = dora_row_norm(base_weight(self.base_layer), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            self.lora_magnitude_vector[name] = Magnitude(norm.to(dtype))
+        self.active_adapters = [name]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
+        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            container.pop(name, None)
+        self.r.pop(name, None)
+        self.scaling.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def adapter_params(self, name: str):
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in container:
+                yield from container[name].parameters()
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disable_adapters or self.merged_adapters:
+            if self.disable_adapters and self.merged_adapters:
+                raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
+            if adapter_names is not None and self.merged_adapters:
+                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+            return out
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, out, adapter_names)
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                out = self.add_lora(out, x, name)
+        return out
+
+    def add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        dropout = self.lora_dropout[name]
+        x_lora = dropout(x.to(A.weight.dtype))
+        if name in self.lora_magnitude_vector:
+            return out + self.dora_delta(x, x_lora, out, name)
+        h = A(x_lora)  # (..., r)
+        if B.bias is None and out.dtype == h.dtype:
+            # out + s * h B^T as one GEMM with beta=1: no separate scale and add passes over (M, N)
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.T, alpha=s)
+            return flat.view(out.shape)
+        return out + (B(h) * s).to(out.dtype)
+
+    def dora_delta(self, x: torch.Tensor, x_lora: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+        """What DoRA adds to base(x): (mag - 1) * W x + mag * s * B A x, with mag = m / ||W + sBA||."""
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        W = base_weight(self.base_layer)
+        norm = dora_row_norm(W, A, B.detach(), s).detach()
+        mag = (self.lora_magnitude_vector[name].weight / norm).to(out.dtype)  # (out,)
+        if x_lora is x or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_no_bias = out if bias is None else out - bias
+        else:  # dropout active: PEFT re-runs the base GEMM on the dropped input
+            base_no_bias = F.linear(x_lora.to(W.dtype), W)
+        lora = F.linear(F.linear(x_lora, A), B) * s
+        return (mag - 1) * base_no_bias + mag * lora.to(out.dtype)
+
+    def mixed_batch_forward(self, x: torch.Tensor, out: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Row b uses adapter adapter_names[b] ("__base__": none); each adapter runs on its rows only."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]}")
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            sub_out = out.index_select(0, rows)
+            delta = self.add_lora(sub_out, x.index_select(0, rows), name) - sub_out
+            out = out.index_add(0, rows, delta)
+        return out
+
+    # -- merging (the Adapter protocol) ---------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A in the base weight's layout ((in, out) for Conv1D), as HF PEFT's get_delta_weight."""
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        for name in adapter_names or self.active_adapters:
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged into {type(self.base_layer).__name__}")
+            if name not in self.lora_A:
+                continue
+            self.write_weight(self.merged_weight(name))
+            bias = self.lora_B[name].bias
+            if bias is not None:
+                self.base_layer.bias.data += bias.detach() * self.scaling[name]
+            self.merged_adapters.append(name)
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        W = self.base_layer.weight.detach()
+        delta = self.delta_weight(name).detach().to(W.dtype)
+        if name not in self.lora_magnitude_vector:
+            return W + delta
+        with torch.no_grad():
+            norm = dora_row_norm(base_weight(self.base_layer).detach(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        self._merge_norms[name] = norm
+        factor = (self.lora_magnitude_vector[name].weight.detach() / norm).to(W.dtype)
+        return (W + delta) * (factor[None, :] if self.fan_in_fan_out else factor[:, None])
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            W = self.base_layer.weight.detach()
+            delta = self.delta_weight(name).detach().to(W.dtype)
+            if name in self.lora_magnitude_vector:
+                factor = (self.lora_magnitude_vector[name].weight.detach() / self._merge_norms.pop(name)).to(W.dtype)
+                W = W / (factor[None, :] if self.fan_in_fan_out else factor[:, None])
+            self.write_weight(W - delta)
+            bias = self.lora_B[name].bias
+            if bias is not None:
+                self.base_layer.bias.data -= bias.detach() * self.scaling[name]
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        if hasattr(self.base_layer, "dequantize"):
+            raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
+        self.base_layer.weight.data.copy_(weight)
+
+
+class LoraEmbedding(nn.Module):
+    """LoRA on an nn.Embedding: A (r, vocab) is looked up like an embedding table, B is (dim, r)."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        if config.use_dora or config.lora_bias:
+            raise ValueError("use_dora and lora_bias are not supported on embedding layers; target linears instead")
+        weight = self.base_layer.weight
+        vocab, dim = weight.shape
+        A = torch.empty(r, vocab, dtype=weight.dtype, device=weight.device)
+        B = torch.empty(dim, r, dtype=weight.dtype, device=weight.device)
+        if config.init_lora_weights is False:
+            nn.init.normal_(A), nn.init.normal_(B)
+        else:  # HF PEFT swaps the roles for embeddings: A zeros, B normal
+            nn.init.zeros_(A), nn.init.normal_(B)
+        self.lora_embedding_A[name], self.lora_embedding_B[name] = nn.Parameter(A), nn.Parameter(B)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, config.use_rslora)
+        self.active_adapters = [name]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
+        for container in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
+            container.pop(name, None)
+        self.r.pop(name, None)
+        self.scaling.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def adapter_params(self, name: str):
+        if name in self.lora_embedding_A:
+            yield from (self.lora_embedding_A[name], self.lora_embedding_B[name])
+
+    def lora_delta(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        after_A = F.embedding(ids, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type)
+        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+
+    def forward(self, ids: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        out = self.base_layer(ids)
+        if self.disable_adapters or self.merged_adapters:
+            if self.disable_adapters and self.merged_adapters:
+                raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
+            return out
+        if adapter_names is not None:
+            for name in dict.fromkeys(adapter_names):
+                if name in self.lora_embedding_A:
+                    rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=ids.device)
+                    out = out.index_add(0, rows, self.lora_delta(ids.index_select(0, rows), name).to(out.dtype))
+            return out
+        for name in self.active_adapters:
+            if name in self.lora_embedding_A:
+                out = out + self.lora_delta(ids, name).to(out.dtype)
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """(vocab, dim), the embedding table's layout."""
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        for name in adapter_names or self.active_adapters:
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged into Embedding")
+            if name in self.lora_embedding_A:
+                self.base_layer.weight.data += self.delta_weight(name).detach().to(self.base_layer.weight.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_layer.weight.data -= self.delta_weight(name).detach().to(self.base_layer.weight.dtype)
+
+
+LORA_LAYERS = (LoraLinear, LoraEmbedding)

@@ -1,0 +1,62 @@
+"""How a new LoRA adapter starts: HF PEFT's `init_lora_weights` schemes.
+
+True: A kaiming-uniform(a=sqrt 5), B zero (output == base). "gaussian": A ~ N(0, 1/r), B zero.
+False: both keep nn.Linear's random init (tests use it: the adapter must change the output).
+"pissa" / "pissa_niter_K": A, B from the top-r singular triplets of W, and W keeps the residual.
+"olora": A, B from the QR decomposition of W, and W keeps the residual.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def init_adapter(layer, name: str, scheme: bool | str) -> None:
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    if scheme is False:
+        return
+    if scheme is True or scheme == "gaussian":
+        with torch.no_grad():
+            if scheme is True:
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(A.weight, std=1 / layer.r[name])
+            nn.init.zeros_(B.weight)
+            if B.bias is not None:
+                nn.init.zeros_(B.bias)
+        return
+    if not isinstance(scheme, str) or not (scheme == "olora" or scheme.startswith("pissa")):
+        raise ValueError(f"init_lora_weights={scheme!r}: expected True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
+    if hasattr(layer.base_layer, "dequantize"):
+        raise TypeError(f"init_lora_weights={scheme!r} rewrites the base weight: initialise before quantizing")
+    with torch.no_grad():
+        W = layer.base_layer.weight
+        W_out_in = (W.T if layer.fan_in_fan_out else W).float()
+        A_init, B_init = olora_factors(W_out_in, layer.r[name]) if scheme == "olora" else pissa_factors(W_out_in, layer.r[name], layer.scaling[name], scheme)
+        A.weight.copy_(A_init)
+        B.weight.copy_(B_init)
+        residual = W_out_in - layer.scaling[name] * B_init @ A_init
+        W.copy_((residual.T if layer.fan_in_fan_out else residual).to(W.dtype))
+
+
+def pissa_factors(W: torch.Tensor, r: int, scaling: float, scheme: str):
+    """W (out, in) ~ U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so s*B*A = the top-r part."""
+    if scheme == "pissa":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        niter = scheme.removeprefix("pissa_niter_")
+        if not niter.isdigit():
+            raise ValueError(f"init_lora_weights={scheme!r}: expected 'pissa' or 'pissa_niter_<int>'")
+        U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
+        Vh = V.T
+    root = torch.sqrt(S / scaling)
+    return root[:, None] * Vh, U * root[None, :]
+
+
+def olora_factors(W: torch.Tensor, r: int):
+    """W (out, in) = Q R: B = Q[:, :r] (orthonormal columns), A = R[:r]."""
+    Q, R = torch.linalg.qr(W)
+    return R[:r].contiguous(), Q[:, :r].contiguous()

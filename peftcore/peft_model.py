@@ -1,0 +1,209 @@
+"""PeftModel: a base model with named adapters injected, and the adapter lifecycle around it.
+
+Layout and names follow HF PEFT so state dicts and files line up: `peft_model.base_model.model`
+is the user's model with LoRA layers swapped in (keys `base_model.model.<module path>...`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcore.models.generate import generate as generate_tokens
+
+from . import adapter_io
+from .config import LoraConfig, PeftConfig
+from .injection import inject_lora, set_submodule
+from .lora import LORA_LAYERS
+from .modules_to_save import ModulesToSave, wrap_modules_to_save
+
+BASE = "__base__"  # adapter_names entry for a row that runs the base model only
+
+
+class LoraModel(nn.Module):
+    """Holds the user's model under `.model` (PEFT's nesting: keys read `base_model.model....`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = LoraModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    # -- adapters -------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.base_model.model
+
+    def adapter_layers(self):
+        return [m for m in self.model.modules() if isinstance(m, (*LORA_LAYERS, ModulesToSave))]
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"{type(config).__name__} is not a LoRA config; prompt methods use their own wrapper")
+        config = copy.deepcopy(config)
+        inject_lora(self.model, config, adapter_name)
+        if config.modules_to_save:
+            wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the one that runs and trains; the others stay loaded and frozen."""
+        self.check_known([adapter_name])
+        self.active_adapter = adapter_name
+        config = self.peft_config[adapter_name]
+        for layer in self.adapter_layers():
+            layer.active_adapters = [adapter_name]
+            for name in getattr(layer, "r", None) or getattr(layer, "modules_to_save", {}):
+                for p in layer.adapter_params(name):
+                    p.requires_grad_(name == adapter_name and not config.inference_mode)
+        self.set_bias_trainable(config)
+
+    def set_bias_trainable(self, config: LoraConfig) -> None:
+        trainable = not config.inference_mode
+        if config.bias == "all":
+            for name, p in self.model.named_parameters():
+                if name.endswith(".bias") and ".lora_" not in name and "original_module." not in name:
+                    p.requires_grad_(trainable)
+        elif config.bias == "lora_only":
+            for layer in self.model.modules():
+                if isinstance(layer, LORA_LAYERS) and getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.check_known([adapter_name])
+        for layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def check_known(self, names) -> None:
+        unknown = sorted({n for n in names if n not in self.peft_config and n != BASE})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; loaded: {', '.join(self.peft_config)}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block (merged adapters are unmerged first, as in PEFT)."""
+        if any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):
+            self.unmerge_adapter()
+        layers = self.adapter_layers()
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disable_adapters = False
+
+    # -- merging --------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names or [self.active_adapter]
+        self.check_known(names)
+        for layer in self.adapter_layers():
+            if isinstance(layer, LORA_LAYERS):
+                layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.adapter_layers():
+            if isinstance(layer, LORA_LAYERS):
+                layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain base model."""
+        if not any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):
+            self.merge_adapter()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Return the base model with every adapter layer swapped back for what it wrapped."""
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LORA_LAYERS):
+                set_submodule(self.model, name, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                set_submodule(self.model, name, module.active_module())
+        return self.model
+
+    # -- running --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch_adapters(self, adapter_names: list[str] | None):
+        """Route row b of the batch through adapter adapter_names[b] in every LoRA layer."""
+        if adapter_names is None:
+            yield
+            return
+        self.check_known(adapter_names)
+        if self.training:
+            raise RuntimeError("adapter_names (a mixed-adapter batch) is for inference; call .eval() first")
+        hooks = [
+            layer.register_forward_pre_hook(lambda mod, args, kwargs: (args, {**kwargs, "adapter_names": adapter_names}), with_kwargs=True)
+            for layer in self.model.modules()
+            if isinstance(layer, LORA_LAYERS)
+        ]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def forward(self, input_ids=None, attention_mask=None, adapter_names=None, **kwargs):
+        with self.batch_adapters(adapter_names):
+            return self.base_model(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate(self, input_ids, adapter_names=None, **kwargs) -> torch.Tensor:
+        with self.batch_adapters(adapter_names):
+            return generate_tokens(self.model, input_ids, **kwargs)
+
+    def new_cache(self):
+        return self.model.new_cache()
+
+    # -- parameters -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- files ----------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, selected_adapters: list[str] | None = None) -> None:
+        for name in selected_adapters or list(self.peft_config):
+            adapter_io.save_adapter(self, folder, name, self.peft_config[name])
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False) -> "PeftModel":
+        config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        adapter_io.load_adapter_weights(peft_model, folder, adapter_name, peft_model.peft_config[adapter_name])
+        return peft_model
+
+    def load_adapter(self, folder, adapter_name: str, is_trainable: bool = False) -> None:
+        config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
+        config.inference_mode = not is_trainable
+        active = self.active_adapter
+        self.add_adapter(adapter_name, config)
+        adapter_io.load_adapter_weights(self, folder, adapter_name, self.peft_config[adapter_name])
+        self.set_adapter(active)  # loading does not switch adapters (PEFT's behaviour)
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    return PeftModel(model, config, adapter_name)
