@@ -1,0 +1,194 @@
+"""Weight quantization formats in pure torch: the spec every kernel must equal.
+
+nf4  QLoRA's NormalFloat4 as bitsandbytes stores it: blocks of 64 consecutive weights (row-major,
+     flattened) share one fp32 absmax; each weight becomes the index of the nearest of 16 code
+     values of w / absmax; two indices per byte, the FIRST weight in the HIGH nibble. Optional
+     double quantization stores the absmaxes minus their mean as uint8 codes of an 8-bit dynamic
+     map, one fp32 scale per 256 absmaxes. Bit-exact with bitsandbytes' quantize_4bit on CPU.
+int4 group-wise asymmetric over the input dimension: per group of `group_size` weights of a row,
+     scale = (max - min) / 15, zero = round(-min / scale), q = clamp(round(w / scale) + zero, 0, 15),
+     w' = (q - zero) * scale; packed like nf4 along each row. K must be a multiple of group_size.
+int8 per-output-row absmax, symmetric: scale = absmax / 127, q = clamp(round(w / scale), -127, 127).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+# bitsandbytes' get_4bit_type("nf4"): the quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+NF4_BLOCK = 64
+ABSMAX_BLOCK = 256  # double quantization: absmaxes per second-level scale
+
+
+@functools.cache
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2015): 7 decades, finer near each power of 10.
+
+    Decade i (0..6) holds 2^i evenly spaced magnitudes in [0.1, 1] * 10^(i-6), with both signs;
+    plus 0 and 1: 2 * 127 + 2 = 256 values, sorted.
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)).tolist()
+        values += means + [-m for m in means]
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest value of the sorted `code`; a tie goes to the lower one (as bitsandbytes)."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(x, midpoints)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(..., 2n) codes in 0..15 -> (..., n) uint8, element 2i in the high nibble."""
+    q = q.to(torch.uint8)
+    return (q[..., 0::2] << 4) | q[..., 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(..., n) uint8 -> (..., 2n) int64 codes."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(-2).long()
+
+
+@dataclass
+class NF4Weight:
+    packed: torch.Tensor  # (ceil(numel / 2),) uint8
+    absmax: torch.Tensor  # (n_blocks,) fp32, or uint8 codes when double-quantized
+    shape: tuple[int, ...]
+    absmax_scale: torch.Tensor | None = None  # (ceil(n_blocks / 256),) fp32: double quantization
+    absmax_offset: torch.Tensor | None = None  # () fp32: the mean removed before double quantization
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+
+def blockwise_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """Per block of `block` consecutive values (the last one may be short) -> fp32 absmax."""
+    n = flat.numel()
+    full = n - n % block
+    absmax = flat[:full].view(-1, block).abs().amax(dim=1)
+    if full < n:
+        absmax = torch.cat([absmax, flat[full:].abs().amax()[None]])
+    return absmax
+
+
+def expand_blocks(values: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """One value per block -> one per element (n elements)."""
+    return values.repeat_interleave(block)[:n]
+
+
+def nf4_quantize(weight: torch.Tensor, double_quant: bool = False) -> NF4Weight:
+    flat = weight.reshape(-1).float()
+    absmax = blockwise_absmax(flat, NF4_BLOCK)
+    # Multiply by the reciprocal, as bitsandbytes does: dividing rounds differently at ties.
+    inverse = 1.0 / absmax.clamp(min=1e-38)
+    scaled = (flat * expand_blocks(inverse, NF4_BLOCK, flat.numel())).clamp(-1, 1)
+    if scaled.numel() % 2:  # an odd count pads with a 0.0 weight (code 7), as bitsandbytes does
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    q = nearest_code(scaled, nf4_code(weight.device))
+    nf4 = NF4Weight(pack_nibbles(q), absmax, tuple(weight.shape))
+    return double_quantize(nf4) if double_quant else nf4
+
+
+def double_quantize(w: NF4Weight) -> NF4Weight:
+    offset = w.absmax.mean()
+    centred = w.absmax - offset
+    scale = blockwise_absmax(centred, ABSMAX_BLOCK)
+    scaled = centred / expand_blocks(scale.clamp(min=1e-38), ABSMAX_BLOCK, centred.numel())
+    codes = nearest_code(scaled, dynamic_map(centred.device)).to(torch.uint8)
+    return NF4Weight(w.packed, codes, w.shape, absmax_scale=scale, absmax_offset=offset)
+
+
+def nf4_absmax(w: NF4Weight) -> torch.Tensor:
+    """fp32 absmax per block of 64, undoing double quantization when present."""
+    if not w.double_quant:
+        return w.absmax
+    values = dynamic_map(w.absmax.device)[w.absmax.long()]
+    return values * expand_blocks(w.absmax_scale, ABSMAX_BLOCK, values.numel()) + w.absmax_offset
+
+
+def nf4_dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = 1
+    for d in w.shape:
+        n *= d
+    values = nf4_code(w.packed.device)[unpack_nibbles(w.packed)[:n]]
+    return (values * expand_blocks(nf4_absmax(w), NF4_BLOCK, n)).view(w.shape).to(dtype)
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor  # (N, K / 2) uint8
+    scale: torch.Tensor  # (N, K / group_size) fp32
+    zero: torch.Tensor  # (N, K / group_size) fp32 holding integers (may fall outside 0..15)
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+
+def check_groups(K: int, group_size: int) -> None:
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    if K % group_size:
+        divisors = [g for g in (32, 64, 128) if K % g == 0]
+        hint = f"; group sizes that divide it: {divisors}" if divisors else "; no standard group size divides it"
+        raise ValueError(f"in_features {K} is not a multiple of group_size {group_size}{hint}")
+
+
+def int4_quantize(weight: torch.Tensor, group_size: int = 128) -> Int4Weight:
+    """weight (N, K) -> packed codes, per-group scale and zero point (module docstring has the formula)."""
+    N, K = weight.shape
+    check_groups(K, group_size)
+    groups = weight.float().view(N, K // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = (hi - lo) / 15
+    # A constant group has no range: scale |c| / 15 with zero -15 (c > 0) or 15 (c < 0) stores c exactly.
+    flat_group = scale == 0
+    scale = torch.where(flat_group, (hi.abs() / 15).clamp(min=1e-30), scale)
+    zero = torch.round(-lo / scale)
+    q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    return Int4Weight(pack_nibbles(q.view(N, K)), scale, zero, group_size)
+
+
+def int4_dequantize(w: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    N, K = w.shape
+    q = unpack_nibbles(w.packed).float().view(N, K // w.group_size, w.group_size)
+    return ((q - w.zero[..., None]) * w.scale[..., None]).view(N, K).to(dtype)
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N,) fp32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+
+def int8_quantize(weight: torch.Tensor) -> Int8Weight:
+    absmax = weight.float().abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q, scale)
+
+
+def int8_dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (w.q.float() * w.scale[:, None]).to(dtype)
