@@ -4,21 +4,23 @@
 """
 from __future__ import annotations
 
+from .bert import BertForSequenceClassification, BertModel
+from .gpt2 import GPT2LMHeadModel
 from .llama import LlamaForCausalLM
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
-    # gpt2: registered below
-    # bert: registered below
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "BertModel": BertModel,
+    "BertForSequenceClassification": BertForSequenceClassification,
 }
 
 DEFAULT_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
 }
-
-# --- gpt2 family ---
-# --- bert family ---
