@@ -1,11 +1,15 @@
 """Minimal Llama-family / GPT-2 / BERT models that load Hugging Face checkpoints key for key."""
+from .bert import BertConfig, BertForSequenceClassification, BertModel, mean_pool
 from .cache import KVCache
 from .checkpoint import CheckpointError, from_config, load_pretrained, save_pretrained
 from .generate import generate
+from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .layers import Conv1D
 from .llama import LlamaConfig, LlamaForCausalLM
+from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "CheckpointError", "Conv1D", "KVCache", "LlamaConfig", "LlamaForCausalLM",
-    "from_config", "generate", "load_pretrained", "save_pretrained",
+    "BertConfig", "BertForSequenceClassification", "BertModel", "CheckpointError", "Conv1D", "GPT2Config",
+    "GPT2LMHeadModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "Tokenizer", "from_config", "generate",
+    "load_pretrained", "load_tokenizer", "mean_pool", "save_pretrained",
 ]
