@@ -1,0 +1,205 @@
+"""Training data: records from JSONL / JSON, prompt templates, loss masks, truncation, packing.
+
+Records are `{"input", "output"}` (optionally `"instruction"`) or chat `{"messages": [{"role",
+"content"}, ...]}`. The loss covers only what the model should learn to write (the output, or the
+assistant turns): every other label is -100. Every bad record is an error naming `file:line`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index
+
+DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+DEFAULT_TEMPLATE_NO_INSTRUCTION = "### Input:\n{input}\n\n### Response:\n"
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A record that cannot be trained on; the message starts with file:line."""
+
+
+@dataclass
+class Example:
+    where: str  # "file:line", for every message about this record
+    segments: list[tuple[str, bool]]  # (text, trained?) in order; trained segments carry the loss
+
+    @property
+    def prompt(self) -> str:
+        return "".join(text for text, trained in self.segments if not trained)
+
+    @property
+    def response(self) -> str:
+        return "".join(text for text, trained in self.segments if trained)
+
+
+@dataclass
+class TokenizedExample:
+    where: str
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+@dataclass
+class PromptTemplate:
+    """`{instruction}` / `{input}` placeholders; the response follows the rendered prompt directly."""
+
+    with_instruction: str = DEFAULT_TEMPLATE
+    without_instruction: str = DEFAULT_TEMPLATE_NO_INSTRUCTION
+    chat_template: str | None = None  # a jinja chat template (a checkpoint's own) for chat records
+    chat_roles: dict = field(default_factory=lambda: {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"})
+
+    def render(self, record: dict) -> str:
+        template = self.with_instruction if record.get("instruction") else self.without_instruction
+        return template.format(instruction=record.get("instruction", ""), input=record["input"])
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_records(path: str | Path) -> list[tuple[dict, str]]:
+    """-> [(record, "file:line")]. JSONL: one object per line; JSON: an array of objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return read_json_array(text, path.name)
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((json.loads(line), f"{path.name}:{lineno}"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return records
+
+
+def read_json_array(text: str, name: str) -> list[tuple[dict, str]]:
+    """Decode the array element by element so each record knows the line it starts on."""
+    decoder = json.JSONDecoder()
+    pos = skip_space(text, 0)
+    if not text.startswith("[", pos):
+        raise DataError(f"{name}:{text.count(chr(10), 0, pos) + 1}: a .json data file must hold an array of records")
+    pos, records = skip_space(text, pos + 1), []
+    while not text.startswith("]", pos):
+        line = text.count("\n", 0, pos) + 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{e.lineno}: not valid JSON ({e.msg})") from None
+        records.append((record, f"{name}:{line}"))
+        pos = skip_space(text, pos)
+        if text.startswith(",", pos):
+            pos = skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            raise DataError(f"{name}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']' between records")
+    return records
+
+
+def skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+# -- records -> examples ------------------------------------------------------------------------
+def to_example(record, where: str, template: PromptTemplate) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return chat_example(record["messages"], where, template)
+    missing = [k for k in ("input", "output") if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)} (expected input/output or messages)")
+    for key in ("instruction", "input", "output"):
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+    return Example(where, [(template.render(record), False), (record["output"], True)])
+
+
+def chat_example(messages, where: str, template: PromptTemplate) -> Example:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] needs a role in {ROLES} and a string content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message: nothing to learn from")
+    if template.chat_template:
+        return Example(where, jinja_segments(messages, template.chat_template))
+    segments = []
+    for m in messages:
+        header = template.chat_roles[m["role"]]
+        trained = m["role"] == "assistant"
+        segments += [(header, False), (m["content"] + "\n", trained)] if trained else [(header + m["content"] + "\n", False)]
+    return Example(where, segments)
+
+
+def jinja_segments(messages: list[dict], chat_template: str) -> list[tuple[str, bool]]:
+    """Render growing prefixes of the conversation; each message's segment is the new text it adds."""
+    import jinja2
+
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+    segments, previous = [], ""
+    for i, m in enumerate(messages):
+        rendered = template.render(messages=messages[: i + 1], add_generation_prompt=False, bos_token="", eos_token="")
+        if not rendered.startswith(previous):  # a template that rewrites earlier turns: keep the whole text
+            return [(rendered, False)]
+        segments.append((rendered[len(previous):], m["role"] == "assistant"))
+        previous = rendered
+    return segments
+
+
+def load_examples(path: str | Path, template: PromptTemplate | None = None) -> list[Example]:
+    template = template or PromptTemplate()
+    examples = [to_example(record, where, template) for record, where in read_records(path)]
+    if not examples:
+        raise DataError(f"{Path(path).name}: no records: the dataset is empty")
+    return examples
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+def tokenize(example: Example, tokenizer, max_length: int) -> TokenizedExample:
+    """Prompt segments get label -100; trained segments keep their ids; EOS is appended and trained."""
+    ids, labels = [], []
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        ids, labels = [bos], [IGNORE_INDEX]
+    for text, trained in example.segments:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    truncated = len(ids) > max_length
+    return TokenizedExample(example.where, ids[:max_length], labels[:max_length], truncated)
+
+
+def pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExample]:
+    """Concatenate and cut into max_length rows: no padding wasted; attention crosses example borders."""
+    ids = [i for ex in examples for i in ex.input_ids]
+    labels = [lab for ex in examples for lab in ex.labels]
+    return [
+        TokenizedExample(f"packed[{k // max_length}]", ids[k : k + max_length], labels[k : k + max_length])
+        for k in range(0, len(ids), max_length)
+    ]
+
+
+def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: input_ids, attention_mask, labels (pads labelled -100)."""
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
