@@ -43,6 +43,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    label: int | None = None  # sequence classification: the class index (then `labels` is unused)
 
 
 @dataclass
@@ -192,7 +193,10 @@ def pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExa
 
 
 def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: input_ids, attention_mask, labels (pads labelled -100)."""
+    """Right-pad to the longest row: input_ids, attention_mask, labels (pads labelled -100).
+
+    Classification rows carry one label each: `labels` is then (B,) class indices.
+    """
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -202,4 +206,6 @@ def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
+    if batch[0].label is not None:
+        labels = torch.tensor([ex.label for ex in batch], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

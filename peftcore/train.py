@@ -1,0 +1,274 @@
+"""One training loop for every method (LoRA, DoRA, QLoRA, prompt / P- / prefix tuning, classification).
+
+    state = train(model, train_rows, eval_rows, TrainConfig(...), output_dir)
+
+`train_step` does one optimizer update over `grad_accum` micro-batches; `evaluate` scores a split.
+Losses are sums over trained tokens divided by the step's trained-token count, so k micro-batches
+of b rows update exactly like one batch of k*b rows.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, TokenizedExample, collate
+from .train_state import Checkpointer, MetricsLog, TrainState, restore_rng, set_seed
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN / inf for too many steps in a row)."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    eval_every: int = 20  # 0: no evaluation during training
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
+    threshold: float = 0.01  # minimum eval-loss improvement that counts
+    max_bad_steps: int = 5  # NaN / inf steps in a row before giving up
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 on CUDA only, with loss scaling)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from no, bf16, fp16")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
+
+
+# -- optimizer and schedule ---------------------------------------------------------------------
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm scales, biases, DoRA magnitudes and learned prompt embeddings are not weight-decayed."""
+    return param.ndim < 2 or "norm" in name.lower() or "prompt_encoder" in name and ".embedding." in name
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters: did get_peft_model run?")
+    groups = [
+        {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate at `step` (0-based): linear warmup, then the schedule."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    if config.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+# -- loss -----------------------------------------------------------------------------------------
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """-> (summed loss over trained targets, number of trained targets, number of input tokens)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"]
+    tokens = int(batch["attention_mask"].sum())
+    if labels.ndim == 1:  # sequence classification: one label per row
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel(), tokens
+    targets = labels[:, 1:]  # token t predicts token t + 1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum()), tokens
+
+
+def trained_targets(batch: dict[str, torch.Tensor]) -> int:
+    labels = batch["labels"]
+    return labels.numel() if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    enabled = config.mixed_precision != "no"
+    dtype = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+# -- one step ---------------------------------------------------------------------------------
+def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None) -> dict:
+    """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}."""
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    total_targets = max(1, sum(trained_targets(b) for b in micro_batches))
+    optimizer.zero_grad(set_to_none=True)
+    step_loss, tokens = 0.0, 0
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(config, device):
+            loss, _, n_tokens = loss_sum(model, batch)
+        scaled = loss / total_targets
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        step_loss += float(loss.detach()) / total_targets
+        tokens += n_tokens
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+        return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": True}
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": False}
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id: int) -> dict:
+    """Token-weighted loss and perplexity (accuracy too, for classification) on a split."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count, correct = 0.0, 0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_token_id).items()}
+        loss, n, _ = loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+        if batch["labels"].ndim == 1:
+            correct += int((model(batch["input_ids"], attention_mask=batch["attention_mask"]).argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    result = {"eval_loss": total / max(count, 1)}
+    result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
+    if rows and rows[0].label is not None:
+        result["eval_accuracy"] = correct / len(rows)
+    return result
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def batches_from(rows: list[TokenizedExample], state: TrainState, config: TrainConfig, pad_token_id: int):
+    """Endless micro-batches in a seeded order per epoch; `state` records the position for resume."""
+    while True:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed + state.epoch)).tolist()
+        while state.position < len(order):
+            chosen = order[state.position : state.position + config.batch_size]
+            state.position += config.batch_size
+            yield collate([rows[i] for i in chosen], pad_token_id)
+        state.epoch, state.position = state.epoch + 1, 0
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    found = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if not found:
+        raise TrainingError(f"{type(model).__name__} has no gradient_checkpointing switch")
+    for module in found:
+        module.gradient_checkpointing = True
+
+
+def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_token_id: int = 0,
+          resume: bool = False, save_adapter=None) -> TrainState:
+    """Train until max_steps or early stopping; checkpoints, metrics.jsonl and the best adapter go to output_dir."""
+    output_dir = Path(output_dir)
+    set_seed(config.seed)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    scaler = torch.amp.GradScaler() if config.mixed_precision == "fp16" else None
+    checkpointer = Checkpointer(output_dir, model, save_adapter or model.save_pretrained)
+    state = checkpointer.load(optimizer, scheduler) if resume else TrainState()
+    if resume:
+        restore_rng(state.rng)
+    log = MetricsLog(output_dir, append=resume)
+    model.train()
+    stream = batches_from(train_rows, state, config, pad_token_id)
+    bar = progress_bar(config, state.step)
+    while state.step < config.max_steps and not state.stopped_early:
+        started = time.perf_counter()
+        metrics = train_step(model, [next(stream) for _ in range(config.grad_accum)], optimizer, config, scaler)
+        check_bad_steps(state, metrics, config)
+        lr = optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+        state.step += 1
+        record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
+                  "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
+        if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps) and eval_rows:
+            record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id))
+            note_eval(state, record, config, checkpointer)
+        if state.step % config.log_every == 0 or "eval_loss" in record:
+            log.write(record)
+        update_bar(bar, record)
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            checkpointer.save(state, optimizer, scheduler)
+    checkpointer.save(state, optimizer, scheduler)
+    if bar is not None:
+        bar.close()
+    log.plot()
+    return state
+
+
+def check_bad_steps(state: TrainState, metrics: dict, config: TrainConfig) -> None:
+    if not metrics["skipped"]:
+        state.bad_in_a_row = 0
+        return
+    state.bad_steps += 1
+    state.bad_in_a_row += 1
+    if state.bad_in_a_row >= config.max_bad_steps:
+        raise TrainingError(
+            f"loss or gradients were NaN/inf for {state.bad_in_a_row} steps in a row (step {state.step + 1}); "
+            "lower the learning rate, use fp32 or bf16 instead of fp16, or check the data"
+        )
+
+
+def note_eval(state: TrainState, record: dict, config: TrainConfig, checkpointer: Checkpointer) -> None:
+    """Early stopping: an eval counts as better only if it beats the best by more than `threshold`."""
+    loss = record["eval_loss"]
+    if state.best_eval_loss is None or state.best_eval_loss - loss > config.threshold:
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
+        checkpointer.save_best()
+        return
+    state.evals_without_improvement += 1
+    if config.patience and state.evals_without_improvement >= config.patience:
+        state.stopped_early = True
+
+
+def progress_bar(config: TrainConfig, initial: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def update_bar(bar, record: dict) -> None:
+    if bar is None:
+        return
+    shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if "eval_loss" in record:
+        shown["eval"] = f"{record['eval_loss']:.3f}"
+    bar.set_postfix(shown, refresh=False)
+    bar.update(1)
+
+

@@ -1,0 +1,154 @@
+"""What training keeps across a stop: checkpoints (atomic), RNG states, the metrics log and its plot."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftcore.models import safetensors_io
+
+STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # rows of this epoch's order already consumed
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    bad_steps: int = 0
+    bad_in_a_row: int = 0
+    rng: dict = field(default_factory=dict)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict:
+    """Every generator a step may draw from (dropout, augmentation); plain types for weights_only loads."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def replace_atomically(build, target: Path) -> None:
+    """Write into `<target>.tmp`, then rename: a crash mid-write never leaves a half checkpoint."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """output_dir/checkpoint: adapter + trainer_state.pt; output_dir/best: the best adapter so far.
+
+    Resuming restores every trainable tensor by name from trainable.safetensors (a P-tuning MLP
+    or prefix projection included, which HF PEFT's adapter file leaves out), so it works the same
+    for every method.
+    """
+
+    def __init__(self, output_dir: Path, model, save_adapter):
+        self.output_dir, self.model, self.save_adapter = Path(output_dir), model, save_adapter
+
+    @property
+    def folder(self) -> Path:
+        return self.output_dir / "checkpoint"
+
+    def save(self, state: TrainState, optimizer, scheduler) -> None:
+        state.rng = capture_rng()
+
+        def build(tmp: Path):
+            self.save_adapter(tmp / "adapter")
+            trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+            safetensors_io.write(trainable, tmp / TRAINABLE_FILE)
+            payload = {"state": asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save(payload, tmp / STATE_FILE)
+
+        replace_atomically(build, self.folder)
+
+    def save_best(self) -> None:
+        replace_atomically(self.save_adapter, self.output_dir / "best")
+
+    def load(self, optimizer, scheduler) -> TrainState:
+        path = self.folder / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.folder} (train without --resume first)")
+        payload = torch.load(path, weights_only=True)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in safetensors_io.iter_tensors(self.folder / TRAINABLE_FILE):
+                if name not in params or params[name].shape != tensor.shape:
+                    raise ValueError(f"--resume: checkpoint tensor {name} {tuple(tensor.shape)} does not fit this model")
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        return TrainState(**payload["state"])
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per logged step; curve.png (train and eval loss) when matplotlib exists."""
+
+    def __init__(self, output_dir: Path, append: bool = False):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        records = self.records()
+        evals = [r for r in records if "eval_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+        out = self.path.with_name("curve.png")
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return out

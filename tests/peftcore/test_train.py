@@ -1,0 +1,129 @@
+import json
+import math
+
+import pytest
+import torch
+
+from peftcore import LoraConfig, get_peft_model
+from peftcore.data import IGNORE_INDEX, TokenizedExample, collate
+from peftcore.models import LlamaConfig, from_config
+from peftcore.train import TrainConfig, TrainingError, build_optimizer, lr_factor, train, train_step
+
+VOCAB = 40
+
+
+def tiny_peft_model(seed=0, dropout=0.0, targets=("q_proj", "v_proj")):
+    torch.manual_seed(seed)
+    model = from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=dropout))
+
+
+def rows(n=12, seed=1):
+    """A learnable task: the answer repeats the prompt; only the answer half is trained."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(3, VOCAB, (4 + i % 3,), generator=g).tolist()
+        ids = prompt + prompt
+        out.append(TokenizedExample(f"t:{i}", ids, [IGNORE_INDEX] * len(prompt) + prompt))
+    return out
+
+
+def quiet(**kw):
+    return TrainConfig(**{"progress": False, "eval_every": 0, "lr_schedule": "constant", **kw})
+
+
+def test_loss_decreases_on_a_tiny_run(tmp_path):
+    # A random model's lm_head (std 0.02) caps its logits near 0.3: adapt the head too so it can learn.
+    model = tiny_peft_model(targets=("q_proj", "v_proj", "lm_head"))
+    answer = [5, 6, 7, 8, 9]  # every prompt gets the same answer: learnable in a few steps
+    data = [TokenizedExample(r.where, r.input_ids[:4] + answer, [IGNORE_INDEX] * 4 + answer) for r in rows()]
+    train(model, data, [], quiet(max_steps=30, learning_rate=3e-2, batch_size=4), tmp_path)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = TrainConfig(max_steps=8, learning_rate=5e-3, batch_size=5, lr_schedule="cosine", warmup_steps=2,
+                         checkpoint_every=3, progress=False, eval_every=0)
+    full = tiny_peft_model(dropout=0.1)
+    train(full, rows(), [], config, tmp_path / "full")
+    calls = {"n": 0}
+
+    def crash_on_step_5(*args, **kwargs):  # a crash mid-run: the last checkpoint is from step 3
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr("peftcore.train.train_step", crash_on_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_peft_model(dropout=0.1), rows(), [], config, tmp_path / "part")
+    monkeypatch.undo()
+    resumed = tiny_peft_model(dropout=0.1)
+    with torch.no_grad():  # scramble the adapter: resuming must restore it from the checkpoint
+        for p in resumed.parameters():
+            if p.requires_grad:
+                p.normal_()
+    train(resumed, rows(), [], config, tmp_path / "part", resume=True)
+    read = lambda p: [r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    part = read(tmp_path / "part")
+    assert len(part) == 4 + 5  # steps 1-4 logged before the crash, 4-8 again after resuming from step 3
+    assert part[:3] + part[4:] == pytest.approx(read(tmp_path / "full"), rel=1e-6, abs=1e-7)
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    data = rows(8)
+    big, small = tiny_peft_model(), tiny_peft_model()
+    cfg = quiet(learning_rate=1e-2, max_steps=1)
+    train_step(big, [collate(data, 0)], build_optimizer(big, cfg), cfg)
+    train_step(small, [collate(data[i : i + 2], 0) for i in range(0, 8, 2)], build_optimizer(small, cfg), cfg)
+    changed = False
+    for (name, a), (_, b) in zip(big.named_parameters(), small.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name, atol=1e-6, rtol=1e-5)
+        changed |= a.requires_grad and "lora_B" in name and bool(a.abs().sum() > 0)
+    assert changed, "the step did not move the adapter: the comparison proves nothing"
+
+
+def test_early_stopping_stops_after_patience_evals_without_improvement(tmp_path):
+    model = tiny_peft_model()
+    # lr 0: eval loss never improves after the first eval, so the run stops at eval #1 + patience.
+    state = train(model, rows(), rows(4, seed=9), quiet(max_steps=50, learning_rate=0.0, batch_size=4,
+                                                         eval_every=2, patience=3, threshold=0.01), tmp_path)
+    assert state.stopped_early and state.step == 2 * (1 + 3)
+    assert state.best_step == 2 and (tmp_path / "best" / "adapter_config.json").is_file()
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert len(evals) == 4 and all(math.isclose(r["eval_ppl"], math.exp(r["eval_loss"])) for r in evals)
+
+
+def test_nan_steps_are_skipped_then_training_stops_with_a_clear_error(tmp_path):
+    model = tiny_peft_model()
+    with torch.no_grad():
+        model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.fill_(float("nan"))
+    before = model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight.clone()
+    with pytest.raises(TrainingError, match="NaN/inf for 3 steps in a row"):
+        train(model, rows(), [], quiet(max_steps=10, max_bad_steps=3), tmp_path)
+    torch.testing.assert_close(model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight, before)
+
+
+def test_lr_schedules_and_weight_decay_groups():
+    cfg = TrainConfig(max_steps=10, warmup_steps=2, lr_schedule="linear")
+    assert [round(lr_factor(s, cfg), 3) for s in (0, 1, 2, 6, 10)] == [0.333, 0.667, 1.0, 0.5, 0.0]
+    cosine = TrainConfig(max_steps=4, lr_schedule="cosine")
+    assert lr_factor(2, cosine) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="exp")
+    model = tiny_peft_model()
+    groups = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert groups[0]["weight_decay"] == 0.1 and all(p.ndim == 2 for p in groups[0]["params"])
+
+
+def test_no_trainable_parameters_is_a_clear_error():
+    model = from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2))
+    model.requires_grad_(False)
+    with pytest.raises(TrainingError, match="no trainable parameters"):
+        build_optimizer(model, TrainConfig())
