@@ -4,7 +4,8 @@ On disk a key carries no adapter name: in memory `...q_proj.lora_A.default.weigh
 `...q_proj.lora_A.weight`; DoRA's `...lora_magnitude_vector.default.weight` becomes
 `...lora_magnitude_vector`; a `modules_to_save` copy `...score.modules_to_save.default.weight`
 becomes `...score.weight`. The adapter named "default" lives in the folder, any other in
-`<folder>/<name>/`.
+`<folder>/<name>/`. The file holds the same keys PEFT writes: besides the adapter, the biases
+bias="all" / "lora_only" trains, and the base table of a targeted `embed_tokens` / `lm_head`.
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from torch import nn
 from peftcore.models import safetensors_io
 
 from .config import CONFIG_CLASSES, CONFIG_NAME, LoraConfig
-from .lora import LORA_LAYERS, LoraEmbedding
+from .lora import LORA_LAYERS
+from .modules_to_save import ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names that make it save the embedding tables
+TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")  # our models' input embeddings
 
 
 class AdapterLoadError(ValueError):
@@ -31,39 +35,101 @@ def adapter_folder(folder: str | Path, adapter_name: str) -> Path:
     return Path(folder) if adapter_name == "default" else Path(folder) / adapter_name
 
 
-def saved_key(key: str, adapter_name: str) -> str | None:
-    """In-memory state-dict key -> key on disk, or None if the key is not part of this adapter."""
-    n = re.escape(adapter_name)
-    for pattern, repl in (
-        (rf"\.(lora_A|lora_B)\.{n}\.", r".\1."),
-        (rf"\.(lora_embedding_A|lora_embedding_B)\.{n}$", r".\1"),
-        (rf"\.lora_magnitude_vector\.{n}\.weight$", ".lora_magnitude_vector"),
-        (rf"\.modules_to_save\.{n}\.", "."),
-    ):
-        new, count = re.subn(pattern, repl, key)
-        if count:
-            return new
-    return None
+def strip_adapter_name(key: str, adapter_name: str) -> str:
+    """In-memory key -> on-disk key (PEFT's rule): drop the adapter name where it ends the module path.
+
+    `...lora_A.default.weight` -> `...lora_A.weight`; `...lora_embedding_A.default` -> `...lora_embedding_A`;
+    DoRA's `...lora_magnitude_vector.default.weight` -> `...lora_magnitude_vector`. Other keys pass unchanged.
+    """
+    if key.endswith(f".lora_magnitude_vector.{adapter_name}.weight"):
+        key = key.removesuffix(".weight")
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    head, _, suffix = key.rpartition(".")
+    return f"{re.sub(re.escape(f'.{adapter_name}') + '$', '', head)}.{suffix}" if head else key
 
 
-def extra_saved_keys(peft_model: nn.Module, config: LoraConfig) -> list[str]:
-    """Base tensors PEFT saves beside the adapter: trained biases, and targeted embedding tables."""
-    state = peft_model.state_dict()
-    lora_layers = [name for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)]
-    keys = []
-    if config.bias == "all":
-        keys = [k for k in state if k.endswith(".bias") and not re.search(r"\.(lora_|modules_to_save\.|original_module\.)", k)]
-    elif config.bias == "lora_only":
-        keys = [f"{name}.base_layer.bias" for name in lora_layers if f"{name}.base_layer.bias" in state]
-    embeddings = [n for n, m in peft_model.named_modules() if isinstance(m, LoraEmbedding)]
-    return keys + [f"{n}.base_layer.weight" for n in embeddings]
+def other_adapters_removed(state: dict, peft_model: nn.Module, adapter_name: str) -> dict:
+    others = [n for n in getattr(peft_model, "peft_config", {}) if n != adapter_name]
+    return {k: v for k, v in state.items() if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)}
+
+
+def lora_layer_names(peft_model: nn.Module) -> list[str]:
+    return [name for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)]
+
+
+def adapter_keys(state: dict, peft_model: nn.Module) -> list[str]:
+    """Keys that live on a LoRA layer but not in the base layer it wraps (lora_A, lora_B, magnitudes, ...)."""
+    prefixes = [f"{name}." for name in lora_layer_names(peft_model)]
+    return [k for k in state if any(k.startswith(p) and not k.startswith(p + "base_layer.") for p in prefixes)]
+
+
+def bias_keys(state: dict, peft_model: nn.Module, bias: str) -> list[str]:
+    """The base biases PEFT saves beside the adapter: every `.bias` for "all", the adapted layers' for "lora_only"."""
+    if bias == "all":
+        return [k for k in state if k.endswith(".bias")]
+    if bias == "lora_only":
+        return [f"{name}.base_layer.bias" for name in lora_layer_names(peft_model) if f"{name}.base_layer.bias" in state]
+    return []
+
+
+def embedding_is_targeted(config: LoraConfig, model: nn.Module) -> bool:
+    """PEFT saves the token embedding / output head when target_modules names `embed_tokens` or `lm_head`."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return any(
+            re.fullmatch(targets, name) for name, _ in model.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
+        )
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def embedding_keys(state: dict, peft_model: nn.Module, config: LoraConfig) -> list[str]:
+    """Base weights of an adapted token embedding or output head, saved when `embedding_is_targeted`."""
+    if not embedding_is_targeted(config, peft_model):
+        return []
+    layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)}
+    wanted = [
+        name for name, layer in layers.items()
+        if is_token_embedding_or_head(peft_model, name, layer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding))
+    ]
+    return [k for k in state if any(k.startswith(f"{name}.base_layer.") for name in wanted)]
+
+
+def is_token_embedding_or_head(peft_model: nn.Module, name: str, layer: nn.Module) -> bool:
+    model = getattr(peft_model, "model", peft_model)
+    if hasattr(model, "get_input_embeddings"):  # a transformers model wrapped directly
+        return layer is model.get_input_embeddings() or layer is model.get_output_embeddings()
+    return name.rsplit(".", 1)[-1] in TOKEN_EMBEDDING_NAMES + ("lm_head",)
+
+
+def modules_to_save_keys(peft_model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """On-disk key -> in-memory key for the adapter's modules_to_save copies (saved under the plain path)."""
+    keys = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for k in module.modules_to_save[adapter_name].state_dict():
+                keys[f"{name}.{k}"] = f"{name}.modules_to_save.{adapter_name}.{k}"
+    return keys
 
 
 def adapter_state_dict(peft_model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
-    """The tensors that make up one adapter, under their on-disk keys."""
-    state = peft_model.state_dict()
-    out = {saved_key(k, adapter_name): v for k, v in state.items() if saved_key(k, adapter_name)}
-    out.update({k: state[k] for k in extra_saved_keys(peft_model, config)})
+    """The tensors that make up one adapter, under their on-disk keys (the same set HF PEFT saves)."""
+    state = other_adapters_removed(peft_model.state_dict(), peft_model, adapter_name)
+    selected = adapter_keys(state, peft_model) + bias_keys(state, peft_model, config.bias)
+    selected += embedding_keys(state, peft_model, config)
+    out = {strip_adapter_name(k, adapter_name): state[k] for k in selected}
+    out.update({disk: state[memory] for disk, memory in modules_to_save_keys(peft_model, adapter_name).items()})
+    return unshared(out)
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses two keys on one storage (bias="all" with a saved copy): clone the repeats."""
+    seen, out = set(), {}
+    for key, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
     return out
 
 
@@ -91,27 +157,42 @@ def config_from_dict(d: dict):
     return CONFIG_CLASSES[peft_type].from_dict(d)
 
 
+def load_map(peft_model: nn.Module, adapter_name: str, state: dict) -> tuple[dict[str, str], set[str]]:
+    """-> (on-disk key -> in-memory key for everything a file may hold, the in-memory keys it must hold)."""
+    state = other_adapters_removed(state, peft_model, adapter_name)
+    to_memory = {strip_adapter_name(k, adapter_name): k for k in state}
+    saved_copies = modules_to_save_keys(peft_model, adapter_name)
+    to_memory.update(saved_copies)
+    required = {k for k in adapter_keys(state, peft_model) if k != strip_adapter_name(k, adapter_name)}
+    return to_memory, required | set(saved_copies.values())
+
+
 def load_adapter_weights(peft_model: nn.Module, folder: str | Path, adapter_name: str, config) -> None:
-    """Copy the file's tensors into the adapter's parameters; every key must fit by name and shape."""
+    """Copy the file's tensors into the model; every key must fit by name and shape (checked first).
+
+    Besides the adapter's own tensors a PEFT file may hold base tensors (biases for bias="all" /
+    "lora_only", a targeted embedding table): those load into the base model, as in PEFT.
+    """
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (peftcore reads safetensors adapters only)")
     state = peft_model.state_dict(keep_vars=True)
-    memory_key = {saved_key(k, adapter_name): k for k in state if saved_key(k, adapter_name)}
-    memory_key.update({k: k for k in extra_saved_keys(peft_model, config)})
-    found = set()
-    for key, tensor in safetensors_io.iter_tensors(path):
-        if key not in memory_key:
+    to_memory, required = load_map(peft_model, adapter_name, state)
+    header, _ = safetensors_io.read_header(path)
+    check_fits(path, header, state, to_memory, required, adapter_name)
+    with torch.no_grad():
+        for key, tensor in safetensors_io.iter_tensors(path):
+            state[to_memory[key]].copy_(tensor)
+
+
+def check_fits(path: Path, header: dict, state: dict, to_memory: dict, required: set, adapter_name: str) -> None:
+    """Every key of the file names a tensor of the model with its shape; every adapter tensor is there."""
+    for key, info in header.items():
+        if key not in to_memory:
             raise AdapterLoadError(f"{path.name}: key {key} fits no parameter of the model (another base model?)")
-        target = state[memory_key[key]]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise AdapterLoadError(
-                f"{path.name}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(target.shape)}"
-            )
-        with torch.no_grad():
-            target.copy_(tensor)
-        found.add(key)
-    missing = sorted(k for k in memory_key if k not in found and saved_key(memory_key[k], adapter_name))
+        shape, expected = tuple(info["shape"]), tuple(state[to_memory[key]].shape)
+        if shape != expected:
+            raise AdapterLoadError(f"{path.name}: {key} has shape {shape} but the model expects {expected}")
+    missing = sorted(strip_adapter_name(k, adapter_name) for k in required - {to_memory[k] for k in header})
     if missing:
         raise AdapterLoadError(f"{path.name} lacks {len(missing)} adapter tensor(s), e.g. {', '.join(missing[:4])}")
-

@@ -31,14 +31,14 @@ class PeftType(str, enum.Enum):
 
 # PEFT fields for features peftcore does not implement, with the value that means "off".
 PEFT_FIELDS_OFF = {
-    "auto_mapping": None, "megatron_config": None, "megatron_core": "megatron.core",
+    "megatron_config": None, "megatron_core": "megatron.core",
     "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
     "ensure_weight_tying": False, "tokenizer_kwargs": None, "num_transformer_submodules": None,
 }
-IGNORED_KEYS = {"peft_version"}
+IGNORED_KEYS = {"peft_version", "auto_mapping"}  # metadata: the class PEFT wrapped, nothing that changes the adapter
 
 
 @dataclass
@@ -103,6 +103,8 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self):
         if isinstance(self.task_type, str):
+            if self.task_type not in TaskType.__members__:
+                raise ValueError(f"task_type {self.task_type!r} is not supported; supported: {', '.join(TaskType.__members__)}")
             self.task_type = TaskType(self.task_type)
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
@@ -110,6 +112,8 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern is not None):
+            raise ValueError("layers_to_transform / layers_pattern cannot be used when target_modules is a str (a regex)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
         if self.use_dora and self.lora_bias:

@@ -88,11 +88,13 @@ def is_target(name: str, config: LoraConfig) -> bool:
         return False
     if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
         return False
+    if isinstance(config.target_modules, str) or name in config.target_modules:
+        return matches(name, config.target_modules)  # PEFT: a regex or a full name skips the layer filter
     if not matches(name, config.target_modules):
         return False
-    if config.layers_to_transform is None or isinstance(config.target_modules, str):
-        return True
     wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
     index = layer_index(name, config.layers_pattern)
     return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 

@@ -95,7 +95,8 @@ class LoraLinear(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
         for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            container.pop(name, None)
+            if name in container:
+                del container[name]
         self.r.pop(name, None)
         self.scaling.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -115,7 +116,7 @@ class LoraLinear(nn.Module):
                 raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
             return out
         if adapter_names is not None:
-            return self.mixed_batch_forward(x, out, adapter_names)
+            return mixed_rows(out, x, adapter_names, self.lora_A, self.add_lora)
         for name in self.active_adapters:
             if name in self.lora_A:
                 out = self.add_lora(out, x, name)
@@ -148,84 +149,82 @@ class LoraLinear(nn.Module):
         lora = F.linear(F.linear(x_lora, A), B) * s
         return (mag - 1) * base_no_bias + mag * lora.to(out.dtype)
 
-    def mixed_batch_forward(self, x: torch.Tensor, out: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """Row b uses adapter adapter_names[b] ("__base__": none); each adapter runs on its rows only."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]}")
-        for name in dict.fromkeys(adapter_names):
-            if name == "__base__" or name not in self.lora_A:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-            sub_out = out.index_select(0, rows)
-            delta = self.add_lora(sub_out, x.index_select(0, rows), name) - sub_out
-            out = out.index_add(0, rows, delta)
-        return out
-
     # -- merging (the Adapter protocol) ---------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B A in the base weight's layout ((in, out) for Conv1D), as HF PEFT's get_delta_weight."""
         delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
+    def dora_factor(self, name: str) -> torch.Tensor:
+        """m / ||W + sBA||_row, shaped to scale the stored weight ((in, out) for Conv1D: per column)."""
+        factor = self.lora_magnitude_vector[name].weight.detach() / self._merge_norms[name]
+        return factor[None, :] if self.fan_in_fan_out else factor[:, None]
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
+        if hasattr(self.base_layer, "dequantize"):
+            raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
         for name in adapter_names or self.active_adapters:
             if name in self.merged_adapters:
                 raise ValueError(f"adapter {name!r} is already merged into {type(self.base_layer).__name__}")
             if name not in self.lora_A:
                 continue
-            self.write_weight(self.merged_weight(name))
-            bias = self.lora_B[name].bias
-            if bias is not None:
-                self.base_layer.bias.data += bias.detach() * self.scaling[name]
+            W = self.base_layer.weight.detach()
+            merged = W + self.delta_weight(name).detach().to(W.dtype)
+            if name in self.lora_magnitude_vector:
+                # the norm forward uses: of the base weight without adapters merged before this one
+                with torch.no_grad():
+                    W0 = self.unmerged_weight()
+                    self._merge_norms[name] = dora_row_norm(W0.T if self.fan_in_fan_out else W0, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+                merged = merged * self.dora_factor(name).to(W.dtype)
+            self.base_layer.weight.data.copy_(merged)
+            if self.lora_B[name].bias is not None:
+                self.base_layer.bias.data += self.lora_B[name].bias.detach() * self.scaling[name]
             self.merged_adapters.append(name)
 
-    def merged_weight(self, name: str) -> torch.Tensor:
+    def without(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """The stored weight W with merged adapter `name` taken out again."""
+        if name in self.lora_magnitude_vector:
+            W = W / self.dora_factor(name).to(W.dtype)
+        return W - self.delta_weight(name).detach().to(W.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
         W = self.base_layer.weight.detach()
-        delta = self.delta_weight(name).detach().to(W.dtype)
-        if name not in self.lora_magnitude_vector:
-            return W + delta
-        with torch.no_grad():
-            norm = dora_row_norm(base_weight(self.base_layer).detach(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-        self._merge_norms[name] = norm
-        factor = (self.lora_magnitude_vector[name].weight.detach() / norm).to(W.dtype)
-        return (W + delta) * (factor[None, :] if self.fan_in_fan_out else factor[:, None])
+        for name in reversed(self.merged_adapters):
+            W = self.without(name, W)
+        return W
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            W = self.base_layer.weight.detach()
-            delta = self.delta_weight(name).detach().to(W.dtype)
-            if name in self.lora_magnitude_vector:
-                factor = (self.lora_magnitude_vector[name].weight.detach() / self._merge_norms.pop(name)).to(W.dtype)
-                W = W / (factor[None, :] if self.fan_in_fan_out else factor[:, None])
-            self.write_weight(W - delta)
-            bias = self.lora_B[name].bias
-            if bias is not None:
-                self.base_layer.bias.data -= bias.detach() * self.scaling[name]
-
-    def write_weight(self, weight: torch.Tensor) -> None:
-        if hasattr(self.base_layer, "dequantize"):
-            raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
-        self.base_layer.weight.data.copy_(weight)
+            self.base_layer.weight.data.copy_(self.without(name, self.base_layer.weight.detach()))
+            self._merge_norms.pop(name, None)
+            if self.lora_B[name].bias is not None:
+                self.base_layer.bias.data -= self.lora_B[name].bias.detach() * self.scaling[name]
 
 
 class LoraEmbedding(nn.Module):
-    """LoRA on an nn.Embedding: A (r, vocab) is looked up like an embedding table, B is (dim, r)."""
+    """LoRA / DoRA on an nn.Embedding: A (r, vocab) is looked up like an embedding table, B is (dim, r).
+
+    DoRA here (as in PEFT) has one magnitude per embedding dimension: m / ||E^T + s*B*A||_row scales
+    the whole output row, y = mag * (E[x] + s * A^T[x] B^T).
+    """
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__()
         self.base_layer = base_layer
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self._merge_norms: dict[str, torch.Tensor] = {}
 
     def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
-        if config.use_dora or config.lora_bias:
-            raise ValueError("use_dora and lora_bias are not supported on embedding layers; target linears instead")
+        if config.lora_bias:
+            raise ValueError("lora_bias=True is not supported on embedding layers (as in HF PEFT)")
         weight = self.base_layer.weight
         vocab, dim = weight.shape
         A = torch.empty(r, vocab, dtype=weight.dtype, device=weight.device)
@@ -237,13 +236,21 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_A[name], self.lora_embedding_B[name] = nn.Parameter(A), nn.Parameter(B)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, config.use_rslora)
+        if config.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector[name] = Magnitude(self.dora_norm(weight, name).to(weight.dtype))
         self.active_adapters = [name]
+
+    def dora_norm(self, E: torch.Tensor, name: str) -> torch.Tensor:
+        """||E^T + s*B*A|| per embedding dimension, (dim,) fp32; E is the (vocab, dim) table."""
+        return dora_row_norm(E.T, self.lora_embedding_A[name], self.lora_embedding_B[name].detach(), self.scaling[name])
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
-        for container in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
-            container.pop(name, None)
+        for container in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in container:
+                del container[name]
         self.r.pop(name, None)
         self.scaling.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -251,45 +258,87 @@ class LoraEmbedding(nn.Module):
     def adapter_params(self, name: str):
         if name in self.lora_embedding_A:
             yield from (self.lora_embedding_A[name], self.lora_embedding_B[name])
+        if name in self.lora_magnitude_vector:
+            yield from self.lora_magnitude_vector[name].parameters()
 
-    def lora_delta(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+    def add_lora(self, out: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
+        """base output + this adapter's contribution, for the rows in `ids`."""
         base = self.base_layer
         after_A = F.embedding(ids, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type)
-        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+        lora = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+        if name not in self.lora_magnitude_vector:
+            return out + lora.to(out.dtype)
+        mag = self.lora_magnitude_vector[name].weight / self.dora_norm(base.weight, name).detach()
+        return (mag * (out + lora)).to(out.dtype)
 
     def forward(self, ids: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         out = self.base_layer(ids)
         if self.disable_adapters or self.merged_adapters:
             if self.disable_adapters and self.merged_adapters:
                 raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
+            if adapter_names is not None and self.merged_adapters:
+                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
             return out
         if adapter_names is not None:
-            for name in dict.fromkeys(adapter_names):
-                if name in self.lora_embedding_A:
-                    rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=ids.device)
-                    out = out.index_add(0, rows, self.lora_delta(ids.index_select(0, rows), name).to(out.dtype))
-            return out
+            return mixed_rows(out, ids, adapter_names, self.lora_embedding_A, self.add_lora)
         for name in self.active_adapters:
             if name in self.lora_embedding_A:
-                out = out + self.lora_delta(ids, name).to(out.dtype)
+                out = self.add_lora(out, ids, name)
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """(vocab, dim), the embedding table's layout."""
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
+    def dora_factor(self, name: str) -> torch.Tensor:
+        return (self.lora_magnitude_vector[name].weight.detach() / self._merge_norms[name])[None, :]
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
         for name in adapter_names or self.active_adapters:
             if name in self.merged_adapters:
                 raise ValueError(f"adapter {name!r} is already merged into Embedding")
-            if name in self.lora_embedding_A:
-                self.base_layer.weight.data += self.delta_weight(name).detach().to(self.base_layer.weight.dtype)
-                self.merged_adapters.append(name)
+            if name not in self.lora_embedding_A:
+                continue
+            E = self.base_layer.weight.detach()
+            merged = E + self.delta_weight(name).detach().to(E.dtype)
+            if name in self.lora_magnitude_vector:
+                with torch.no_grad():
+                    self._merge_norms[name] = self.dora_norm(self.unmerged_weight(), name)
+                merged = merged * self.dora_factor(name).to(E.dtype)
+            self.base_layer.weight.data.copy_(merged)
+            self.merged_adapters.append(name)
+
+    def without(self, name: str, E: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            E = E / self.dora_factor(name).to(E.dtype)
+        return E - self.delta_weight(name).detach().to(E.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        E = self.base_layer.weight.detach()
+        for name in reversed(self.merged_adapters):
+            E = self.without(name, E)
+        return E
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.base_layer.weight.data -= self.delta_weight(name).detach().to(self.base_layer.weight.dtype)
+            self.base_layer.weight.data.copy_(self.without(name, self.base_layer.weight.detach()))
+            self._merge_norms.pop(name, None)
+
+
+def mixed_rows(out: torch.Tensor, x: torch.Tensor, adapter_names: list[str], known, add) -> torch.Tensor:
+    """Row b of the batch gets adapter adapter_names[b] ("__base__" or one this layer lacks: none).
+
+    `add(out_rows, x_rows, name)` returns the rows' output with that adapter applied.
+    """
+    if len(adapter_names) != x.shape[0]:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]}")
+    for name in dict.fromkeys(adapter_names):
+        if name == "__base__" or name not in known:
+            continue
+        rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+        out = out.index_copy(0, rows, add(out.index_select(0, rows), x.index_select(0, rows), name))
+    return out
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding)

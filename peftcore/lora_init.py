@@ -27,10 +27,12 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
             if B.bias is not None:
                 nn.init.zeros_(B.bias)
         return
-    if not isinstance(scheme, str) or not (scheme == "olora" or scheme.startswith("pissa")):
-        raise ValueError(f"init_lora_weights={scheme!r}: expected True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
+    check_scheme(scheme)
     if hasattr(layer.base_layer, "dequantize"):
         raise TypeError(f"init_lora_weights={scheme!r} rewrites the base weight: initialise before quantizing")
+    r, (n_out, n_in) = layer.r[name], (layer.out_features, layer.in_features)
+    if r > min(n_out, n_in):
+        raise ValueError(f"init_lora_weights={scheme!r} takes the top r of a {n_out}x{n_in} weight: r={r} must be <= {min(n_out, n_in)}")
     with torch.no_grad():
         W = layer.base_layer.weight
         W_out_in = (W.T if layer.fan_in_fan_out else W).float()
@@ -41,16 +43,20 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
         W.copy_((residual.T if layer.fan_in_fan_out else residual).to(W.dtype))
 
 
+def check_scheme(scheme) -> None:
+    if not isinstance(scheme, str) or not (scheme == "olora" or scheme.startswith("pissa")):
+        raise ValueError(f"init_lora_weights={scheme!r}: expected True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
+    if scheme.startswith("pissa") and scheme != "pissa" and not scheme.removeprefix("pissa_niter_").isdigit():
+        raise ValueError(f"init_lora_weights={scheme!r}: expected 'pissa' or 'pissa_niter_<int>'")
+
+
 def pissa_factors(W: torch.Tensor, r: int, scaling: float, scheme: str):
     """W (out, in) ~ U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so s*B*A = the top-r part."""
     if scheme == "pissa":
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         U, S, Vh = U[:, :r], S[:r], Vh[:r]
     else:
-        niter = scheme.removeprefix("pissa_niter_")
-        if not niter.isdigit():
-            raise ValueError(f"init_lora_weights={scheme!r}: expected 'pissa' or 'pissa_niter_<int>'")
-        U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
+        U, S, V = torch.svd_lowrank(W, q=r, niter=int(scheme.removeprefix("pissa_niter_")))
         Vh = V.T
     root = torch.sqrt(S / scaling)
     return root[:, None] * Vh, U * root[None, :]

@@ -15,8 +15,8 @@ from torch import nn
 from peftcore.models.generate import generate as generate_tokens
 
 from . import adapter_io
-from .config import LoraConfig, PeftConfig
-from .injection import inject_lora, set_submodule
+from .config import LoraConfig, PeftConfig, TaskType
+from .injection import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
 from .lora import LORA_LAYERS
 from .modules_to_save import ModulesToSave, wrap_modules_to_save
 
@@ -32,6 +32,15 @@ class LoraModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes of the wrapped model (`config`, ...) read through, as in PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
 
 
 class PeftModel(nn.Module):
@@ -49,20 +58,33 @@ class PeftModel(nn.Module):
     def model(self) -> nn.Module:
         return self.base_model.model
 
+    def __getattr__(self, name: str):
+        """Attributes of the wrapped model (`config`, `new_cache`, ...) read through, as in PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
     def adapter_layers(self):
         return [m for m in self.model.modules() if isinstance(m, (*LORA_LAYERS, ModulesToSave))]
 
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Inject a new, inactive adapter (the first one, made in __init__, is the active one)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"{type(config).__name__} is not a LoRA config; prompt methods use their own wrapper")
         config = copy.deepcopy(config)
+        if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
+            config.modules_to_save = list(config.modules_to_save or [])
+            config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
         inject_lora(self.model, config, adapter_name)
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
-        self.set_adapter(adapter_name)
+        self.set_adapter(self.active_adapter)  # as in PEFT, a new adapter waits for set_adapter() to run
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the one that runs and trains; the others stay loaded and frozen."""
@@ -95,8 +117,8 @@ class PeftModel(nn.Module):
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
 
-    def check_known(self, names) -> None:
-        unknown = sorted({n for n in names if n not in self.peft_config and n != BASE})
+    def check_known(self, names, allow_base: bool = False) -> None:
+        unknown = sorted({n for n in names if n not in self.peft_config and not (allow_base and n == BASE)})
         if unknown:
             raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; loaded: {', '.join(self.peft_config)}")
 
@@ -145,17 +167,16 @@ class PeftModel(nn.Module):
     # -- running --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def batch_adapters(self, adapter_names: list[str] | None):
-        """Route row b of the batch through adapter adapter_names[b] in every LoRA layer."""
+        """Route row b of the batch through adapter adapter_names[b] in every adapter layer."""
         if adapter_names is None:
             yield
             return
-        self.check_known(adapter_names)
+        self.check_known(adapter_names, allow_base=True)
         if self.training:
             raise RuntimeError("adapter_names (a mixed-adapter batch) is for inference; call .eval() first")
         hooks = [
             layer.register_forward_pre_hook(lambda mod, args, kwargs: (args, {**kwargs, "adapter_names": adapter_names}), with_kwargs=True)
-            for layer in self.model.modules()
-            if isinstance(layer, LORA_LAYERS)
+            for layer in self.adapter_layers()
         ]
         try:
             yield
@@ -163,9 +184,10 @@ class PeftModel(nn.Module):
             for hook in hooks:
                 hook.remove()
 
-    def forward(self, input_ids=None, attention_mask=None, adapter_names=None, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward, arguments passed through as given (input_ids, attention_mask=...)."""
         with self.batch_adapters(adapter_names):
-            return self.base_model(input_ids, attention_mask=attention_mask, **kwargs)
+            return self.base_model(*args, **kwargs)
 
     def generate(self, input_ids, adapter_names=None, **kwargs) -> torch.Tensor:
         with self.batch_adapters(adapter_names):
@@ -194,15 +216,19 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
         adapter_io.load_adapter_weights(peft_model, folder, adapter_name, peft_model.peft_config[adapter_name])
-        return peft_model
+        return peft_model if is_trainable else peft_model.eval()  # PEFT: loaded for inference, dropout off
 
     def load_adapter(self, folder, adapter_name: str, is_trainable: bool = False) -> None:
         config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
         config.inference_mode = not is_trainable
-        active = self.active_adapter
-        self.add_adapter(adapter_name, config)
-        adapter_io.load_adapter_weights(self, folder, adapter_name, self.peft_config[adapter_name])
-        self.set_adapter(active)  # loading does not switch adapters (PEFT's behaviour)
+        self.add_adapter(adapter_name, config)  # loading does not switch adapters (PEFT's behaviour)
+        try:
+            adapter_io.load_adapter_weights(self, folder, adapter_name, self.peft_config[adapter_name])
+        except Exception:
+            self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
+            raise
+        if not is_trainable:
+            self.eval()
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
