@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attend, build_attention_mask
+from .cache import KVCache
 
 # Checkpoint keys that are not weights: old transformers saved these index buffers.
 SKIPPED_KEYS = {"embeddings.position_ids", "embeddings.token_type_ids"}
@@ -125,12 +126,14 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, past_k=None, past_v=None):
         B, T, _ = x.shape
         heads = (B, T, self.n_head, self.head_dim)
         # each (B, n_head, T, hd)
         q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
-        return attend(q, k, v, mask, causal=False)  # (B, T, H)
+        if past_k is not None:  # a learned prefix (prefix tuning): every token attends to it too
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        return attend(q, k, v, mask, causal=False), k, v  # (B, T, H)
 
 
 class BertResidualOutput(nn.Module):
@@ -152,8 +155,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)  # transformers' name: keys read `attention.self.query`
         self.output = BertResidualOutput(config.hidden_size, config)
 
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
+    def forward(self, x, mask, past_k=None, past_v=None):
+        attended, k, v = self.self(x, mask, past_k, past_v)
+        return self.output(attended, x), k, v
 
 
 class BertIntermediate(nn.Module):
@@ -172,9 +176,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertResidualOutput(config.intermediate_size, config)
 
-    def forward(self, x, mask):
-        x = self.attention(x, mask)
-        return self.output(self.intermediate(x), x)
+    def forward(self, x, mask, past_k=None, past_v=None):
+        x, k, v = self.attention(x, mask, past_k, past_v)
+        return self.output(self.intermediate(x), x), k, v
 
 
 class BertEncoder(nn.Module):
@@ -239,15 +243,27 @@ class BertModel(nn.Module):
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.pooler(hidden)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                cache=None):
+        """`cache`: a KVCache holding a learned prefix; its positions come first (as in transformers)."""
+        past_len = cache.seq_len if cache is not None else 0
+        if position_ids is None and past_len:
+            T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = torch.arange(past_len, past_len + T, device=self.pooler.dense.weight.device)[None]
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, H)
-        mask = build_attention_mask(attention_mask, x.shape[1], 0, False, x.device)
-        for layer in self.encoder.layer:
+        mask = build_attention_mask(attention_mask, x.shape[1], past_len, False, x.device)
+        for i, layer in enumerate(self.encoder.layer):
+            past_k, past_v = cache.layer(i) if cache is not None else (None, None)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, use_reentrant=False)
+                x, k, v = checkpoint(layer, x, mask, past_k, past_v, use_reentrant=False)
             else:
-                x = layer(x, mask)
+                x, k, v = layer(x, mask, past_k, past_v)
+            if cache is not None:
+                cache.store(i, k, v)
         return x
+
+    def new_cache(self):
+        return KVCache(self.config.num_hidden_layers)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -276,8 +292,9 @@ class BertForSequenceClassification(nn.Module):
         inner = self.bert.checkpoint_key(key)  # bare BertModel checkpoints load too (classifier then missing)
         return None if inner is None else "bert." + inner
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)  # (B, T, H)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                cache=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache)  # (B, T, H)
         return self.classifier(self.dropout(self.bert.pool(hidden)))  # (B, num_labels)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """peftcore: parameter-efficient fine-tuning from scratch in plain PyTorch."""
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
 from .lora import LoraEmbedding, LoraLinear
+from .prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .peft_model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraEmbedding", "LoraLinear", "PeftConfig", "PeftModel", "PeftType", "TaskType", "get_peft_model"]
+__all__ = ["LoraConfig", "LoraEmbedding", "LoraLinear", "PeftConfig", "PeftModel", "PeftType", "PrefixTuningConfig",
+           "PromptEncoderConfig", "PromptTuningConfig", "TaskType", "get_peft_model"]

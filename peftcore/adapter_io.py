@@ -196,3 +196,45 @@ def check_fits(path: Path, header: dict, state: dict, to_memory: dict, required:
     missing = sorted(strip_adapter_name(k, adapter_name) for k in required - {to_memory[k] for k in header})
     if missing:
         raise AdapterLoadError(f"{path.name} lacks {len(missing)} adapter tensor(s), e.g. {', '.join(missing[:4])}")
+
+
+ENCODER_WEIGHTS_NAME = "prompt_encoder.safetensors"  # peftcore's addition: the full encoder, to resume training
+
+
+def save_prompt_adapter(encoder: nn.Module, folder: str | Path, adapter_name: str, config, save_prompt_encoder: bool) -> Path:
+    """PEFT's files (`prompt_embeddings` = the encoder's output) and, if asked, the encoder's own weights."""
+    from .prompt import saved_prompt_tensors
+
+    target = adapter_folder(folder, adapter_name)
+    target.mkdir(parents=True, exist_ok=True)
+    config.save(target)
+    safetensors_io.write(saved_prompt_tensors(encoder, config), target / WEIGHTS_NAME)
+    if save_prompt_encoder:
+        safetensors_io.write(dict(encoder.state_dict()), target / ENCODER_WEIGHTS_NAME)
+    return target
+
+
+def has_encoder_weights(folder: str | Path) -> bool:
+    return (Path(folder) / ENCODER_WEIGHTS_NAME).is_file()
+
+
+def load_prompt_adapter(encoder: nn.Module, folder: str | Path) -> None:
+    """Full encoder weights when present (training resumes), else the saved prompts (inference)."""
+    from .prompt import load_prompt_embeddings
+
+    folder = Path(folder)
+    if has_encoder_weights(folder) and getattr(encoder, "reparameterize", getattr(encoder, "prefix_projection", False)):
+        state = dict(safetensors_io.iter_tensors(folder / ENCODER_WEIGHTS_NAME))
+        wanted = encoder.state_dict()
+        bad = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
+        if bad or set(state) - set(wanted):
+            raise AdapterLoadError(f"{ENCODER_WEIGHTS_NAME} does not fit this encoder (first mismatch: {(bad or sorted(set(state) - set(wanted)))[0]})")
+        encoder.load_state_dict(state)
+        return
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (peftcore reads safetensors adapters only)")
+    tensors = dict(safetensors_io.iter_tensors(path))
+    if "prompt_embeddings" not in tensors:
+        raise AdapterLoadError(f"{path.name} holds no prompt_embeddings (found: {', '.join(sorted(tensors))})")
+    load_prompt_embeddings(encoder, tensors["prompt_embeddings"], path.name)

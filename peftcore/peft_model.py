@@ -1,12 +1,15 @@
-"""PeftModel: a base model with named adapters injected, and the adapter lifecycle around it.
+"""PeftModel: a base model with named adapters, and the adapter lifecycle around it.
 
-Layout and names follow HF PEFT so state dicts and files line up: `peft_model.base_model.model`
-is the user's model with LoRA layers swapped in (keys `base_model.model.<module path>...`).
+Layout and names follow HF PEFT so state dicts and files line up. LoRA: `peft_model.base_model.model`
+is the user's model with LoRA layers swapped in (keys `base_model.model.<module path>...`). Prompt
+methods: `peft_model.base_model` is the untouched user's model and `peft_model.prompt_encoder[name]`
+makes the prompt; one PeftModel holds adapters of one kind, as in PEFT.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +22,10 @@ from .config import LoraConfig, PeftConfig, TaskType
 from .injection import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
 from .lora import LORA_LAYERS
 from .modules_to_save import ModulesToSave, wrap_modules_to_save
+from .prompt import (
+    PromptLearningConfig, PromptTuningInit, build_encoder, drop_prompt_positions, fill_from_model, input_embeddings,
+    prompt_kwargs,
+)
 
 BASE = "__base__"  # adapter_names entry for a row that runs the base model only
 
@@ -46,7 +53,11 @@ class LoraModel(nn.Module):
 class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = LoraModel(model)
+        prompt_learning = isinstance(config, PromptLearningConfig)
+        self.base_model = model if prompt_learning else LoraModel(model)
+        if prompt_learning:
+            self.prompt_encoder = nn.ModuleDict()
+            self.prompt_disabled = False
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         for p in model.parameters():
@@ -56,7 +67,11 @@ class PeftModel(nn.Module):
     # -- adapters -------------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self.is_prompt_learning else self.base_model.model
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return "prompt_encoder" in self._modules
 
     def __getattr__(self, name: str):
         """Attributes of the wrapped model (`config`, `new_cache`, ...) read through, as in PEFT."""
@@ -74,9 +89,13 @@ class PeftModel(nn.Module):
         """Inject a new, inactive adapter (the first one, made in __init__, is the active one)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"{type(config).__name__} is not a LoRA config; prompt methods use their own wrapper")
+        if isinstance(config, PromptLearningConfig) != self.is_prompt_learning:
+            kind = "prompt-learning" if self.is_prompt_learning else "LoRA"
+            raise TypeError(f"this PeftModel holds {kind} adapters; a {type(config).__name__} needs its own PeftModel")
         config = copy.deepcopy(config)
+        if self.is_prompt_learning:
+            self.add_prompt_adapter(adapter_name, config)
+            return
         if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
             config.modules_to_save = list(config.modules_to_save or [])
             config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
@@ -86,11 +105,24 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)  # as in PEFT, a new adapter waits for set_adapter() to run
 
+    def add_prompt_adapter(self, adapter_name: str, config: PromptLearningConfig, loading: bool = False) -> None:
+        fill_from_model(config, self.model)
+        # Loading overwrites the prompts: skip a TEXT / SAMPLE_VOCAB init (and its tokenizer) then.
+        build_config = replace(config, prompt_tuning_init=PromptTuningInit.RANDOM) if loading and hasattr(config, "prompt_tuning_init") else config
+        device = input_embeddings(self.model).weight.device
+        self.prompt_encoder[adapter_name] = build_encoder(build_config, input_embeddings(self.model)).to(device)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter)
+
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the one that runs and trains; the others stay loaded and frozen."""
         self.check_known([adapter_name])
         self.active_adapter = adapter_name
         config = self.peft_config[adapter_name]
+        if self.is_prompt_learning:
+            for name, encoder in self.prompt_encoder.items():
+                encoder.requires_grad_(name == adapter_name and not config.inference_mode)
+            return
         for layer in self.adapter_layers():
             layer.active_adapters = [adapter_name]
             for name in getattr(layer, "r", None) or getattr(layer, "modules_to_save", {}):
@@ -111,6 +143,8 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.check_known([adapter_name])
+        if self.is_prompt_learning:
+            del self.prompt_encoder[adapter_name]
         for layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
@@ -125,6 +159,13 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base model alone inside the block (merged adapters are unmerged first, as in PEFT)."""
+        if self.is_prompt_learning:
+            self.prompt_disabled = True
+            try:
+                yield
+            finally:
+                self.prompt_disabled = False
+            return
         if any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):
             self.unmerge_adapter()
         layers = self.adapter_layers()
@@ -138,6 +179,8 @@ class PeftModel(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        if self.is_prompt_learning:
+            raise TypeError("prompt methods add inputs, not weights: there is nothing to merge")
         names = adapter_names or [self.active_adapter]
         self.check_known(names)
         for layer in self.adapter_layers():
@@ -185,13 +228,35 @@ class PeftModel(nn.Module):
                 hook.remove()
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The wrapped model's forward, arguments passed through as given (input_ids, attention_mask=...)."""
+        """The wrapped model's forward, arguments passed through as given (input_ids, attention_mask=...).
+
+        With a prompt method, per-token outputs cover the input tokens only (HF PEFT also returns
+        the virtual tokens' positions, which callers then have to cut off)."""
+        if self.is_prompt_learning and not self.prompt_disabled:
+            if adapter_names is not None:
+                raise ValueError("adapter_names (mixed batches) is supported for LoRA adapters only")
+            return self.prompt_forward(*args, **kwargs)
         with self.batch_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
 
-    def generate(self, input_ids, adapter_names=None, **kwargs) -> torch.Tensor:
+    def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        config = self.peft_config[self.active_adapter]
+        encoder = self.prompt_encoder[self.active_adapter]
+        full = prompt_kwargs(encoder, config, input_embeddings(self.model), input_ids, attention_mask, inputs_embeds, kwargs)
+        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return drop_prompt_positions(self.model(**full), config, T)
+
+    def generate(self, input_ids, adapter_names=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Decode with the active adapter; a prompt or prefix is put in once, at prefill."""
+        if self.is_prompt_learning and not self.prompt_disabled:
+            config, encoder = self.peft_config[self.active_adapter], self.prompt_encoder[self.active_adapter]
+            with torch.no_grad():
+                full = prompt_kwargs(encoder, config, input_embeddings(self.model), input_ids, None, None, {})
+            # generate() prepends ones for the prompt / prefix positions to the caller's mask itself
+            return generate_tokens(self.model, input_ids, attention_mask=attention_mask,
+                                   inputs_embeds=full["inputs_embeds"], cache=full.get("cache"), **kwargs)
         with self.batch_adapters(adapter_names):
-            return generate_tokens(self.model, input_ids, **kwargs)
+            return generate_tokens(self.model, input_ids, attention_mask=attention_mask, **kwargs)
 
     def new_cache(self):
         return self.model.new_cache()
@@ -206,29 +271,60 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- files ----------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(self, folder: str | Path, selected_adapters: list[str] | None = None,
+                        save_prompt_encoder: bool = False) -> None:
+        """HF PEFT's format. `save_prompt_encoder=True` (prompt methods) also writes the encoder's own
+        weights, so training can resume from the folder (PEFT keeps only the prompts it produces)."""
         for name in selected_adapters or list(self.peft_config):
-            adapter_io.save_adapter(self, folder, name, self.peft_config[name])
+            if self.is_prompt_learning:
+                adapter_io.save_prompt_adapter(self.prompt_encoder[name], folder, name, self.peft_config[name], save_prompt_encoder)
+            else:
+                adapter_io.save_adapter(self, folder, name, self.peft_config[name])
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False) -> "PeftModel":
-        config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
-        config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
-        adapter_io.load_adapter_weights(peft_model, folder, adapter_name, peft_model.peft_config[adapter_name])
+        config = prepare_loaded_config(folder, is_trainable)
+        if isinstance(config, PromptLearningConfig):
+            peft_model = cls(model, replace(config, prompt_tuning_init="RANDOM") if hasattr(config, "prompt_tuning_init") else config, adapter_name)
+            peft_model.peft_config[adapter_name] = config
+            adapter_io.load_prompt_adapter(peft_model.prompt_encoder[adapter_name], folder)
+        else:
+            peft_model = cls(model, config, adapter_name)
+            adapter_io.load_adapter_weights(peft_model, folder, adapter_name, peft_model.peft_config[adapter_name])
         return peft_model if is_trainable else peft_model.eval()  # PEFT: loaded for inference, dropout off
 
     def load_adapter(self, folder, adapter_name: str, is_trainable: bool = False) -> None:
-        config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)  # loading does not switch adapters (PEFT's behaviour)
+        config = prepare_loaded_config(folder, is_trainable)
+        if isinstance(config, PromptLearningConfig) and self.is_prompt_learning:
+            if adapter_name in self.peft_config:
+                raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
+            self.add_prompt_adapter(adapter_name, config, loading=True)
+        else:
+            self.add_adapter(adapter_name, config)  # loading does not switch adapters (PEFT's behaviour)
         try:
-            adapter_io.load_adapter_weights(self, folder, adapter_name, self.peft_config[adapter_name])
+            if self.is_prompt_learning:
+                adapter_io.load_prompt_adapter(self.prompt_encoder[adapter_name], folder)
+            else:
+                adapter_io.load_adapter_weights(self, folder, adapter_name, self.peft_config[adapter_name])
         except Exception:
             self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
             raise
         if not is_trainable:
             self.eval()
+
+
+def prepare_loaded_config(folder, is_trainable: bool) -> PeftConfig:
+    """The saved config, set for inference or training. A reparameterised prompt (P-tuning, a prefix
+    projection) can only resume training when its encoder weights were saved too."""
+    config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
+    reparameterized = getattr(config, "encoder_reparameterization_type", None) is not None or getattr(config, "prefix_projection", False)
+    if is_trainable and reparameterized and not adapter_io.has_encoder_weights(folder):
+        raise ValueError(
+            f"{folder} holds only the prompts this {config.peft_type.value} encoder produced, not the encoder: "
+            "resume training from a folder saved with save_pretrained(..., save_prompt_encoder=True)"
+        )
+    config.inference_mode = not is_trainable
+    return config
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
