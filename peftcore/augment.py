@@ -73,7 +73,8 @@ def augment_text(text: str, config: AugmentConfig, rng: random.Random, table: di
 
 
 def augment_records(records: list[tuple[dict, str]], config: AugmentConfig) -> list[tuple[dict, str]]:
-    """The records plus `copies` perturbed copies of each record's input (chat: the user turns)."""
+    """The records plus `copies` perturbed copies of each record's input (chat: the user turns;
+    classification: the text)."""
     unknown = [op for op in config.ops if op not in OPS]
     if unknown:
         raise ValueError(f"unknown augmentation op(s) {unknown}; choose from {', '.join(OPS)}")
@@ -93,4 +94,5 @@ def perturb(record: dict, config: AugmentConfig, rng: random.Random, table: dict
         messages = [dict(m, content=augment_text(m["content"], config, rng, table)) if m.get("role") == "user" else m
                     for m in record["messages"]]
         return {**record, "messages": messages}
-    return {**record, "input": augment_text(record.get("input", ""), config, rng, table)}
+    key = "text" if "text" in record else "input"  # classification records carry "text"
+    return {**record, key: augment_text(record.get(key, ""), config, rng, table)}
