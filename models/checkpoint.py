@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import safetensors_io
 from .families import ARCHITECTURES, DEFAULT_ARCHITECTURE
@@ -28,7 +29,10 @@ def read_config(path: str | Path) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face checkpoint folder")
-    return json.loads(config_file.read_text())
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
 
 
 def model_class_for(hf_config: dict) -> type[nn.Module]:
@@ -50,7 +54,10 @@ def from_config(config, dtype: torch.dtype | None = None, device=None) -> nn.Mod
         cls = model_class_for(config)
         config = cls.config_class.from_hf(config)
     else:
-        cls = next(c for c in ARCHITECTURES.values() if isinstance(config, c.config_class))
+        if not any(isinstance(config, c.config_class) for c in ARCHITECTURES.values()):
+            known = sorted({c.config_class.__name__ for c in ARCHITECTURES.values()})
+            raise TypeError(f"from_config got a {type(config).__name__}; expected a config.json dict or one of {', '.join(known)}")
+        cls = model_class_for(config.to_hf())  # the architecture a config names (BERT: encoder or classifier)
     model = cls(config)
     return model.to(device=device, dtype=dtype)
 
@@ -61,8 +68,14 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no \"weight_map\" object (tensor name -> shard file)")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shard(s) that are not in {path}: {', '.join(absent)}")
+        return files
     found = sorted(p.name for p in path.iterdir())
     raise FileNotFoundError(
         f"no model.safetensors or model.safetensors.index.json in {path} (found: {', '.join(found) or 'nothing'}); "
@@ -89,6 +102,38 @@ def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Make random in-place fills no-ops while building on the meta device.
+
+    Meta tensors hold no data, so the fills do nothing anyway; but `normal_` has no C++ meta
+    kernel and its Python decomposition imports torch._refs and sympy: ~150 MB of RSS and ~1 s,
+    more than a small checkpoint itself weighs.
+    """
+
+    FILLS = {
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.erfinv_,
+        # nn.init dispatches itself as one function, so the Tensor method inside is never seen here
+        nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
+        nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if func in self.FILLS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def build_on_meta(hf_config: dict) -> nn.Module:
+    """The model a config.json describes, every parameter on the meta device (no memory, no init)."""
+    cls = model_class_for(hf_config)
+    with torch.device("meta"), _SkipRandomInit():
+        model = cls(cls.config_class.from_hf(hf_config))
+    model.tie_weights()
+    return model
+
+
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantize=None, group_size=None) -> nn.Module:
     """Build on the meta device, then fill in tensor by tensor: peak RAM ~ one copy of the model.
 
@@ -97,11 +142,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
     if quantize is not None:
         raise NotImplementedError("quantized loading arrives with the kernels issue")  # replaced there
     path = Path(path)
-    hf_config = read_config(path)
-    cls = model_class_for(hf_config)
-    with torch.device("meta"):
-        model = cls(cls.config_class.from_hf(hf_config))
-    model.tie_weights()
+    model = build_on_meta(read_config(path))
     wanted = expected_keys(model)
     loaded: set[str] = set()
     unexpected: list[str] = []

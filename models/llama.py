@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attend, build_attention_mask
 from .cache import KVCache
-from .layers import RMSNorm
+from .layers import RMSNorm, reuse_buffers
 
 HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -83,7 +83,10 @@ class LlamaConfig:
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     """(head_dim // 2,) fp32 inverse frequencies, rescaled by wavelength band for llama3."""
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    # Always on the CPU (a few floats), also while building on the meta device: meta tensors have
+    # no data, and meta arithmetic runs Python decompositions that import sympy (~150 MB, ~1 s).
+    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq
@@ -100,15 +103,20 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
 
 
 def rope_tables(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin: (B, 1, T, head_dim), computed in fp32 (positions up to 1e5 need the digits)."""
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    """cos, sin: (B, 1, T, head_dim // 2), computed once per forward in fp32 (positions up to 1e5
+    need the digits). Both halves of a head turn by the same angles, so half tables suffice."""
+    freqs = (position_ids[..., None].float() * inv_freq)[:, None]  # (B, 1, T, hd/2)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair (x1[i], x2[i]) of a head's two halves by its angle.
+
+    Term for term transformers' `x * cos + rotate_half(x) * sin` (same products, same sums, so
+    bit-identical), without materialising the negated, concatenated `rotate_half(x)`.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class LlamaAttention(nn.Module):
@@ -142,7 +150,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, intermediate): the widest activations
+        if reuse_buffers(gate, up):
+            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

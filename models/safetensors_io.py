@@ -7,6 +7,7 @@ straight into its final storage with `readinto` costs one copy plus the header.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -23,10 +24,28 @@ DTYPES = {
 def read_header(path: Path) -> tuple[dict, int]:
     """-> ({name: {"dtype", "shape", "data_offsets"}}, byte offset where tensor data starts)."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        prefix = f.read(8)
+        size = os.fstat(f.fileno()).st_size
+        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size  # too short: fails below
+        if n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (its 8-byte header length does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def read_exactly(f, buffer: memoryview, path: Path, name: str) -> None:
+    """Fill `buffer` from `f`. One read(2) returns at most ~2 GiB on Linux (a 128k-vocab fp32
+    embedding is larger), and a truncated file returns short: loop, and refuse to leave garbage."""
+    done = 0
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
+        if not got:
+            raise ValueError(f"{path} is truncated: tensor {name!r} needs {len(buffer)} bytes, found {done}")
+        done += got
 
 
 def iter_tensors(path: Path, names: list[str] | None = None):
@@ -41,9 +60,12 @@ def iter_tensors(path: Path, names: list[str] | None = None):
             if info["dtype"] not in DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which peftcore does not read")
             tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            if end - start != tensor.numel() * tensor.element_size():
+                raise ValueError(f"{path}: tensor {name!r} spans {end - start} bytes but its shape and dtype need "
+                                 f"{tensor.numel() * tensor.element_size()}")
             f.seek(data_start + start)
             if end > start:
-                f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                read_exactly(f, memoryview(tensor.view(-1).view(torch.uint8).numpy()), path, name)
             yield name, tensor
 
 

@@ -89,7 +89,7 @@ class PeftModel(nn.Module):
         """Inject a new, inactive adapter (the first one, made in __init__, is the active one)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
-        if isinstance(config, PromptLearningConfig) != self.is_prompt_learning:
+        if not isinstance(config, PromptLearningConfig if self.is_prompt_learning else LoraConfig):
             kind = "prompt-learning" if self.is_prompt_learning else "LoRA"
             raise TypeError(f"this PeftModel holds {kind} adapters; a {type(config).__name__} needs its own PeftModel")
         config = copy.deepcopy(config)

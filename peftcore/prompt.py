@@ -103,16 +103,22 @@ def model_dims(model: nn.Module) -> dict:
 
 
 def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> None:
-    """PEFT's _prepare_prompt_learning_config: sizes the user left out come from the model."""
+    """PEFT's _prepare_prompt_learning_config: sizes the user left out come from the model; sizes a
+    saved config carries must fit the model (an adapter for another width is a clear error)."""
     d = model_dims(model)
-    config.num_layers = config.num_layers or d["layers"]
+    prefix = isinstance(config, PrefixTuningConfig)  # keys/values are sized to the KV heads (GQA)
+    expected = {
+        "num_layers": d["layers"],
+        "token_dim": d["kv_heads"] * d["head_dim"] if prefix else d["hidden"],
+        "num_attention_heads": d["kv_heads"] if prefix else d["heads"],
+    }
+    for name, value in expected.items():
+        given = getattr(config, name)
+        if given is not None and given != value and (name != "num_attention_heads" or prefix):
+            raise ValueError(f"the adapter's {name} is {given} but this {type(model).__name__} needs {value} "
+                             "(an adapter made for a model of another size?)")
+        setattr(config, name, given or value)
     config.num_transformer_submodules = config.num_transformer_submodules or 1
-    if isinstance(config, PrefixTuningConfig):  # keys/values are sized to the KV heads (GQA)
-        config.token_dim = config.token_dim or d["kv_heads"] * d["head_dim"]
-        config.num_attention_heads = config.num_attention_heads or d["kv_heads"]
-    else:
-        config.token_dim = config.token_dim or d["hidden"]
-        config.num_attention_heads = config.num_attention_heads or d["heads"]
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
 

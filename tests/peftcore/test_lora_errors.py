@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 
-from peftcore import LoraConfig, PeftModel, get_peft_model
+from peftcore import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from peftcore.adapter_io import AdapterLoadError, config_from_dict
 from peftcore.models import from_config
 from peftcore.models.llama import LlamaConfig
@@ -197,5 +197,7 @@ def test_merging_twice_raises(two):
 def test_adding_an_existing_name_or_a_non_lora_config(two):
     with pytest.raises(ValueError, match="an adapter named 'b' exists already; delete_adapter"):
         two.add_adapter("b", LoraConfig(target_modules=["k_proj"]))
-    with pytest.raises(TypeError, match="dict is not a LoRA config"):
+    with pytest.raises(TypeError, match="this PeftModel holds LoRA adapters; a dict needs its own PeftModel"):
         two.add_adapter("c", {"r": 2})
+    with pytest.raises(TypeError, match="a PromptTuningConfig needs its own PeftModel"):
+        two.add_adapter("c", PromptTuningConfig(num_virtual_tokens=2))

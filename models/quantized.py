@@ -1,0 +1,124 @@
+"""Frozen linears with quantized weights (NF4 / int4 / int8): the QLoRA base layer.
+
+Only packed codes and scales are stored (NF4: 4.5 bits per weight, 0.28x of bf16); `.dequantize()`
+gives the dense (out, in) weight, and forward runs x W'^T through `kernels.quant_matmul`, which
+dequantizes inside the GEMM on GPU. LoRA / DoRA wrap these layers like any linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore.kernels import quant
+
+METHODS = ("nf4", "int4", "int8")
+DEFAULT_GROUP_SIZE = 128
+SKIP_BY_DEFAULT = ("lm_head", "score", "classifier")  # heads stay dense, as in QLoRA / bitsandbytes
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, method: str, bias: bool = False,
+                 group_size: int | None = None, double_quant: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"quantize={method!r} is not supported; supported: {', '.join(METHODS)}")
+        self.in_features, self.out_features, self.method = in_features, out_features, method
+        self.group_size = group_size or DEFAULT_GROUP_SIZE if method == "int4" else None
+        self.double_quant = double_quant
+        self.compute_dtype = dtype  # what dequantize() and forward produce when inputs do not say
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        if method == "int4":
+            quant.check_groups(in_features, self.group_size)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, method, linear.bias is not None, group_size, double_quant, w.dtype, w.device)
+        layer.load_dense_weight(w.detach())
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    # -- storage --------------------------------------------------------------------------------
+    def load_dense_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a dense (out, in) weight into this layer's buffers; the dense copy is not kept."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x{self.in_features} linear")
+        if self.method == "nf4":
+            q = quant.nf4_quantize(weight, self.double_quant)
+            fields = dict(packed=q.packed, absmax=q.absmax, absmax_scale=q.absmax_scale, absmax_offset=q.absmax_offset)
+        elif self.method == "int4":
+            q = quant.int4_quantize(weight, self.group_size)
+            fields = dict(packed=q.packed, scale=q.scale, zero=q.zero)
+        else:
+            q = quant.int8_quantize(weight)
+            fields = dict(q=q.q, scale=q.scale)
+        for name, tensor in fields.items():
+            self.register_buffer(name, tensor if tensor is None else tensor.contiguous())
+
+    @property
+    def qweight(self):
+        if self.method == "nf4":
+            return quant.NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.absmax_scale, self.absmax_offset)
+        if self.method == "int4":
+            return quant.Int4Weight(self.packed, self.scale, self.zero, self.group_size)
+        return quant.Int8Weight(self.q, self.scale)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight this layer computes with."""
+        dtype = dtype or self.compute_dtype
+        if self.method == "nf4":
+            return quant.nf4_dequantize(self.qweight, dtype)
+        if self.method == "int4":
+            return quant.int4_dequantize(self.qweight, dtype)
+        return quant.int8_dequantize(self.qweight, dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the scales: quantized buffers follow the device, keep their dtype.
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        if self.bias is not None:
+            self.compute_dtype = self.bias.dtype
+        return self
+
+    # -- compute --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from peftcore.kernels.quant_matmul import quant_matmul
+
+        if self.method == "int8":  # no int8 kernel: dequantize and let cuBLAS / MKL run the GEMM
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return quant_matmul(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        extra = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{extra}, bias={self.bias is not None}"
+
+
+def quantizable(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
+    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+
+
+def quantize_model(model: nn.Module, method: str = "nf4", group_size: int | None = None,
+                   double_quant: bool = False, skip: tuple[str, ...] = SKIP_BY_DEFAULT) -> nn.Module:
+    """Swap every nn.Linear (but the heads in `skip`) for a QuantLinear, in place; returns the model."""
+    for name, module in list(model.named_modules()):
+        if quantizable(name, module, skip):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, method, group_size, double_quant))
+    return model
+
+
+def quantization_report(model: nn.Module) -> dict:
+    """Bytes of the quantized layers vs the same weights in bf16."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    stored = sum(m.storage_bytes() for m in layers)
+    dense_bf16 = sum(2 * m.in_features * m.out_features for m in layers)
+    return {"layers": len(layers), "bytes": stored, "bf16_bytes": dense_bf16, "ratio_to_bf16": stored / max(dense_bf16, 1)}

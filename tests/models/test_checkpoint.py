@@ -1,0 +1,283 @@
+"""Checkpoint folders: every error names what is wrong, sharded files, dtype casting, peak RAM."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftcore.models import CheckpointError, from_config, load_pretrained, save_pretrained
+from peftcore.models.checkpoint import read_config
+from peftcore.models.families import DEFAULT_ARCHITECTURE
+from peftcore.models.llama import LlamaConfig
+from peftcore.models.safetensors_io import iter_tensors, read_exactly
+
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds barrier stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A tiny Llama checkpoint written by us."""
+    torch.manual_seed(0)
+    save_pretrained(from_config(LlamaConfig(**TINY)), tmp_path)
+    return tmp_path
+
+
+def rewrite_weights(folder, edit) -> None:
+    """Load model.safetensors, let `edit` change the dict in place, write it back."""
+    file = folder / "model.safetensors"
+    state = load_file(file)
+    edit(state)
+    save_file(state, file, metadata={"format": "pt"})
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json in .*Hugging Face checkpoint folder"):
+        load_pretrained(tmp_path)
+
+
+def test_config_json_that_is_not_json(folder):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        load_pretrained(folder)
+
+
+def test_no_safetensors_lists_what_was_found(folder):
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError) as err:
+        load_pretrained(folder)
+    message = str(err.value)
+    assert "no model.safetensors or model.safetensors.index.json" in message
+    assert "found: config.json, pytorch_model.bin" in message
+    assert "safetensors only" in message
+
+
+def test_unknown_model_type_lists_supported_ones(folder):
+    config = read_config(folder)
+    config.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(folder)
+    assert "unsupported model_type 'gpt_neox'" in str(err.value)
+    assert f"supported: {', '.join(sorted(DEFAULT_ARCHITECTURE))}" in str(err.value)
+    assert {"llama", "mistral", "qwen2"} <= set(DEFAULT_ARCHITECTURE)  # the list above is the registry's
+
+
+def test_missing_keys_are_named(folder):
+    rewrite_weights(folder, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\): model\.layers\.1\.mlp\.up_proj\.weight$"):
+        load_pretrained(folder)
+
+
+def test_unexpected_keys_are_named(folder):
+    rewrite_weights(folder, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected 1 key\(s\): model\.layers\.0\.mlp\.extra\.weight$"):
+        load_pretrained(folder)
+
+
+def test_many_missing_keys_are_listed_with_a_count(folder):
+    rewrite_weights(folder, lambda s: [s.pop(k) for k in list(s) if k.startswith("model.layers.")])
+    with pytest.raises(CheckpointError, match=r"missing 18 key\(s\): .* \.\.\.$"):
+        load_pretrained(folder)
+
+
+def test_misshaped_key_names_the_key_and_both_shapes(folder):
+    rewrite_weights(folder, lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 32)}))
+    expected = (r"model\.safetensors: model\.layers\.0\.self_attn\.k_proj\.weight has shape \(8, 32\) "
+                r"but the model built from config\.json expects \(16, 32\)")
+    with pytest.raises(CheckpointError, match=expected):
+        load_pretrained(folder)
+
+
+def test_unreadable_dtype_names_the_tensor(folder):
+    rewrite_weights(folder, lambda s: s.update({"model.norm.weight": s["model.norm.weight"].to(torch.float8_e4m3fn)}))
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has dtype F8_E4M3, which peftcore does not read"):
+        load_pretrained(folder)
+
+
+def test_index_naming_an_absent_shard(folder):
+    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"names shard\(s\) that are not in .*: model-00002-of-00002\.safetensors"):
+        load_pretrained(folder)
+
+
+def test_index_without_a_weight_map(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"index\.json has no \"weight_map\" object"):
+        load_pretrained(folder)
+
+
+def test_from_config_rejects_a_foreign_config_object():
+    with pytest.raises(TypeError, match=r"from_config got a dict_items; expected a config\.json dict or one of .*LlamaConfig"):
+        from_config({}.items())
+
+
+def test_truncated_weights_file_is_refused(folder):
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"is truncated: tensor '.*' needs \d+ bytes, found \d+"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05\x00", b"\xff" * 16, b"\x04\x00\x00\x00\x00\x00\x00\x00{{{{"])
+def test_file_that_is_not_safetensors(folder, content):
+    (folder / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a safetensors file"):
+        load_pretrained(folder)
+
+
+def test_header_span_that_disagrees_with_the_shape(folder):
+    file = folder / "model.safetensors"
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"]["shape"] = [16]  # 32 floats stored, 16 declared
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # spaces after JSON are allowed
+    assert len(text) == n
+    file.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' spans 128 bytes but its shape and dtype need 64"):
+        load_pretrained(folder)
+
+
+class Trickle:
+    """A file that returns at most 3 bytes per read, as read(2) does past ~2 GiB on Linux."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def readinto(self, buffer) -> int:
+        chunk = self.data[self.pos:self.pos + min(3, len(buffer))]
+        buffer[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
+
+
+def test_read_exactly_keeps_reading_after_short_reads():
+    buffer = bytearray(10)
+    read_exactly(Trickle(bytes(range(10))), memoryview(buffer), "f", "t")
+    assert buffer == bytes(range(10))
+    with pytest.raises(ValueError, match=r"f is truncated: tensor 't' needs 12 bytes, found 10"):
+        read_exactly(Trickle(bytes(range(10))), memoryview(bytearray(12)), "f", "t")
+
+
+# ---- what loads -----------------------------------------------------------------------------
+
+def test_sharded_transformers_checkpoint_loads(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    ours = load_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fp32_checkpoint_loads_as_bf16(folder):
+    fp32 = load_pretrained(folder)
+    bf16 = load_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.model.inv_freq.dtype == torch.float32  # RoPE frequencies keep their digits
+    for (name, a), (_, b) in zip(fp32.state_dict().items(), bf16.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_dtype_none_keeps_the_stored_dtype(folder):
+    save_pretrained(load_pretrained(folder, dtype=torch.float16), folder)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+    assert {p.dtype for p in load_pretrained(folder).parameters()} == {torch.float16}
+
+
+def test_tied_embeddings_are_saved_once_and_loaded_tied(tmp_path):
+    save_pretrained(from_config(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    model = load_pretrained(tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_iter_tensors_reads_selected_names_in_file_order(folder):
+    state = load_file(folder / "model.safetensors")
+    names = ["model.norm.weight", "lm_head.weight"]
+    got = dict(iter_tensors(folder / "model.safetensors", names))
+    assert got.keys() == set(names) and all(torch.equal(got[k], state[k]) for k in names)
+
+
+# ---- peak RAM ----------------------------------------------------------------------------------
+
+# ~75 MB of fp32 weights: big enough that a second copy dwarfs interpreter and allocator noise.
+BIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+           num_attention_heads=8, num_key_value_heads=8)
+
+SAVE = """
+import sys, torch
+from peftcore.models import from_config, save_pretrained
+from peftcore.models.llama import LlamaConfig
+torch.manual_seed(0)
+save_pretrained(from_config(LlamaConfig(**{big})), sys.argv[1])
+"""
+
+# Growth is measured from the CURRENT resident size after imports to the high-water mark after
+# loading: stricter than comparing two high-water marks, which an import transient could inflate.
+# Not ru_maxrss: Linux carries it over fork + exec, so a child of a big pytest process starts
+# with its parent's peak. /proc's VmHWM belongs to the child's own address space.
+MEASURE = """
+import gc, json, sys
+from pathlib import Path
+from peftcore.models import from_config, load_pretrained
+from peftcore.models.checkpoint import read_config
+from safetensors.torch import load_file
+
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+gc.collect()
+before = status("VmRSS")
+if sys.argv[2] == "ours":
+    model = load_pretrained(sys.argv[1])
+else:  # what a user would write without care: a built model plus a loaded state dict
+    model = from_config(read_config(sys.argv[1]))
+    model.load_state_dict(load_file(Path(sys.argv[1]) / "model.safetensors"))
+print(json.dumps({"growth": status("VmHWM") - before}))
+"""
+
+
+def run_python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_loading_costs_about_one_copy_of_the_checkpoint(tmp_path):
+    finish(run_python(SAVE.format(big=BIG), str(tmp_path)))
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert 60e6 < size < 100e6
+    ours, naive = run_python(MEASURE, str(tmp_path), "ours"), run_python(MEASURE, str(tmp_path), "naive")
+    ours_growth = json.loads(finish(ours))["growth"] / size
+    naive_growth = json.loads(finish(naive))["growth"] / size
+    print(f"RSS growth / checkpoint size: load_pretrained {ours_growth:.2f}x, build + load_file {naive_growth:.2f}x")
+    assert ours_growth < 1.3, f"load_pretrained grew RSS by {ours_growth:.2f}x the checkpoint (naive: {naive_growth:.2f}x)"
