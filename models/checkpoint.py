@@ -134,15 +134,18 @@ def build_on_meta(hf_config: dict) -> nn.Module:
     return model
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantize=None, group_size=None) -> nn.Module:
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
+                    group_size: int | None = None, double_quant: bool = False) -> nn.Module:
     """Build on the meta device, then fill in tensor by tensor: peak RAM ~ one copy of the model.
 
-    dtype None keeps each tensor's stored dtype (transformers' `dtype="auto"`).
+    dtype None keeps each tensor's stored dtype (transformers' `dtype="auto"`). `quantize` ("nf4",
+    "int4", "int8") turns every linear but the heads into a QuantLinear, quantizing each weight as
+    it is read: peak RAM ~ the quantized model plus one dense tensor, so a model whose dense
+    weights do not fit in memory still loads.
     """
-    if quantize is not None:
-        raise NotImplementedError("quantized loading arrives with the kernels issue")  # replaced there
     path = Path(path)
     model = build_on_meta(read_config(path))
+    quantized = quantize_on_meta(model, quantize, group_size, double_quant, dtype) if quantize else {}
     wanted = expected_keys(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -151,18 +154,40 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
             key = model.checkpoint_key(ckpt_key)
             if key is None:
                 continue
-            if key not in wanted:
+            if key not in wanted and key not in quantized:
                 unexpected.append(ckpt_key)
                 continue
-            check_shape(ckpt_key, tensor, wanted[key], file)
             if tensor.is_floating_point() and dtype is not None:
                 tensor = tensor.to(dtype)
-            set_tensor(model, key, tensor.to(device) if device is not None else tensor)
+            tensor = tensor.to(device) if device is not None else tensor
+            if key in quantized:
+                check_shape(ckpt_key, tensor, torch.empty(quantized[key].out_features, quantized[key].in_features, device="meta"), file)
+                quantized[key].load_dense_weight(tensor)
+            else:
+                check_shape(ckpt_key, tensor, wanted[key], file)
+                set_tensor(model, key, tensor)
             loaded.add(key)
-    report_key_mismatch(path, sorted(set(wanted) - loaded), unexpected)
+    report_key_mismatch(path, sorted((set(wanted) | set(quantized)) - loaded), unexpected)
     model.tie_weights()
     model.init_buffers()
     return model.eval()
+
+
+def quantize_on_meta(model: nn.Module, method: str, group_size, double_quant: bool, dtype) -> dict[str, nn.Module]:
+    """Swap linears for empty QuantLinears (filled while loading). -> {"<name>.weight": layer}."""
+    from .quantized import SKIP_BY_DEFAULT, QuantLinear, quantizable
+
+    layers = {}
+    for name, module in list(model.named_modules()):
+        if not quantizable(name, module, SKIP_BY_DEFAULT):
+            continue
+        with torch.device("meta"):
+            layer = QuantLinear(module.in_features, module.out_features, method, module.bias is not None,
+                                group_size, double_quant, dtype or torch.float32)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        layers[f"{name}.weight"] = layer
+    return layers
 
 
 def check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, file: Path) -> None:

@@ -43,6 +43,7 @@ class QuantLinear(nn.Module):
     # -- storage --------------------------------------------------------------------------------
     def load_dense_weight(self, weight: torch.Tensor) -> None:
         """Quantize a dense (out, in) weight into this layer's buffers; the dense copy is not kept."""
+        self.compute_dtype = weight.dtype if weight.is_floating_point() else self.compute_dtype
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x{self.in_features} linear")
         if self.method == "nf4":
@@ -85,8 +86,7 @@ class QuantLinear(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        if self.bias is not None:
-            self.compute_dtype = self.bias.dtype
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # .to(bf16) / .half() change it
         return self
 
     # -- compute --------------------------------------------------------------------------------

@@ -193,10 +193,18 @@ class PeftModel(nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapter into the base weights and return the plain base model."""
+        """Fold the active adapter into the base weights and return the plain base model.
+
+        A quantized base comes back dense (dequantized, then merged); `self.merge_report` holds,
+        per layer, the error re-quantizing the merged weight would add (peftcore.quantized_merge)."""
+        from .quantized_merge import densify_quantized_bases, requantization_report
+
+        replaced = densify_quantized_bases(self.model)
         if not any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):
             self.merge_adapter()
-        return self.unload()
+        model = self.unload()
+        self.merge_report = requantization_report(model, {name: q for name, q in replaced.items()})
+        return model
 
     def unload(self) -> nn.Module:
         """Return the base model with every adapter layer swapped back for what it wrapped."""

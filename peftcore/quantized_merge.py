@@ -1,0 +1,54 @@
+"""merge_and_unload on a quantized base (QLoRA): dequantize, merge, and say what re-quantizing would cost.
+
+A merged weight W' = dequant(Q) + s*B*A is exact in the dense model returned; it is generally no
+longer representable in the 4-bit grid, so the report gives, per layer, the relative error that
+quantizing the merged weight again with the same method would add: ||Q(W') - W'||_F / ||W'||_F.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftcore.models.quantized import QuantLinear
+
+from .lora import LoraLinear
+
+
+def densify_quantized_bases(model: nn.Module) -> dict[str, QuantLinear]:
+    """Give every LoRA layer over a QuantLinear a dense nn.Linear base instead. -> {name: the QuantLinear}."""
+    replaced = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear) and isinstance(module.base_layer, QuantLinear):
+            quantized = module.base_layer
+            weight = quantized.dequantize(quantized.compute_dtype)
+            dense = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if quantized.bias is not None:
+                    dense.bias.copy_(quantized.bias)
+            dense.requires_grad_(False)
+            module.base_layer = dense
+            replaced[name] = quantized
+    return replaced
+
+
+@torch.no_grad()
+def requantization_report(model: nn.Module, replaced: dict[str, QuantLinear]) -> dict[str, float]:
+    """Per merged layer: relative Frobenius error of quantizing its merged weight again."""
+    report = {}
+    for name, quantized in replaced.items():
+        merged = model.get_submodule(name).weight.float()
+        probe = QuantLinear.from_linear(model.get_submodule(name), quantized.method, quantized.group_size, quantized.double_quant)
+        error = torch.linalg.norm(probe.dequantize(torch.float32) - merged) / torch.linalg.norm(merged).clamp_min(1e-30)
+        report[name] = float(error)
+    return report
+
+
+def format_merge_report(report: dict[str, float]) -> str:
+    if not report:
+        return "merge: no quantized layers"
+    worst = max(report, key=report.get)
+    mean = sum(report.values()) / len(report)
+    return (f"merged {len(report)} quantized layers into dense weights (exact); re-quantizing them would add "
+            f"a relative error of {mean:.2%} on average, {report[worst]:.2%} at worst ({worst})")

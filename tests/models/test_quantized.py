@@ -1,0 +1,154 @@
+"""Quantized base weights: loading while quantizing, storage, dtypes, and QLoRA against HF PEFT + bitsandbytes."""
+import copy
+import json
+import subprocess
+import sys
+import warnings
+
+import bitsandbytes.functional as bnb
+import peft
+import pytest
+import torch
+import transformers
+
+from peftcore import LoraConfig, PeftModel, get_peft_model
+from peftcore.models import load_pretrained, save_pretrained
+from peftcore.models.quantized import QuantLinear, quantization_report, quantize_model
+from tests.tolerances import assert_close
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("llama")
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+def bnb_rounded(weight: torch.Tensor) -> torch.Tensor:
+    packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    return bnb.dequantize_4bit(packed, state)
+
+
+def test_nf4_loading_equals_bitsandbytes_bit_for_bit(llama):
+    folder, hf = llama
+    model = load_pretrained(folder, quantize="nf4")
+    q_proj = model.model.layers[1].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and not isinstance(model.lm_head, QuantLinear)
+    expected = bnb_rounded(hf.model.layers[1].self_attn.q_proj.weight.detach())
+    assert torch.equal(q_proj.dequantize(), expected)
+    x = torch.randn(3, 64)
+    assert_close(q_proj(x), x @ expected.T)
+
+
+def test_nf4_stores_under_030_of_bf16_and_keeps_scales_fp32(llama):
+    folder, _ = llama
+    model = load_pretrained(folder, quantize="nf4")
+    report = quantization_report(model)
+    assert report["layers"] == 2 * 7 and report["ratio_to_bf16"] <= 0.30
+    model.to(torch.bfloat16)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.absmax.dtype == torch.float32 and layer.packed.dtype == torch.uint8
+    assert layer.dequantize().dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method, group_size", [("int4", 32), ("int4", 64), ("int8", None), ("nf4", None)])
+def test_load_time_quantization_equals_quantize_model(llama, method, group_size):
+    folder, _ = llama
+    loaded = load_pretrained(folder, quantize=method, group_size=group_size)
+    in_memory = quantize_model(load_pretrained(folder), method, group_size)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), in_memory(ids))
+        dense = load_pretrained(folder)(ids)
+    assert (loaded(ids) - dense).abs().max() > 0  # quantization really happened
+
+
+def test_int4_group_that_does_not_divide_in_features_is_a_clear_error(llama):
+    folder, _ = llama
+    with pytest.raises(ValueError, match="in_features 64 is not a multiple of group_size 48"):
+        load_pretrained(folder, quantize="int4", group_size=48)
+    with pytest.raises(ValueError, match="quantize='fp8' is not supported"):
+        load_pretrained(folder, quantize="fp8")
+
+
+def test_qlora_logits_equal_transformers_with_bnb_rounded_weights_and_hf_peft(llama, tmp_path):
+    """The reference: transformers' model whose quantized linears hold bitsandbytes' NF4 rounding,
+    with HF PEFT applying the same adapter file. Ours: NF4 loading + our LoRA on top."""
+    folder, hf = llama
+    reference = copy.deepcopy(hf)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                module.weight.copy_(bnb_rounded(module.weight))
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(load_pretrained(folder, quantize="nf4"), tmp_path)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert_close(ours(ids), theirs(ids).logits)
+
+
+def test_qlora_trains_only_the_adapter_and_merges_to_a_dense_model(llama, tmp_path):
+    folder, hf = llama
+    pm = get_peft_model(load_pretrained(folder, quantize="nf4"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                           init_lora_weights=False))
+    ids = torch.randint(0, 50, (2, 6))
+    pm(ids).sum().backward()
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert all(pm.get_parameter(n).grad is not None for n in trainable)
+    with torch.no_grad():
+        adapted = pm(ids)
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, QuantLinear) and n.endswith(("q_proj", "v_proj")) for n, m in merged.named_modules())
+    with torch.no_grad():
+        assert_close(merged(ids), adapted)
+    assert set(pm.merge_report) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert all(0 < err < 0.2 for err in pm.merge_report.values())
+
+
+# ~110 MB of fp32 linear weights and a small vocabulary, so the linears dominate the checkpoint.
+BIG = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+           num_attention_heads=8, num_key_value_heads=8)
+
+SAVE = """
+import sys, torch
+from peftcore.models import from_config, save_pretrained
+from peftcore.models.llama import LlamaConfig
+torch.manual_seed(0)
+save_pretrained(from_config(LlamaConfig(**{big})), sys.argv[1])
+"""
+
+MEASURE = """
+import gc, json, sys
+from peftcore.models import load_pretrained
+
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+import peftcore.kernels.quant, peftcore.models.quantized  # imports are not the loader's cost
+gc.collect()
+before = status("VmRSS")
+model = load_pretrained(sys.argv[1], quantize="nf4")
+print(json.dumps({"growth": status("VmHWM") - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
+    """QLoRA's point: dense weights never all sit in memory. Growth stays near the NF4 model
+    (~0.14x of fp32 here) plus one dense tensor and its quantization temporaries."""
+    subprocess.run([sys.executable, "-c", SAVE.format(big=BIG), str(tmp_path)], check=True, timeout=120)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    growth = json.loads(out.stdout)["growth"] / size
+    print(f"nf4 loading grew RSS by {growth:.3f}x the fp32 checkpoint")
+    assert growth < 0.35, f"loading with quantize='nf4' grew RSS by {growth:.2f}x the fp32 checkpoint"
