@@ -1,0 +1,199 @@
+"""What an adapter learned, per layer, computed in low rank: never the dense out x in matrix.
+
+For dW = s * B @ A (B: (out, r), A: (r, in)), QR-factor B = Qb Rb and A^T = Qa Ra; then
+dW = Qb (s Rb Ra^T) Qa^T, and the SVD of the r x r core gives dW's singular values exactly, and
+its singular vectors as Qb U_c and Qa V_c: O((out + in) r^2) instead of O(out * in * min(out, in)).
+
+Statistics follow Hu et al. 2021 (LoRA), section 7: the subspace similarity
+phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the top right-singular vectors of two
+adapters' A matrices, and the amplification factor ||dW||_F / ||U^T W V||_F with U, V the top-r
+singular directions of dW (how much dW amplifies directions W itself does not emphasise).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftcore.models import safetensors_io
+
+from .adapter_io import WEIGHTS_NAME, read_adapter_config
+from .injection import pattern_value
+
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+
+
+@dataclass
+class LowRankSVD:
+    U: torch.Tensor  # (out, r) left singular vectors
+    S: torch.Tensor  # (r,) singular values, descending
+    V: torch.Tensor  # (in, r) right singular vectors
+
+
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRankSVD:
+    """The thin SVD of scale * B @ A from two QRs and an r x r SVD (float64 for the small core)."""
+    Qb, Rb = torch.linalg.qr(B.double())  # (out, r), (r, r)
+    Qa, Ra = torch.linalg.qr(A.double().T)  # (in, r), (r, r)
+    Uc, S, Vhc = torch.linalg.svd(scale * Rb @ Ra.T, full_matrices=False)
+    return LowRankSVD(Qb @ Uc, S, Qa @ Vhc.T)
+
+
+def effective_rank(S: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values (Roy & Vetterli 2007): 1 for rank one, r when flat."""
+    p = S / S.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(S: torch.Tensor) -> float:
+    """||dW||_F^2 / ||dW||_2^2: a rank that small singular values cannot inflate."""
+    return float((S**2).sum() / S[0].clamp_min(1e-300) ** 2)
+
+
+def amplification_factor(svd: LowRankSVD, W: torch.Tensor) -> float:
+    """||dW||_F / ||U^T W V||_F (LoRA paper, Table 7), with W (out, in); costs one (out, in, r) product."""
+    projected = svd.U.T @ (W.double() @ svd.V)  # (r, r)
+    return float(torch.linalg.norm(svd.S) / torch.linalg.norm(projected).clamp_min(1e-300))
+
+
+def right_singular_vectors(A: torch.Tensor) -> torch.Tensor:
+    """A (r, in) -> (in, r): the right-singular directions the LoRA paper compares across adapters."""
+    return torch.linalg.svd(A.double(), full_matrices=False).Vh.T
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+    """phi[i-1, j-1] = ||U1_i^T U2_j||_F^2 / min(i, j) for all i <= r1, j <= r2; values in [0, 1]."""
+    U1, U2 = right_singular_vectors(A1), right_singular_vectors(A2)
+    overlap = (U1.T @ U2) ** 2  # (r1, r2): squared cosines between directions
+    cumulative = overlap.cumsum(0).cumsum(1)  # [i-1, j-1] = ||U1_i^T U2_j||_F^2
+    i = torch.arange(1, overlap.shape[0] + 1, dtype=overlap.dtype)[:, None]
+    j = torch.arange(1, overlap.shape[1] + 1, dtype=overlap.dtype)[None, :]
+    return cumulative / torch.minimum(i, j)
+
+
+@dataclass
+class LayerStats:
+    module: str
+    rank: int
+    scale: float
+    delta_fro: float
+    delta_spectral: float
+    singular_values: list[float]
+    effective_rank: float
+    stable_rank: float
+    norm_A: float
+    norm_B: float
+    relative_delta: float | None = None  # ||dW||_F / ||W||_F, with the base weight
+    amplification: float | None = None
+    magnitude_change: dict | None = None  # DoRA: m vs the base row norms
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdapterTensors:
+    """One adapter's LoRA factors by module, as read from its files."""
+
+    config: dict
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    magnitude: dict[str, torch.Tensor]
+
+    def scale(self, module: str) -> float:
+        """HF PEFT's scaling for this module: alpha (alpha_pattern aware) over r (or sqrt r, rsLoRA)."""
+        r = self.A[module].shape[0]  # the saved factor is the truth; rank_pattern produced it
+        alpha = pattern_value(module, self.config.get("alpha_pattern") or {}, self.config.get("lora_alpha", 8))
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+
+def read_adapter(folder: str | Path) -> AdapterTensors:
+    """LoRA factors straight from an adapter folder (ours or HF PEFT's): no model needed."""
+    config = read_adapter_config(folder)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r}; use prompt_stats() for prompt methods")
+    A, B, magnitude = {}, {}, {}
+    for key, tensor in safetensors_io.iter_tensors(Path(folder) / WEIGHTS_NAME):
+        match = LORA_KEY.match(key)
+        if match:
+            target = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": magnitude}[match["part"]]
+            target[match["module"]] = tensor.float()
+    if not A:
+        raise ValueError(f"{folder}: no lora_A / lora_B tensors (embedding adapters are not inspected yet)")
+    return AdapterTensors(config, A, B, magnitude)
+
+
+def base_weights(base: str | Path | None, modules: list[str], fan_in_fan_out: bool) -> dict[str, torch.Tensor]:
+    """The adapted modules' base weights as (out, in), read one by one from the base checkpoint."""
+    if base is None:
+        return {}
+    from peftcore.models.checkpoint import checkpoint_files
+
+    wanted = {f"{m}.weight": m for m in modules}
+    found = {}
+    for file in checkpoint_files(Path(base)):
+        header, _ = safetensors_io.read_header(file)
+        names = [k for k in header if k in wanted]
+        for key, tensor in safetensors_io.iter_tensors(file, names):
+            found[wanted[key]] = tensor.float().T if fan_in_fan_out else tensor.float()
+    return found
+
+
+def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: torch.Tensor | None,
+                magnitude: torch.Tensor | None) -> LayerStats:
+    svd = lowrank_svd(B, A, scale)
+    S = svd.S
+    stats = LayerStats(module, A.shape[0], scale, float(torch.linalg.norm(S)), float(S[0]), S.tolist(),
+                       effective_rank(S), stable_rank(S), float(torch.linalg.norm(A)), float(torch.linalg.norm(B)))
+    if W is not None:
+        stats.relative_delta = stats.delta_fro / float(torch.linalg.norm(W.double()))
+        stats.amplification = amplification_factor(svd, W)
+        if magnitude is not None:
+            base_norm = torch.linalg.vector_norm(W, dim=1)
+            change = (magnitude - base_norm) / base_norm.clamp_min(1e-12)
+            stats.magnitude_change = {"mean": float(change.mean()), "max_abs": float(change.abs().max())}
+    return stats
+
+
+def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> list[LayerStats]:
+    """Per adapted layer statistics of the adapter in `folder` (base checkpoint: relative norms too)."""
+    adapter = read_adapter(folder)
+    modules = sorted(adapter.A, key=natural_key)
+    weights = base_weights(base, modules, bool(adapter.config.get("fan_in_fan_out")))
+    return [layer_stats(m, adapter.A[m], adapter.B[m], adapter.scale(m), weights.get(m), adapter.magnitude.get(m))
+            for m in modules]
+
+
+def compare_adapters(first: str | Path, second: str | Path) -> dict[str, list[list[float]]]:
+    """phi grids for the modules both adapters adapt."""
+    a, b = read_adapter(first), read_adapter(second)
+    shared = sorted(set(a.A) & set(b.A), key=natural_key)
+    if not shared:
+        raise ValueError(f"{first} and {second} adapt no module in common")
+    return {m: subspace_similarity(a.A[m], b.A[m]).tolist() for m in shared}
+
+
+def natural_key(name: str):
+    """model.layers.10 after model.layers.9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def format_table(stats: list[LayerStats]) -> str:
+    head = f"{'module':<44} {'r':>3} {'||dW||':>9} {'||dW||/||W||':>12} {'sigma1':>9} {'eff.rank':>8} {'st.rank':>7} {'amplif.':>8}"
+    rows = [head, "-" * len(head)]
+    for s in stats:
+        rel = f"{s.relative_delta:12.3e}" if s.relative_delta is not None else f"{'-':>12}"
+        amp = f"{s.amplification:8.2f}" if s.amplification is not None else f"{'-':>8}"
+        rows.append(f"{s.module[-44:]:<44} {s.rank:>3} {s.delta_fro:9.3e} {rel} {s.delta_spectral:9.3e} "
+                    f"{s.effective_rank:8.2f} {s.stable_rank:7.2f} {amp}")
+    return "\n".join(rows)
+
+
+def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | None = None) -> Path:
+    payload = {"layers": [asdict(s) for s in stats]}
+    if comparison is not None:
+        payload["subspace_similarity"] = comparison
+    Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+    return Path(path)

@@ -1,0 +1,100 @@
+import copy
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peftcore.inspect import (
+    amplification_factor, compare_adapters, effective_rank, format_table, inspect_adapter, lowrank_svd,
+    stable_rank, subspace_similarity, write_json,
+)
+
+
+@given(out=st.integers(2, 24), inp=st.integers(2, 24), r=st.integers(1, 8), scale=st.floats(0.1, 4.0), seed=st.integers(0, 99))
+def test_lowrank_singular_values_equal_the_dense_svd(out, inp, r, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(out, r, generator=g, dtype=torch.float64), torch.randn(r, inp, generator=g, dtype=torch.float64)
+    svd = lowrank_svd(B, A, scale)
+    dense = torch.linalg.svdvals(scale * B @ A)
+    k = min(r, out, inp)
+    torch.testing.assert_close(svd.S[:k], dense[:k], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.V.T, scale * B @ A, rtol=1e-9, atol=1e-9)
+
+
+def test_amplification_factor_equals_the_dense_computation():
+    torch.manual_seed(0)
+    W, B, A = torch.randn(40, 30, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64), torch.randn(4, 30, dtype=torch.float64)
+    dW = 2.0 * B @ A
+    U, S, Vh = torch.linalg.svd(dW)
+    dense = torch.linalg.norm(dW) / torch.linalg.norm(U[:, :4].T @ W @ Vh[:4].T)
+    assert amplification_factor(lowrank_svd(B, A, 2.0), W) == pytest.approx(float(dense), rel=1e-9)
+
+
+def test_phi_of_an_adapter_with_itself_is_one():
+    A = torch.randn(6, 50)
+    phi = subspace_similarity(A, A)
+    torch.testing.assert_close(phi.diagonal(), torch.ones(6, dtype=phi.dtype), rtol=1e-9, atol=1e-9)
+    assert (phi <= 1 + 1e-9).all() and (phi >= 0).all()
+
+
+def test_phi_of_independent_random_subspaces_matches_its_expectation():
+    """E ||U1_i^T U2_j||_F^2 = i*j/d for independent uniformly random subspaces, so phi ~ i*j / (d * min(i, j))."""
+    d, r, trials = 64, 8, 200
+    torch.manual_seed(1)
+    mean = sum(subspace_similarity(torch.randn(r, d), torch.randn(r, d)) for _ in range(trials)) / trials
+    i = torch.arange(1, r + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, r + 1, dtype=torch.float64)[None, :]
+    expected = i * j / (d * torch.minimum(i, j))
+    torch.testing.assert_close(mean, expected, rtol=0.15, atol=0.01)
+
+
+def test_ranks():
+    assert effective_rank(torch.tensor([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert effective_rank(torch.ones(5)) == pytest.approx(5.0)
+    assert stable_rank(torch.tensor([2.0, 1.0])) == pytest.approx(1.25)
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48,
+                                                                num_hidden_layers=2, num_attention_heads=4))
+    root = tmp_path_factory.mktemp("inspect")
+    hf.save_pretrained(root / "base")
+    folders = []
+    for seed, dora in ((1, False), (2, True)):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=dora)
+        peft.get_peft_model(copy.deepcopy(hf), config).save_pretrained(root / f"a{seed}")
+        folders.append(root / f"a{seed}")
+    return hf, root / "base", folders
+
+
+def test_inspect_an_adapter_saved_by_hf_peft(peft_adapters, tmp_path):
+    hf, base, (plain, dora) = peft_adapters
+    stats = inspect_adapter(plain, base)
+    assert [s.module for s in stats] == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    layer = hf.model.layers[1].self_attn.v_proj
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), plain)
+    dense = pm.base_model.model.model.layers[1].self_attn.v_proj.get_delta_weight("default").double()
+    s = stats[3]
+    assert s.delta_fro == pytest.approx(float(torch.linalg.norm(dense)), rel=1e-6)
+    assert s.relative_delta == pytest.approx(float(torch.linalg.norm(dense) / torch.linalg.norm(layer.weight.double())), rel=1e-6)
+    torch.testing.assert_close(torch.tensor(s.singular_values, dtype=torch.float64), torch.linalg.svdvals(dense)[:4], rtol=1e-6, atol=1e-8)
+    dora_stats = inspect_adapter(dora, base)
+    assert all(d.magnitude_change is not None for d in dora_stats)
+    assert "||dW||/||W||" in format_table(stats)
+    comparison = compare_adapters(plain, dora)
+    assert len(comparison) == 4 and len(comparison[stats[0].module]) == 4
+    saved = json.loads(write_json(stats, tmp_path / "inspect.json", comparison).read_text())
+    assert saved["layers"][3]["rank"] == 4 and "subspace_similarity" in saved
+
+
+def test_inspect_without_a_base_still_gives_the_spectra(peft_adapters):
+    _, _, (plain, _) = peft_adapters
+    stats = inspect_adapter(plain)
+    assert all(s.relative_delta is None and s.delta_fro > 0 for s in stats)
