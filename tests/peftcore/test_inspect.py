@@ -98,3 +98,15 @@ def test_inspect_without_a_base_still_gives_the_spectra(peft_adapters):
     _, _, (plain, _) = peft_adapters
     stats = inspect_adapter(plain)
     assert all(s.relative_delta is None and s.delta_fro > 0 for s in stats)
+
+
+def test_plots_are_written(peft_adapters, tmp_path):
+    from peftcore.inspect_plots import plot_relative_heatmap, plot_similarity, plot_spectra
+
+    _, base, (plain, dora) = peft_adapters
+    stats = inspect_adapter(plain, base)
+    for path in (plot_spectra(stats, tmp_path / "spectra.png"), plot_relative_heatmap(stats, tmp_path / "heat.png"),
+                 plot_similarity(compare_adapters(plain, dora), tmp_path / "phi.png")):
+        assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="needs the base checkpoint"):
+        plot_relative_heatmap(inspect_adapter(plain), tmp_path / "x.png")

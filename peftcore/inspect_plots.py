@@ -1,0 +1,90 @@
+"""Pictures of what `peftcore.inspect` computes, for a person to look at (matplotlib, optional extra)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .inspect import LayerStats
+
+LAYER = re.compile(r"\.(\d+)\.")
+
+
+def pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # the `plot` extra
+        raise ImportError("plots need matplotlib: pip install 'peftcore[plot]'") from e
+    return plt
+
+
+def split_name(module: str) -> tuple[int | None, str]:
+    """"model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj")."""
+    found = LAYER.search(module)
+    if not found:
+        return None, module
+    return int(found.group(1)), module[found.end():]
+
+
+def plot_spectra(stats: list[LayerStats], path: str | Path) -> Path:
+    """Singular values of every layer's dW, one line per layer, grouped by module kind."""
+    plt = pyplot()
+    kinds = sorted({split_name(s.module)[1] for s in stats})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        layers = [s for s in stats if split_name(s.module)[1] == kind]
+        cmap = plt.get_cmap("viridis", max(len(layers), 2))
+        for k, s in enumerate(layers):
+            ax.semilogy(range(1, len(s.singular_values) + 1), s.singular_values, color=cmap(k), lw=1.2,
+                        label=f"layer {split_name(s.module)[0]}")
+        ax.set_title(kind, fontsize=9), ax.set_xlabel("index i"), ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("singular value of dW")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    return save(fig, path)
+
+
+def plot_relative_heatmap(stats: list[LayerStats], path: str | Path) -> Path:
+    """Layer x module grid of ||dW||_F / ||W||_F (needs the base weights)."""
+    plt = pyplot()
+    known = [s for s in stats if s.relative_delta is not None]
+    if not known:
+        raise ValueError("||dW||/||W|| needs the base checkpoint: pass --base")
+    layers = sorted({split_name(s.module)[0] for s in known if split_name(s.module)[0] is not None})
+    kinds = sorted({split_name(s.module)[1] for s in known})
+    grid = [[float("nan")] * len(kinds) for _ in layers]
+    for s in known:
+        layer, kind = split_name(s.module)
+        if layer is not None:
+            grid[layers.index(layer)][kinds.index(kind)] = s.relative_delta
+    fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 2, 0.35 * len(layers) + 1.5))
+    image = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=8)
+    ax.set_ylabel("layer"), ax.set_title("||dW|| / ||W||")
+    fig.colorbar(image, ax=ax)
+    return save(fig, path)
+
+
+def plot_similarity(comparison: dict[str, list[list[float]]], path: str | Path, max_panels: int = 8) -> Path:
+    """phi(A1, A2, i, j) grids, one per shared module (the LoRA paper's Figure 3)."""
+    plt = pyplot()
+    modules = list(comparison)[:max_panels]
+    fig, axes = plt.subplots(1, len(modules), figsize=(2.6 * len(modules), 2.8), squeeze=False)
+    for ax, module in zip(axes[0], modules):
+        image = ax.imshow(comparison[module], origin="lower", vmin=0, vmax=1, cmap="viridis",
+                          extent=(0.5, len(comparison[module][0]) + 0.5, 0.5, len(comparison[module]) + 0.5))
+        layer, kind = split_name(module)
+        ax.set_title(f"{kind} L{layer}", fontsize=8), ax.set_xlabel("j"), ax.set_ylabel("i")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="phi")
+    return save(fig, path)
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
