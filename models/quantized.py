@@ -91,11 +91,11 @@ class QuantLinear(nn.Module):
 
     # -- compute --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peftcore.kernels.quant_matmul import quant_matmul
+        from peftcore.kernels import quant_matmul  # the module: tests reload it under TRITON_INTERPRET=1
 
         if self.method == "int8":  # no int8 kernel: dequantize and let cuBLAS / MKL run the GEMM
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return quant_matmul(x, self.qweight, self.bias)
+        return quant_matmul.quant_matmul(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""

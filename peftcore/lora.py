@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Modules, not names: the kernel tests reload them under TRITON_INTERPRET=1, and the layers must
+# then call the reloaded kernels.
+from peftcore.kernels import dispatch, lora_matmul, quant_matmul
 from peftcore.models.layers import Conv1D
 
 from .config import LoraConfig
@@ -108,6 +111,8 @@ class LoraLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        if self.can_fuse(x, adapter_names):
+            return self.fused_forward(x)
         out = self.base_layer(x)
         if self.disable_adapters or self.merged_adapters:
             if self.disable_adapters and self.merged_adapters:
@@ -121,6 +126,32 @@ class LoraLinear(nn.Module):
             if name in self.lora_A:
                 out = self.add_lora(out, x, name)
         return out
+
+    def can_fuse(self, x: torch.Tensor, adapter_names) -> bool:
+        """One plain LoRA adapter over the base, on a Triton device: base + adapter run as one kernel.
+
+        CPU tensors take the torch path (unless TRITON_INTERPRET=1), as do DoRA, lora_bias, mixed
+        batches, merged or disabled adapters and dtype mixes; the kernels compute the same thing.
+        """
+        if adapter_names is not None or self.disable_adapters or self.merged_adapters or not dispatch.use_triton(x):
+            return False
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if len(names) != 1 or names[0] in self.lora_magnitude_vector or self.lora_B[names[0]].bias is not None:
+            return False
+        A = self.lora_A[names[0]].weight
+        base_dtype = self.base_layer.compute_dtype if hasattr(self.base_layer, "dequantize") else self.base_layer.weight.dtype
+        return x.dtype == A.dtype == base_dtype
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = next(n for n in self.active_adapters if n in self.lora_A)
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        if hasattr(self.base_layer, "dequantize"):  # QLoRA: dequantize inside the GEMM, LoRA in its epilogue
+            dropped = dropout(x) if p > 0 and self.training else None
+            lora = quant_matmul.LoraTerm(A, B, s, dropped)
+            return quant_matmul.quant_matmul(x, self.base_layer.qweight, self.base_layer.bias, lora)
+        return lora_matmul.lora_matmul(x, base_weight(self.base_layer), self.base_layer.bias, A, B, s, p, self.training)
 
     def add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
