@@ -110,3 +110,48 @@ def test_plots_are_written(peft_adapters, tmp_path):
         assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="needs the base checkpoint"):
         plot_relative_heatmap(inspect_adapter(plain), tmp_path / "x.png")
+
+
+def tiny_llama():
+    from peftcore.models import LlamaConfig, from_config
+
+    torch.manual_seed(0)
+    return from_config(LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1))
+
+
+def test_prompt_stats_find_the_vocabulary_rows_a_prompt_was_copied_from():
+    from peftcore import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from peftcore.inspect_runtime import prompt_stats
+
+    model = tiny_llama()
+    pm = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(model.model.embed_tokens.weight[[4, 9, 17]] * 3)
+    stats = prompt_stats(pm, top_k=2)
+    assert [t["nearest_ids"][0] for t in stats["virtual_tokens"]] == [4, 9, 17]
+    assert stats["virtual_tokens"][0]["cosine"][0] == pytest.approx(1.0, abs=1e-4)
+    norm = float(model.model.embed_tokens.weight[4].norm() * 3)
+    assert stats["virtual_tokens"][0]["norm"] == pytest.approx(norm, rel=1e-5)
+    prefix = prompt_stats(get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=2)))
+    assert len(prefix["key_norm_per_layer"]) == 2 and len(prefix["value_norm_per_layer"]) == 2
+
+
+def test_activation_hooks_split_base_and_adapter_branches():
+    from peftcore import LoraConfig, get_peft_model
+    from peftcore.inspect_runtime import AdapterActivations
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 30, (2, 5))
+    with AdapterActivations(pm) as acts:
+        pm(ids)
+    summary = acts.summary()
+    assert len(summary) == 4 and all(s["adapter_rms"] == 0 and s["base_rms"] > 0 for s in summary.values())  # B = 0
+    with torch.no_grad():
+        pm.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.fill_(0.5)
+    with AdapterActivations(pm) as acts:
+        pm(ids)
+    ratios = {k: v["ratio"] for k, v in acts.summary().items()}
+    assert ratios["model.layers.0.self_attn.q_proj"] > 0 and ratios["model.layers.1.self_attn.q_proj"] == 0
+    pm(ids)  # hooks removed on exit: no further records
+    assert all(v["calls"] == 1 for v in acts.summary().values())
