@@ -204,7 +204,7 @@ class LoraLinear(nn.Module):
             if name in self.lora_magnitude_vector:
                 # the norm forward uses: of the base weight without adapters merged before this one
                 with torch.no_grad():
-                    W0 = self.unmerged_weight()
+                    W0 = weight_before_merges(self)
                     self._merge_norms[name] = dora_row_norm(W0.T if self.fan_in_fan_out else W0, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
                 merged = merged * self.dora_factor(name).to(W.dtype)
             self.base_layer.weight.data.copy_(merged)
@@ -212,23 +212,8 @@ class LoraLinear(nn.Module):
                 self.base_layer.bias.data += self.lora_B[name].bias.detach() * self.scaling[name]
             self.merged_adapters.append(name)
 
-    def without(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        """The stored weight W with merged adapter `name` taken out again."""
-        if name in self.lora_magnitude_vector:
-            W = W / self.dora_factor(name).to(W.dtype)
-        return W - self.delta_weight(name).detach().to(W.dtype)
-
-    def unmerged_weight(self) -> torch.Tensor:
-        W = self.base_layer.weight.detach()
-        for name in reversed(self.merged_adapters):
-            W = self.without(name, W)
-        return W
-
     def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer.weight.data.copy_(self.without(name, self.base_layer.weight.detach()))
-            self._merge_norms.pop(name, None)
+        for name in unmerge_weights(self):
             if self.lora_B[name].bias is not None:
                 self.base_layer.bias.data -= self.lora_B[name].bias.detach() * self.scaling[name]
 
@@ -334,27 +319,40 @@ class LoraEmbedding(nn.Module):
             merged = E + self.delta_weight(name).detach().to(E.dtype)
             if name in self.lora_magnitude_vector:
                 with torch.no_grad():
-                    self._merge_norms[name] = self.dora_norm(self.unmerged_weight(), name)
+                    self._merge_norms[name] = self.dora_norm(weight_before_merges(self), name)
                 merged = merged * self.dora_factor(name).to(E.dtype)
             self.base_layer.weight.data.copy_(merged)
             self.merged_adapters.append(name)
 
-    def without(self, name: str, E: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            E = E / self.dora_factor(name).to(E.dtype)
-        return E - self.delta_weight(name).detach().to(E.dtype)
-
-    def unmerged_weight(self) -> torch.Tensor:
-        E = self.base_layer.weight.detach()
-        for name in reversed(self.merged_adapters):
-            E = self.without(name, E)
-        return E
-
     def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer.weight.data.copy_(self.without(name, self.base_layer.weight.detach()))
-            self._merge_norms.pop(name, None)
+        unmerge_weights(self)
+
+
+# -- merge bookkeeping shared by LoraLinear and LoraEmbedding -------------------------------------
+def weight_without(layer, name: str, W: torch.Tensor) -> torch.Tensor:
+    """The stored weight W with merged adapter `name` taken out again (DoRA: undo its factor first)."""
+    if name in layer.lora_magnitude_vector:
+        W = W / layer.dora_factor(name).to(W.dtype)
+    return W - layer.delta_weight(name).detach().to(W.dtype)
+
+
+def weight_before_merges(layer) -> torch.Tensor:
+    """The base weight as it was before any adapter was merged into it."""
+    W = layer.base_layer.weight.detach()
+    for name in reversed(layer.merged_adapters):
+        W = weight_without(layer, name, W)
+    return W
+
+
+def unmerge_weights(layer) -> list[str]:
+    """Take every merged adapter out of the base weight, last merged first. -> their names."""
+    names = []
+    while layer.merged_adapters:
+        name = layer.merged_adapters.pop()
+        layer.base_layer.weight.data.copy_(weight_without(layer, name, layer.base_layer.weight.detach()))
+        layer._merge_norms.pop(name, None)
+        names.append(name)
+    return names
 
 
 def mixed_rows(out: torch.Tensor, x: torch.Tensor, adapter_names: list[str], known, add) -> torch.Tensor:

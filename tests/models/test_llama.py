@@ -38,15 +38,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine every OpenMP
-    barrier waits for a descheduled worker (measured: this module 31 s with 2 threads, 5 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Pair:
     """A transformers model and ours, loaded from the same saved folder."""

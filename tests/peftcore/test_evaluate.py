@@ -19,14 +19,6 @@ from peftcore.evaluate import (bleu, chrf, glossary_adherence, load_terms, perpl
 from peftcore.metrics_text import contains_term, has_phrase_loop
 from peftcore.models import load_pretrained
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread and wait on OpenMP barriers on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 EXACT = 1e-9  # same formulas in the same order: only float noise may differ (the brief allows 0.01)
 

@@ -21,14 +21,6 @@ from tests.tolerances import assert_close
 KINDS = ("linear", "conv1d", "embedding")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- layers ---------------------------------------------------------------------------------------
 @st.composite
 def layer_specs(draw, kinds=KINDS):

@@ -65,14 +65,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def perturb(params) -> None:
     """Fresh inits leave biases at 0, norms at 1 and DoRA magnitudes at the weight norm: move them all."""
