@@ -320,3 +320,15 @@ def test_the_wrapped_models_attributes_read_through():
     pm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     assert pm.config.hidden_size == 16 and pm.base_model.config is pm.model.config
     assert not hasattr(pm, "no_such_attribute")
+
+
+def test_dora_on_a_float64_base_keeps_float64_norms():
+    from peftcore import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, dtype=torch.float64))
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], use_dora=True, init_lora_weights=False))
+    layer = pm.model[0]
+    assert layer.lora_magnitude_vector["default"].weight.dtype == torch.float64
+    expected = torch.linalg.norm(layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight
+                                 @ layer.lora_A["default"].weight, dim=1)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight, expected.detach())
