@@ -208,19 +208,7 @@ class LoraLinear(nn.Module):
             out = self.torch_fused_forward(x)
             if out is not None:
                 return out
-        out = self.base_layer(x)
-        if self.disable_adapters or self.merged_adapters:
-            if self.disable_adapters and self.merged_adapters:
-                raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-            if adapter_names is not None and self.merged_adapters:
-                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
-            return out
-        if adapter_names is not None:
-            return mixed_rows(out, x, adapter_names, self.lora_A, self.add_lora)
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                out = self.add_lora(out, x, name)
-        return out
+        return apply_adapters(self, self.base_layer(x), x, adapter_names, self.lora_A)
 
     def can_fuse(self, x: torch.Tensor, adapter_names) -> bool:
         """One plain LoRA adapter over the base, on a Triton device: base + adapter run as one kernel.
@@ -410,19 +398,7 @@ class LoraEmbedding(nn.Module):
         return (mag * (out + lora)).to(out.dtype)
 
     def forward(self, ids: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
-        out = self.base_layer(ids)
-        if self.disable_adapters or self.merged_adapters:
-            if self.disable_adapters and self.merged_adapters:
-                raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-            if adapter_names is not None and self.merged_adapters:
-                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
-            return out
-        if adapter_names is not None:
-            return mixed_rows(out, ids, adapter_names, self.lora_embedding_A, self.add_lora)
-        for name in self.active_adapters:
-            if name in self.lora_embedding_A:
-                out = self.add_lora(out, ids, name)
-        return out
+        return apply_adapters(self, self.base_layer(ids), ids, adapter_names, self.lora_embedding_A)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """(vocab, dim), the embedding table's layout."""
@@ -448,6 +424,23 @@ class LoraEmbedding(nn.Module):
 
     def unmerge(self) -> None:
         unmerge_weights(self)
+
+
+def apply_adapters(layer, out: torch.Tensor, x: torch.Tensor, adapter_names, known) -> torch.Tensor:
+    """The base output plus the active adapters (or one adapter per row); merged or disabled: as is.
+    Shared by LoraLinear and LoraEmbedding; `known` holds the adapters this layer has."""
+    if layer.disable_adapters or layer.merged_adapters:
+        if layer.disable_adapters and layer.merged_adapters:
+            raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
+        if adapter_names is not None and layer.merged_adapters:
+            raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+        return out
+    if adapter_names is not None:
+        return mixed_rows(out, x, adapter_names, known, layer.add_lora)
+    for name in layer.active_adapters:
+        if name in known:
+            out = layer.add_lora(out, x, name)
+    return out
 
 
 # -- merge bookkeeping shared by LoraLinear and LoraEmbedding -------------------------------------
