@@ -5,6 +5,10 @@
 `train_step` does one optimizer update over `grad_accum` micro-batches; `evaluate` scores a split.
 Losses are sums over trained tokens divided by the step's trained-token count, so k micro-batches
 of b rows update exactly like one batch of k*b rows.
+
+The same loop runs data-parallel under torchrun (`TrainConfig.strategy`: DDP or FSDP2): the count
+is then the global one, so n ranks x b rows update exactly like one process with n*b rows. See
+peftcore.distributed for what changes with more than one process.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate
-from .train_state import Checkpointer, MetricsLog, TrainState, restore_rng, set_seed
+from .distributed import Parallel
+from .train_state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -48,6 +54,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     progress: bool = True
+    strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from no, bf16, fp16")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
+        if self.strategy not in distributed.STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; choose from {', '.join(distributed.STRATEGIES)}")
 
 
 # -- optimizer and schedule ---------------------------------------------------------------------
@@ -94,8 +103,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     labels = batch["labels"]
     tokens = int(batch["attention_mask"].sum())
-    if labels.ndim == 1:  # sequence classification: one label per row
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel(), tokens
+    if labels.ndim == 1:  # sequence classification: one label per row (IGNORE_INDEX: a padding row)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((labels != IGNORE_INDEX).sum()), tokens
     targets = labels[:, 1:]  # token t predicts token t + 1
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum()), tokens
@@ -103,7 +113,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 def trained_targets(batch: dict[str, torch.Tensor]) -> int:
     labels = batch["labels"]
-    return labels.numel() if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels != IGNORE_INDEX).sum()) if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -113,20 +123,28 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 # -- one step ---------------------------------------------------------------------------------
-def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None) -> dict:
-    """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}."""
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    total_targets = max(1, sum(trained_targets(b) for b in micro_batches))
+def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None, parallel: Parallel | None = None) -> dict:
+    """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}.
+
+    `parallel` (from distributed.wrap_model) runs the forwards through DDP / FSDP; the loss is then
+    normalised by the global trained-target count and the returned loss / tokens are global."""
+    parallel = parallel or distributed.single(model)
+    device = parallel.trainable[0].device
+    total_targets = max(1, int(parallel.sum([sum(trained_targets(b) for b in micro_batches)])[0]))
     optimizer.zero_grad(set_to_none=True)
     step_loss, tokens = 0.0, 0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(config, device):
-            loss, _, n_tokens = loss_sum(model, batch)
-        scaled = loss / total_targets
-        (scaler.scale(scaled) if scaler else scaled).backward()
+        with parallel.accumulating(last=i == len(micro_batches) - 1):
+            with autocast(config, device):
+                loss, _, n_tokens = loss_sum(parallel.module, batch)
+            scaled = loss * parallel.loss_scale / total_targets
+            (scaler.scale(scaled) if scaler else scaled).backward()
         step_loss += float(loss.detach()) / total_targets
         tokens += n_tokens
+    parallel.finish_grads()
+    step_loss, tokens = parallel.sum([step_loss, tokens])
+    tokens = int(tokens)
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -145,18 +163,29 @@ def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id: int) -> dict:
-    """Token-weighted loss and perplexity (accuracy too, for classification) on a split."""
+def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id: int, parallel: Parallel | None = None) -> dict:
+    """Token-weighted loss and perplexity (accuracy too, for classification) on a split.
+
+    With a multi-process `parallel` each rank scores rows[rank::world_size] and the sums are
+    all-reduced (every rank runs the same number of forwards: FSDP gathers weights in each)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    mine, n_batches = rows, math.ceil(len(rows) / batch_size)
+    if parallel is not None and parallel.world_size > 1:
+        mine = rows[parallel.rank :: parallel.world_size]
+        n_batches = math.ceil(math.ceil(len(rows) / parallel.world_size) / batch_size)
     total, count, correct = 0.0, 0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_token_id).items()}
+    for i in range(n_batches):
+        chunk = mine[i * batch_size : (i + 1) * batch_size]
+        batch = collate(chunk, pad_token_id) if chunk else padding_batch(rows, pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         loss, n, _ = loss_sum(model, batch)
         total, count = total + float(loss), count + n
         if batch["labels"].ndim == 1:
             correct += int((model(batch["input_ids"], attention_mask=batch["attention_mask"]).argmax(-1) == batch["labels"]).sum())
+    if parallel is not None:
+        total, count, correct = parallel.sum([total, count, correct])
     model.train(was_training)
     result = {"eval_loss": total / max(count, 1)}
     result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
@@ -165,16 +194,35 @@ def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id:
     return result
 
 
+def padding_batch(rows: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One pad token with nothing to predict: a rank without rows still runs the step's collectives."""
+    classification = bool(rows) and rows[0].label is not None
+    row = TokenizedExample("<padding>", [pad_token_id], [IGNORE_INDEX], label=IGNORE_INDEX if classification else None)
+    return collate([row], pad_token_id)
+
+
 # -- the loop -----------------------------------------------------------------------------------
-def batches_from(rows: list[TokenizedExample], state: TrainState, config: TrainConfig, pad_token_id: int):
-    """Endless micro-batches in a seeded order per epoch; `state` records the position for resume."""
+def batches_from(rows: list[TokenizedExample], state: TrainState, config: TrainConfig, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1):
+    """Endless micro-batches in a seeded order per epoch; `state` records the position for resume.
+
+    With world_size ranks a micro-batch takes the next world_size x batch_size rows of the order
+    (what one process with that batch size would take) and this rank gets its contiguous part."""
     while True:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed + state.epoch)).tolist()
         while state.position < len(order):
-            chosen = order[state.position : state.position + config.batch_size]
-            state.position += config.batch_size
-            yield collate([rows[i] for i in chosen], pad_token_id)
+            chosen = order[state.position : state.position + config.batch_size * world_size]
+            state.position += config.batch_size * world_size
+            mine = rank_share(chosen, rank, world_size)
+            yield collate([rows[i] for i in mine], pad_token_id) if mine else padding_batch(rows, pad_token_id)
         state.epoch, state.position = state.epoch + 1, 0
+
+
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """The rank-th of world_size contiguous, nearly equal parts (the first parts get the remainder)."""
+    size, extra = divmod(len(items), world_size)
+    start = rank * size + min(rank, extra)
+    return items[start : start + size + (rank < extra)]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -187,25 +235,35 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_token_id: int = 0,
           resume: bool = False, save_adapter=None) -> TrainState:
-    """Train until max_steps or early stopping; checkpoints, metrics.jsonl and the best adapter go to output_dir."""
+    """Train until max_steps or early stopping; checkpoints, metrics.jsonl and the best adapter go to output_dir.
+
+    Under torchrun (several processes) every rank calls this with the same arguments; the model is
+    wrapped per `config.strategy` and rank 0 writes the files. Every rank returns once the final
+    checkpoint is on disk. With strategy "fsdp" the model stays sharded afterwards: load the adapter
+    from output_dir for further use."""
     output_dir = Path(output_dir)
-    set_seed(config.seed)
+    distributed.setup()
+    rank, world = distributed.rank(), distributed.world_size()
+    set_seed(config.seed + rank)  # rank 0: the single-process seed; other ranks draw other dropout masks
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    parallel = distributed.wrap_model(model, config.strategy)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     scaler = torch.amp.GradScaler() if config.mixed_precision == "fp16" else None
-    checkpointer = Checkpointer(output_dir, model, save_adapter or model.save_pretrained)
-    state = checkpointer.load(optimizer, scheduler) if resume else TrainState()
+    checkpointer = Checkpointer(output_dir, model, save_adapter or model.save_pretrained, rank=rank, world_size=world,
+                                settle=parallel.settle)
+    state = checkpointer.load(optimizer, scheduler) if resume else TrainState(world_size=world)
     if resume:
-        restore_rng(state.rng)
-    log = MetricsLog(output_dir, append=resume)
+        restore_rng(rng_of_rank(state.rng, rank))
+    log = MetricsLog(output_dir, append=resume) if parallel.is_main else None
     model.train()
-    stream = batches_from(train_rows, state, config, pad_token_id)
-    bar = progress_bar(config, state.step)
+    stream = batches_from(train_rows, state, config, pad_token_id, rank, world)
+    bar = progress_bar(config, state.step) if parallel.is_main else None
     while state.step < config.max_steps and not state.stopped_early:
         started = time.perf_counter()
-        metrics = train_step(model, [next(stream) for _ in range(config.grad_accum)], optimizer, config, scaler)
+        metrics = train_step(model, [next(stream) for _ in range(config.grad_accum)], optimizer, config, scaler,
+                             parallel=parallel)
         check_bad_steps(state, metrics, config)
         lr = optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
@@ -215,9 +273,9 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
         record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
                   "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
         if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps) and eval_rows:
-            record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id))
+            record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel=parallel))
             note_eval(state, record, config, checkpointer)
-        if state.step % config.log_every == 0 or "eval_loss" in record:
+        if log is not None and (state.step % config.log_every == 0 or "eval_loss" in record):
             log.write(record)
         update_bar(bar, record)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
@@ -225,7 +283,9 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     checkpointer.save(state, optimizer, scheduler)
     if bar is not None:
         bar.close()
-    log.plot()
+    if log is not None:
+        log.plot()
+    distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state
 
 

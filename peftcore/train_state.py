@@ -1,4 +1,10 @@
-"""What training keeps across a stop: checkpoints (atomic), RNG states, the metrics log and its plot."""
+"""What training keeps across a stop: checkpoints (atomic), RNG states, the metrics log and its plot.
+
+Distributed runs (peftcore.distributed) write the same files, from rank 0: the adapter tensors are
+replicated on every rank under both ddp and fsdp, so the checkpoint format does not depend on the
+strategy. Only `TrainState.world_size` and the RNG states differ: `rng` then holds every rank's
+states as {"per_rank": [rank 0's, rank 1's, ...]}, and resuming needs the same world size.
+"""
 from __future__ import annotations
 
 import json
@@ -29,6 +35,7 @@ class TrainState:
     bad_steps: int = 0
     bad_in_a_row: int = 0
     rng: dict = field(default_factory=dict)
+    world_size: int = 1  # processes that trained (global batch = world_size x batch_size x grad_accum)
 
 
 def set_seed(seed: int) -> None:
@@ -58,6 +65,11 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def rng_of_rank(rng: dict, rank: int) -> dict:
+    """This rank's states out of a checkpoint's `rng` (one dict, or {"per_rank": [...]})."""
+    return rng["per_rank"][rank] if "per_rank" in rng else rng
+
+
 def replace_atomically(build, target: Path) -> None:
     """Write into `<target>.tmp`, then rename: a crash mid-write never leaves a half checkpoint."""
     tmp = target.with_name(target.name + ".tmp")
@@ -79,15 +91,26 @@ class Checkpointer:
     for every method.
     """
 
-    def __init__(self, output_dir: Path, model, save_adapter):
+    def __init__(self, output_dir: Path, model, save_adapter, rank: int = 0, world_size: int = 1, settle=None):
         self.output_dir, self.model, self.save_adapter = Path(output_dir), model, save_adapter
+        self.rank, self.world_size = rank, world_size
+        self.settle = settle or (lambda: None)  # run by every rank before rank 0 reads the model
 
     @property
     def folder(self) -> Path:
         return self.output_dir / "checkpoint"
 
     def save(self, state: TrainState, optimizer, scheduler) -> None:
-        state.rng = capture_rng()
+        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+        self.settle()
+        if self.world_size > 1:
+            from . import distributed
+
+            state.rng = {"per_rank": distributed.all_gather_object(capture_rng())}
+        else:
+            state.rng = capture_rng()
+        if self.rank != 0:
+            return
 
         def build(tmp: Path):
             self.save_adapter(tmp / "adapter")
@@ -99,13 +122,22 @@ class Checkpointer:
         replace_atomically(build, self.folder)
 
     def save_best(self) -> None:
-        replace_atomically(self.save_adapter, self.output_dir / "best")
+        self.settle()
+        if self.rank == 0:
+            replace_atomically(self.save_adapter, self.output_dir / "best")
 
     def load(self, optimizer, scheduler) -> TrainState:
         path = self.folder / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.folder} (train without --resume first)")
         payload = torch.load(path, weights_only=True)
+        saved_world = payload["state"].get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"--resume: the checkpoint in {self.folder} was written by {saved_world} process(es), this run has "
+                f"{self.world_size}: resume with the same number (torchrun --nproc-per-node {saved_world}), since the "
+                "global batch (world_size x batch_size x grad_accum), the data split and the per-rank RNG states "
+                "depend on it; or start a new run in another output dir")
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in safetensors_io.iter_tensors(self.folder / TRAINABLE_FILE):
