@@ -118,10 +118,15 @@ def train_command(args: argparse.Namespace) -> int:
     from .jobs import default_output_dir, run_train
     from .recipe import load_recipe
 
+    from . import distributed
+
     overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     recipe = load_recipe(args.config, overrides)
-    output_dir = args.output_dir or default_output_dir(args.resume)
-    print(f"recipe: {args.config or recipe.source}; run folder: {output_dir}")
+    distributed.setup()  # under torchrun: join the group before the model loads (CUDA: pick this rank's GPU)
+    # every rank writes into rank 0's run folder (their clocks could name different ones)
+    output_dir = distributed.broadcast_object(args.output_dir or default_output_dir(args.resume))
+    if distributed.is_main():
+        print(f"recipe: {args.config or recipe.source}; run folder: {output_dir}")
     try:
         run_train(recipe, output_dir, resume=args.resume)
     except KeyboardInterrupt:
@@ -129,6 +134,8 @@ def train_command(args: argparse.Namespace) -> int:
                 if (output_dir / "checkpoint").is_dir() else " before the first checkpoint ([train] checkpoint_every)")
         print(f"peftcore train: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -39,8 +39,12 @@ def default_output_dir(resume: bool) -> Path:
 
 
 def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print) -> dict:
+    from . import distributed
+
     started = time.perf_counter()
     output_dir = Path(output_dir)
+    main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
+    log = log if main else (lambda *args, **kwargs: None)
     if not resume and (output_dir / "checkpoint").exists():
         raise FileExistsError(f"{output_dir} holds a run already: pass --resume to continue it, or another --output-dir")
     # 1. the data, parsed and checked before anything loads
@@ -64,7 +68,8 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     log(format_report(report))
     if labels is not None:
         log("  labels: " + ", ".join(f"{name} {n}" for name, n in report["label_counts"].items()))
-    write_report(report, output_dir)
+    if main:
+        write_report(report, output_dir)
     if recipe.data.packing and labels is None:
         train_rows = pack(train_rows, recipe.data.max_length)
         log(f"  packed into {len(train_rows)} rows of up to {recipe.data.max_length} tokens")
@@ -76,7 +81,8 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     log(f"model: {recipe.model.base_name} ({type(model).__name__}), adapter {recipe.adapter.method}: "
         f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
     info = {**recipe.to_dict(), "labels": labels}
-    (output_dir / "recipe.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if main:
+        (output_dir / "recipe.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     # 5. before
     batch = recipe.train.batch_size
     before = {}
@@ -87,6 +93,8 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     # 6. train
     state = train(peft_model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
                   save_adapter=lambda folder: save_adapter_folder(peft_model, folder, base_folder, info))
+    if not main:  # rank 0 alone picks, reloads and evaluates the adapter
+        return {"steps": state.step}
     # 7. the adapter: the best evaluation's, else the last step's
     chosen = output_dir / "best" if (output_dir / "best").is_dir() else output_dir / "checkpoint" / "adapter"
     adapter = output_dir / ADAPTER_DIR
