@@ -40,7 +40,49 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", type=Path, help="folder with config.json (and model.safetensors or shards)")
     inspect.set_defaults(run=inspect_model)
     add_job_commands(commands)
+    add_inspect_command(commands)
     return parser
+
+
+def add_inspect_command(commands) -> None:
+    cmd = commands.add_parser("inspect", help="what a LoRA adapter learned, per layer (low-rank: no dense dW)")
+    cmd.add_argument("adapter", type=Path, help="adapter folder (peftcore's or HF PEFT's)")
+    cmd.add_argument("--base", help="base checkpoint folder (or builtin:/pip: name) for ||dW||/||W|| and amplification; "
+                                    "default: the adapter's base_model_name_or_path when it resolves")
+    cmd.add_argument("--compare", type=Path, help="a second adapter: subspace similarity phi per shared module")
+    cmd.add_argument("--output-dir", type=Path, help="where inspect.json and the PNG plots go (default: the adapter folder)")
+    cmd.set_defaults(run=inspect_adapter_command)
+
+
+def inspect_adapter_command(args: argparse.Namespace) -> int:
+    from .adapter_io import read_adapter_config
+    from .inspect import compare_adapters, format_table, inspect_adapter, write_json
+    from .tasks import resolve_base
+
+    base_name = args.base or read_adapter_config(args.adapter).get("base_model_name_or_path")
+    try:
+        base = resolve_base(base_name, log=lambda *a, **k: None) if base_name else None
+    except Exception as e:  # the adapter names a base that is not here: spectra still work without it
+        print(f"base {base_name!r} not available ({one_line(e)}): relative norms skipped")
+        base = None
+    stats = inspect_adapter(args.adapter, base)
+    comparison = compare_adapters(args.adapter, args.compare) if args.compare else None
+    print(format_table(stats))
+    out = args.output_dir or args.adapter
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_json(stats, out / "inspect.json", comparison)]
+    try:
+        from .inspect_plots import plot_relative_heatmap, plot_similarity, plot_spectra
+
+        written.append(plot_spectra(stats, out / "inspect_spectra.png"))
+        if base is not None:
+            written.append(plot_relative_heatmap(stats, out / "inspect_relative_norms.png"))
+        if comparison:
+            written.append(plot_similarity(comparison, out / "inspect_similarity.png"))
+    except ImportError as e:  # matplotlib is the optional `plot` extra
+        print(f"plots skipped: {e}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

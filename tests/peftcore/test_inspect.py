@@ -155,3 +155,14 @@ def test_activation_hooks_split_base_and_adapter_branches():
     assert ratios["model.layers.0.self_attn.q_proj"] > 0 and ratios["model.layers.1.self_attn.q_proj"] == 0
     pm(ids)  # hooks removed on exit: no further records
     assert all(v["calls"] == 1 for v in acts.summary().values())
+
+
+def test_cli_inspect_prints_the_table_and_writes_json_and_plots(peft_adapters, tmp_path, capsys):
+    from peftcore.cli import main
+
+    _, base, (plain, dora) = peft_adapters
+    assert main(["inspect", str(plain), "--base", str(base), "--compare", str(dora), "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.self_attn.v_proj" in out and "||dW||/||W||" in out
+    assert json.loads((tmp_path / "inspect.json").read_text())["layers"][0]["relative_delta"] > 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"inspect_spectra.png", "inspect_relative_norms.png", "inspect_similarity.png"}
