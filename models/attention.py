@@ -20,6 +20,13 @@ def build_attention_mask(
     triangle top-left, so it is only right when nothing is cached.
     """
     kv_len = past_len + q_len
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != kv_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but cache + input hold {kv_len}"
+            )
+        if bool(attention_mask.all()):  # no padding (as transformers checks): keep SDPA's causal fast path,
+            attention_mask = None  # which skips the key blocks above the diagonal, and build no mask
     windowed = window is not None and kv_len > window
     if attention_mask is None and not windowed and (not causal or past_len == 0):
         return None
@@ -31,10 +38,6 @@ def build_attention_mask(
         if windowed:  # Mistral's sliding window: a query sees its last `window` positions only
             mask = mask & (q_pos - k_pos < window)
     if attention_mask is not None:
-        if attention_mask.shape[-1] != kv_len:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but cache + input hold {kv_len}"
-            )
         mask = mask & attention_mask.bool()[:, None, None, :]
     # A query row with nothing to attend to (a left-pad token) would give NaN, and 0 * NaN poisons
     # the real rows through V. Let such rows attend everywhere; their outputs are never used.

@@ -9,13 +9,13 @@ import math
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attend, build_attention_mask
 from .cache import KVCache
-from .layers import RMSNorm, reuse_buffers
+from .fused import IGNORE_INDEX, causal_lm_loss, rope, silu_mul
+from .layers import RMSNorm
 
 HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -112,11 +112,12 @@ def rope_tables(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Turn each pair (x1[i], x2[i]) of a head's two halves by its angle.
 
-    Term for term transformers' `x * cos + rotate_half(x) * sin` (same products, same sums, so
-    bit-identical), without materialising the negated, concatenated `rotate_half(x)`.
+    transformers' `x * cos + rotate_half(x) * sin` term for term, without materialising the
+    negated, concatenated `rotate_half(x)`: products written straight into the output halves
+    (see fused.rotate); with autograd, the backward is the inverse rotation and keeps nothing
+    but cos / sin.
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rope(x, cos, sin)
 
 
 class LlamaAttention(nn.Module):
@@ -151,9 +152,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, intermediate): the widest activations
-        if reuse_buffers(gate, up):
-            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
-        return self.down_proj(F.silu(gate) * up)
+        # silu(gate) * up; with autograd silu(gate) is recomputed in backward instead of kept
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -233,7 +233,17 @@ class LlamaForCausalLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None):
-        """-> logits (B, T, vocab). position_ids default to past_len + arange(T), as in transformers."""
+    computes_causal_lm_loss = True  # forward(..., labels=) returns the summed loss (see forward)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
+                labels=None):
+        """-> logits (B, T, vocab). position_ids default to past_len + arange(T), as in transformers.
+
+        With `labels` (B, T): -> the SUM (not transformers' mean) of the next-token cross-entropy
+        over the targets labels[:, 1:] that are not -100, fp32 scalar, computed without the
+        (B, T, vocab) logits (fused.causal_lm_loss): divide by the target count for the mean.
+        """
         hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache)
+        if labels is not None:
+            return causal_lm_loss(self.lm_head, hidden, labels, IGNORE_INDEX)
         return self.lm_head(hidden)
