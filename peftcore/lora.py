@@ -186,14 +186,7 @@ class LoraLinear(nn.Module):
         self.active_adapters = [name]
 
     def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
-        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            if name in container:
-                del container[name]
-        self.r.pop(name, None)
-        self.scaling.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        delete_from(self, name, (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector))
 
     def adapter_params(self, name: str):
         for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
@@ -372,14 +365,7 @@ class LoraEmbedding(nn.Module):
         return dora_row_norm(E.T, self.lora_embedding_A[name], self.lora_embedding_B[name].detach(), self.scaling[name])
 
     def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
-        for container in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout, self.lora_magnitude_vector):
-            if name in container:
-                del container[name]
-        self.r.pop(name, None)
-        self.scaling.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        delete_from(self, name, (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout, self.lora_magnitude_vector))
 
     def adapter_params(self, name: str):
         if name in self.lora_embedding_A:
@@ -424,6 +410,18 @@ class LoraEmbedding(nn.Module):
 
     def unmerge(self) -> None:
         unmerge_weights(self)
+
+
+def delete_from(layer, name: str, containers) -> None:
+    """Drop adapter `name` from a LoRA layer's containers and bookkeeping (unmerged adapters only)."""
+    if name in layer.merged_adapters:
+        raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
+    for container in containers:
+        if name in container:
+            del container[name]
+    layer.r.pop(name, None)
+    layer.scaling.pop(name, None)
+    layer.active_adapters = [a for a in layer.active_adapters if a != name]
 
 
 def apply_adapters(layer, out: torch.Tensor, x: torch.Tensor, adapter_names, known) -> torch.Tensor:

@@ -1,35 +1,17 @@
 """Every example recipe's method (DoRA, prompt tuning, P-tuning, prefix tuning) runs through
 `peftcore train`, and its adapter folder loads back for `generate` and `eval` (on a tiny built-in)."""
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from peftcore import builtin
-from peftcore.cli import main
-
-from .test_cli_train import FAST, TINY
+from .test_cli_train import FAST, TINY, run, tiny_builtin  # noqa: F401  (the autouse fixture applies here too)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PEFT_TYPES = {"support_dora.toml": "LORA", "support_prompt.toml": "PROMPT_TUNING",
               "support_ptuning.toml": "P_TUNING", "support_prefix.toml": "PREFIX_TUNING"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_builtin(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(builtin.BUILTINS, "tiny-llama", TINY)
-        mp.setenv("PEFTCORE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-def run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("recipe", sorted(PEFT_TYPES))
