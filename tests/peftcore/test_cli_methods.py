@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_train import FAST, TINY, run, tiny_builtin  # noqa: F401  (the autouse fixture applies here too)
+from .test_cli_train import FAST, run, tiny_builtin  # noqa: F401  (the autouse fixture applies here too)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PEFT_TYPES = {"support_dora.toml": "LORA", "support_prompt.toml": "PROMPT_TUNING",
