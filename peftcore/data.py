@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index
+from peftcore.models.fused import IGNORE_INDEX  # noqa: F401  re-exported: data code reads it from here
 
 DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 DEFAULT_TEMPLATE_NO_INSTRUCTION = "### Input:\n{input}\n\n### Response:\n"

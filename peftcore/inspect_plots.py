@@ -81,6 +81,28 @@ def plot_similarity(comparison: dict[str, list[list[float]]], path: str | Path, 
     return save(fig, path)
 
 
+def plot_training_norms(records: list[dict], path: str | Path) -> Path:
+    """||dW|| / ||W|| of every adapted layer against the training step (metrics.jsonl's
+    `adapter_stats`), one panel per module kind, colour by layer: which layers move, and when."""
+    plt = pyplot()
+    logged = [r for r in records if "adapter_stats" in r and "prompt" not in r["adapter_stats"]]
+    if not logged:
+        raise ValueError("no LoRA adapter_stats in the records: train with inspect_every > 0")
+    modules = sorted(logged[-1]["adapter_stats"], key=lambda m: (split_name(m)[1], split_name(m)[0] or 0))
+    kinds = sorted({split_name(m)[1] for m in modules})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        mine = [m for m in modules if split_name(m)[1] == kind]
+        cmap = plt.get_cmap("viridis", max(len(mine), 2))
+        for k, module in enumerate(mine):
+            points = [(r["step"], r["adapter_stats"][module]["relative_delta"]) for r in logged if module in r["adapter_stats"]]
+            ax.plot(*zip(*points), color=cmap(k), lw=1.2, label=f"layer {split_name(module)[0]}")
+        ax.set_title(kind, fontsize=9), ax.set_xlabel("step"), ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("||dW|| / ||W||")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    return save(fig, path)
+
+
 def save(fig, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")

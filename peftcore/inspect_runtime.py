@@ -4,6 +4,7 @@ prompt_stats: norms of the virtual tokens next to the vocabulary's, and each vir
 vocabulary tokens by cosine (what a soft prompt "reads like").
 AdapterActivations: forward hooks that measure, per LoRA layer, the RMS of the adapter branch
 (output - base output) against the base branch's: a layer whose ratio stays ~0 learned nothing.
+training_stats: the per-layer numbers the training loop logs every `inspect_every` steps.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .lora import LoraLinear
+from .inspect import layer_stats
+from .lora import LoraLinear, base_weight
 from .prompt import PrefixTuningConfig, encoder_output, input_embeddings
 
 
@@ -53,8 +55,7 @@ class AdapterActivations:
     """
 
     def __init__(self, model: nn.Module):
-        # names as in the user's model (and in adapter files): without PeftModel's "base_model.model."
-        self.layers = {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+        self.layers = lora_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no LoRA layers to monitor")
         self.records: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -83,3 +84,36 @@ class AdapterActivations:
             adapter = sum(a for _, a in pairs) / len(pairs)
             out[name] = {"base_rms": base, "adapter_rms": adapter, "ratio": adapter / max(base, 1e-30), "calls": len(pairs)}
         return out
+
+
+LOGGED = ("relative_delta", "delta_fro", "delta_spectral", "effective_rank", "stable_rank", "norm_A", "norm_B")
+
+
+@torch.no_grad()
+def training_stats(model: nn.Module, activations: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{layer: statistics} of the active adapter, for metrics.jsonl: the low-rank path of
+    peftcore.inspect (no out x in product; one dequantize per quantized base), plus the adapter /
+    base activation RMS ratio when `activations` (an AdapterActivations summary) is given.
+    Prompt methods: {"prompt": {"virtual_token_norms": [...]}} (prefix: per-layer key / value norms)."""
+    if getattr(model, "is_prompt_learning", False):
+        stats = prompt_stats(model, top_k=1)
+        if stats["method"] == "prefix":
+            return {"prompt": {k: stats[k] for k in ("key_norm_per_layer", "value_norm_per_layer")}}
+        return {"prompt": {"virtual_token_norms": [round(t["norm"], 6) for t in stats["virtual_tokens"]]}}
+    out = {}
+    for name, layer in lora_layers(model).items():
+        adapter = layer.active_adapters[0]
+        magnitude = layer.lora_magnitude_vector[adapter].weight if adapter in layer.lora_magnitude_vector else None
+        stats = layer_stats(name, layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float(),
+                            layer.scaling[adapter], base_weight(layer.base_layer).float(), magnitude)
+        out[name] = {key: round(getattr(stats, key), 6) for key in LOGGED}
+        if stats.magnitude_change is not None:
+            out[name]["magnitude_change"] = stats.magnitude_change
+        if activations and name in activations:
+            out[name]["activation_ratio"] = round(activations[name]["ratio"], 6)
+    return out
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """LoRA layers by the names adapter files use (without PeftModel's "base_model.model.")."""
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, LoraLinear)}

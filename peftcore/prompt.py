@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftcore.models.fused import IGNORE_INDEX
+
 from .config import CONFIG_CLASSES, PeftConfig, PeftType, TaskType
 
 
@@ -260,9 +262,19 @@ def prompt_kwargs(encoder: nn.Module, config: PromptLearningConfig, word_embeddi
                 "cache": KVCache.from_prefix(keys, values)}
     embeds = word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
     embeds = torch.cat([prompt.to(embeds.dtype)[None].expand(B, -1, -1), embeds], dim=1)  # (B, n + T, d)
+    if kwargs.get("labels") is not None:
+        kwargs["labels"] = labels_over_prompt(kwargs["labels"], n)
     if kwargs.get("token_type_ids") is not None:  # BERT: the prompt belongs to the first segment
         kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(B, n), kwargs["token_type_ids"]], dim=1)
     return {**kwargs, "input_ids": None, "inputs_embeds": embeds, "attention_mask": attention_mask}
+
+
+def labels_over_prompt(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) -> (B, n + T) labels for a fused-loss forward after a prepended prompt: the virtual
+    positions have no targets, and neither has the first real token (HF PEFT trains it from the last
+    virtual position), so the trained targets are labels[:, 1:], the same as without a prompt."""
+    ignored = labels.new_full((labels.shape[0], n + 1), IGNORE_INDEX)
+    return torch.cat([ignored, labels[:, 1:]], dim=1)
 
 
 def drop_prompt_positions(output: torch.Tensor, config: PromptLearningConfig, input_len: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ peftcore.distributed for what changes with more than one process.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -25,6 +26,7 @@ from torch import nn
 from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate
 from .distributed import Parallel
+from .inspect_runtime import AdapterActivations, lora_layers, training_stats
 from .train_state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -55,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
+    inspect_every: int = 0  # log per-layer adapter statistics (peftcore.inspect) every N steps; 0: never
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -99,16 +102,29 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 # -- loss -----------------------------------------------------------------------------------------
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """-> (summed loss over trained targets, number of trained targets, number of input tokens)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    labels = batch["labels"]
-    tokens = int(batch["attention_mask"].sum())
+    """-> (summed loss over trained targets, number of trained targets, number of input tokens).
+
+    A causal LM that computes its own loss (`computes_causal_lm_loss`: ours fuse the lm_head with the
+    cross-entropy and never hold the (B, T, V) logits) gets `labels=`; other models return logits."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    tokens, targets = int(mask.sum()), trained_targets(batch)
     if labels.ndim == 1:  # sequence classification: one label per row (IGNORE_INDEX: a padding row)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, int((labels != IGNORE_INDEX).sum()), tokens
-    targets = labels[:, 1:]  # token t predicts token t + 1
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum()), tokens
+        return classification_loss(model(ids, attention_mask=mask), labels), targets, tokens
+    if computes_own_loss(model):
+        return model(ids, attention_mask=mask, labels=labels), targets, tokens
+    logits = model(ids, attention_mask=mask)  # token t predicts token t + 1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, targets, tokens
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def computes_own_loss(model: nn.Module) -> bool:
+    """Whether forward(..., labels=) returns the summed next-token loss (seen through a DDP wrapper)."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return bool(getattr(inner, "computes_causal_lm_loss", False))
 
 
 def trained_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -180,10 +196,13 @@ def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id:
         chunk = mine[i * batch_size : (i + 1) * batch_size]
         batch = collate(chunk, pad_token_id) if chunk else padding_batch(rows, pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n, _ = loss_sum(model, batch)
+        if batch["labels"].ndim == 1:  # one forward for both the loss and the accuracy
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss, n = classification_loss(logits, batch["labels"]), trained_targets(batch)
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            loss, n, _ = loss_sum(model, batch)
         total, count = total + float(loss), count + n
-        if batch["labels"].ndim == 1:
-            correct += int((model(batch["input_ids"], attention_mask=batch["attention_mask"]).argmax(-1) == batch["labels"]).sum())
     if parallel is not None:
         total, count, correct = parallel.sum([total, count, correct])
     model.train(was_training)
@@ -257,25 +276,18 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     if resume:
         restore_rng(rng_of_rank(state.rng, rank))
     log = MetricsLog(output_dir, append=resume) if parallel.is_main else None
+    if config.inspect_every and parallel.strategy == "fsdp":
+        raise TrainingError("inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
     model.train()
     stream = batches_from(train_rows, state, config, pad_token_id, rank, world)
     bar = progress_bar(config, state.step) if parallel.is_main else None
     while state.step < config.max_steps and not state.stopped_early:
-        started = time.perf_counter()
-        metrics = train_step(model, [next(stream) for _ in range(config.grad_accum)], optimizer, config, scaler,
-                             parallel=parallel)
-        check_bad_steps(state, metrics, config)
-        lr = optimizer.param_groups[0]["lr"]
-        with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
-        state.step += 1
-        record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
-                  "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
+        record = run_step(model, [next(stream) for _ in range(config.grad_accum)], optimizer, scheduler, config,
+                          state, scaler, parallel)
         if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps) and eval_rows:
             record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel=parallel))
             note_eval(state, record, config, checkpointer)
-        if log is not None and (state.step % config.log_every == 0 or "eval_loss" in record):
+        if log is not None and (state.step % config.log_every == 0 or "eval_loss" in record or "adapter_stats" in record):
             log.write(record)
         update_bar(bar, record)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
@@ -287,6 +299,27 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
         log.plot()
     distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state
+
+
+def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, state: TrainState, scaler,
+             parallel: Parallel) -> dict:
+    """train_step, then the bookkeeping around it -> the step's metrics.jsonl record (no eval yet)."""
+    started = time.perf_counter()
+    inspecting = bool(config.inspect_every) and (state.step + 1) % config.inspect_every == 0 and parallel.is_main
+    watch = AdapterActivations(model) if inspecting and lora_layers(model) else None
+    with watch or contextlib.nullcontext():
+        metrics = train_step(model, micro_batches, optimizer, config, scaler, parallel=parallel)
+    check_bad_steps(state, metrics, config)
+    lr = optimizer.param_groups[0]["lr"]
+    with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    state.step += 1
+    record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
+              "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
+    if inspecting:
+        record["adapter_stats"] = training_stats(model, watch.summary() if watch else None)
+    return record
 
 
 def check_bad_steps(state: TrainState, metrics: dict, config: TrainConfig) -> None:

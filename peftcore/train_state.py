@@ -150,7 +150,8 @@ class Checkpointer:
 
 
 class MetricsLog:
-    """metrics.jsonl, one line per logged step; curve.png (train and eval loss) when matplotlib exists."""
+    """metrics.jsonl, one line per logged step; curve.png (train and eval loss) and, when adapter
+    statistics were logged, adapter_norms.png (||dW|| / ||W|| per layer vs step) if matplotlib exists."""
 
     def __init__(self, output_dir: Path, append: bool = False):
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -183,4 +184,8 @@ class MetricsLog:
         out = self.path.with_name("curve.png")
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
+        if any("adapter_stats" in r and "prompt" not in r["adapter_stats"] for r in records):
+            from .inspect_plots import plot_training_norms
+
+            plot_training_norms(records, self.path.with_name("adapter_norms.png"))
         return out

@@ -166,3 +166,44 @@ def test_cli_inspect_prints_the_table_and_writes_json_and_plots(peft_adapters, t
     assert "model.layers.1.self_attn.v_proj" in out and "||dW||/||W||" in out
     assert json.loads((tmp_path / "inspect.json").read_text())["layers"][0]["relative_delta"] > 0
     assert {p.name for p in tmp_path.glob("*.png")} == {"inspect_spectra.png", "inspect_relative_norms.png", "inspect_similarity.png"}
+
+
+def test_training_logs_adapter_statistics_every_n_steps(tmp_path):
+    """inspect_every=2: every 2nd metrics.jsonl line carries per-layer statistics equal to
+    peftcore.inspect on the live weights, the activation ratio of the adapter branch, and a plot."""
+    from peftcore.inspect_runtime import training_stats
+    from peftcore.train import train
+    from tests.peftcore.test_train import quiet, rows, tiny_peft_model
+
+    model = tiny_peft_model()
+    train(model, rows(), [], quiet(max_steps=4, batch_size=4, learning_rate=1e-2, inspect_every=2), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ["adapter_stats" in r for r in records] == [False, True, False, True]
+    logged = records[-1]["adapter_stats"]
+    assert sorted(logged) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    live = training_stats(model)  # the weights after step 4 are the ones the last record saw
+    for name, stats in logged.items():
+        assert stats["relative_delta"] == pytest.approx(live[name]["relative_delta"], rel=1e-4)
+        assert stats["relative_delta"] > 0 and 0 < stats["activation_ratio"] < 10  # B moved off zero
+        layer = dict(model.named_modules())[f"base_model.model.{name}"]
+        dense = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        expected = float(torch.linalg.norm(dense) / torch.linalg.norm(layer.base_layer.weight))
+        assert stats["relative_delta"] == pytest.approx(expected, rel=1e-4)
+    assert records[1]["adapter_stats"] != records[3]["adapter_stats"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "adapter_norms.png").stat().st_size > 0
+
+
+def test_training_logs_prompt_norms(tmp_path):
+    from peftcore import PromptTuningConfig, get_peft_model
+    from peftcore.models import LlamaConfig, from_config
+    from peftcore.train import train
+    from tests.peftcore.test_train import quiet, rows
+
+    model = get_peft_model(from_config(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                                   num_attention_heads=2)), PromptTuningConfig(num_virtual_tokens=3))
+    train(model, rows(), [], quiet(max_steps=1, inspect_every=1), tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    norms = record["adapter_stats"]["prompt"]["virtual_token_norms"]
+    expected = model.prompt_encoder["default"].embedding.weight.norm(dim=-1)
+    assert norms == pytest.approx(expected.tolist(), rel=1e-4)

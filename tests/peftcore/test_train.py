@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from peftcore import LoraConfig, get_peft_model
+from peftcore import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from peftcore.data import IGNORE_INDEX, TokenizedExample, collate
 from peftcore.models import LlamaConfig, from_config
-from peftcore.train import TrainConfig, TrainingError, build_optimizer, lr_factor, train, train_step
+from peftcore.train import TrainConfig, TrainingError, build_optimizer, loss_sum, lr_factor, train, train_step
 
 VOCAB = 40
 
@@ -127,3 +127,27 @@ def test_no_trainable_parameters_is_a_clear_error():
     model.requires_grad_(False)
     with pytest.raises(TrainingError, match="no trainable parameters"):
         build_optimizer(model, TrainConfig())
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8, task_type="CAUSAL_LM"),
+    PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+], ids=lambda c: type(c).__name__)
+def test_fused_loss_equals_the_loss_from_logits(config):
+    """loss_sum takes the model's fused labels= path; it must score exactly the targets the logits
+    path scores (for prompt methods: not the virtual positions, not the first real token)."""
+    torch.manual_seed(0)
+    model = get_peft_model(from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                                   num_hidden_layers=2, num_attention_heads=2)), config)
+    batch = collate(rows(3), pad_token_id=0)
+    batch["labels"][:, 0] = batch["input_ids"][:, 0]  # a trained first token must still not count
+    fused, targets, tokens = loss_sum(model, batch)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"][:, 1:].flatten()
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert targets == int((labels != IGNORE_INDEX).sum()) and tokens == int(batch["attention_mask"].sum())
+    fused.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
