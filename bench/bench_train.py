@@ -10,8 +10,8 @@ clip_grad_norm_(1.0), AdamW.step(). Contenders:
 
     ours        peftcore model + LoRA; loss from `model(ids, attention_mask=, labels=)` (the fused
                 chunked cross-entropy: no (B*T, vocab) logits), divided by the target count
-    train_step  the same model through `peftcore.train.train_step` as it stands (its loss_sum
-                asks the model for logits, then F.cross_entropy)
+    train_step  the same model through the library's loop step, `peftcore.train.train_step`
+                (its loss_sum takes the same fused path: the two rows should agree)
     hf          transformers + HF PEFT, `model(input_ids, attention_mask=, labels=).loss`
 
 Throughput: all contenders in one process; a warmup step each, then `--repeats` rounds, each
