@@ -1,8 +1,5 @@
 """Model level: LoRA and QLoRA layers give the same logits through the Triton kernels (interpreted
 on CPU) as through the torch path, and the kernels really ran."""
-import importlib
-import os
-
 import pytest
 import torch
 import transformers
@@ -12,6 +9,7 @@ import peftcore.kernels.lora_matmul as lora_matmul_module
 import peftcore.kernels.quant_matmul as quant_matmul_module
 from peftcore import LoraConfig, get_peft_model
 from peftcore.models import load_pretrained
+from tests.kernels.interpreter import triton_interpreter
 from tests.tolerances import assert_close
 
 pytest.importorskip("triton")
@@ -22,15 +20,8 @@ MODULES = (dispatch, quant_kernels_module, quant_matmul_module, lora_matmul_modu
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Reload the kernel modules with TRITON_INTERPRET=1, then restore them for later test modules."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    for module in MODULES:
-        importlib.reload(module)
-    yield
-    os.environ.pop("TRITON_INTERPRET") if old is None else os.environ.__setitem__("TRITON_INTERPRET", old)
-    for module in MODULES:
-        importlib.reload(module)
+    with triton_interpreter(*MODULES):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,8 @@
 """kernels/lora_matmul.py on CPU through Triton's interpreter: outputs and every gradient vs fp32 autograd
 of the torch reference, odd shapes, three dtypes, bias, dropout (one mask for forward and backward).
-
-kernels.dispatch reads TRITON_INTERPRET once at import and Triton reads it when @triton.jit decorates,
-and an earlier test module may already have imported both without it. So the `lm` fixture sets the
-variable, reloads dispatch and the kernel module, wraps the kernels in launch counters (to prove the
-Triton path ran), and afterwards restores the variable and reloads both for the tests that follow.
+The `lm` fixture runs the module through the interpreter (tests/kernels/interpreter.py) and wraps
+the kernels in launch counters, to prove the Triton path ran.
 """
-import importlib
-import os
-
 import pytest
 import torch
 from hypothesis import given
@@ -18,6 +12,7 @@ pytest.importorskip("triton")  # Linux-only dependency; elsewhere every call tak
 
 import peftcore.kernels.dispatch as dispatch  # noqa: E402
 import peftcore.kernels.lora_matmul as lora_matmul_module  # noqa: E402
+from tests.kernels.interpreter import triton_interpreter  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -36,19 +31,10 @@ class LaunchCounter:
 
 @pytest.fixture(scope="module")
 def lm():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    importlib.reload(dispatch)
-    module = importlib.reload(lora_matmul_module)
-    module._lora_fwd_kernel = LaunchCounter(module._lora_fwd_kernel)
-    module._lora_bwd_kernel = LaunchCounter(module._lora_bwd_kernel)
-    yield module
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    importlib.reload(dispatch)
-    importlib.reload(lora_matmul_module)
+    with triton_interpreter(dispatch, lora_matmul_module) as (_, module):
+        module._lora_fwd_kernel = LaunchCounter(module._lora_fwd_kernel)
+        module._lora_bwd_kernel = LaunchCounter(module._lora_bwd_kernel)
+        yield module
 
 
 def launches(lm) -> tuple[int, int]:

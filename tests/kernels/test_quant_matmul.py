@@ -3,13 +3,9 @@ transposed backward, fused LoRA) vs the torch reference, outputs and every gradi
 of the reference, three dtypes, odd shapes; plus the torch fallback, the checks, what backward saves,
 and an offline compile of the kernels for sm_80 / sm_90.
 
-kernels.dispatch reads TRITON_INTERPRET once at import, Triton reads it when @triton.jit decorates,
-and an earlier test module may already have imported both without it. So the `qm` fixture sets the
-variable, reloads dispatch and the kernel modules, wraps the launcher in a recorder (to prove the
-Triton path ran, and which one), and afterwards restores the variable and reloads them for the tests
-that follow (the same scheme as test_lora_matmul.py).
+The `qm` fixture runs the modules through the interpreter (tests/kernels/interpreter.py) and wraps
+the launcher in a recorder, to prove the Triton path ran, and which one.
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -22,6 +18,7 @@ from hypothesis import strategies as st
 import peftcore.kernels.dispatch as dispatch
 import peftcore.kernels.quant_matmul as quant_matmul_module
 from peftcore.kernels import quant as Q
+from tests.kernels.interpreter import triton_interpreter
 from tests.tolerances import assert_close
 
 triton = pytest.importorskip("triton")
@@ -57,21 +54,10 @@ class LaunchRecorder:
 
 @pytest.fixture(scope="module")
 def qm():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    importlib.reload(dispatch)
-    kernels = importlib.reload(kernels_module)
-    module = importlib.reload(quant_matmul_module)
-    assert type(kernels._qmm_kernel).__name__ == "InterpretedFunction"
-    kernels._launch = LaunchRecorder(kernels._launch)
-    yield module
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    importlib.reload(dispatch)
-    importlib.reload(kernels_module)
-    importlib.reload(quant_matmul_module)
+    with triton_interpreter(dispatch, kernels_module, quant_matmul_module) as (_, kernels, module):
+        assert type(kernels._qmm_kernel).__name__ == "InterpretedFunction"
+        kernels._launch = LaunchRecorder(kernels._launch)
+        yield module
 
 
 @pytest.fixture()

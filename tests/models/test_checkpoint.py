@@ -1,6 +1,5 @@
 """Checkpoint folders: every error names what is wrong, sharded files, dtype casting, peak RAM."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ from peftcore.models.checkpoint import read_config
 from peftcore.models.families import DEFAULT_ARCHITECTURE
 from peftcore.models.llama import LlamaConfig
 from peftcore.models.safetensors_io import iter_tensors, read_exactly
+from tests.models import rss
 
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
@@ -219,57 +219,27 @@ def test_iter_tensors_reads_selected_names_in_file_order(folder):
 BIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
            num_attention_heads=8, num_key_value_heads=8)
 
-SAVE = """
-import sys, torch
-from peftcore.models import from_config, save_pretrained
-from peftcore.models.llama import LlamaConfig
-torch.manual_seed(0)
-save_pretrained(from_config(LlamaConfig(**{big})), sys.argv[1])
-"""
-
-# Growth is measured from the CURRENT resident size after imports to the high-water mark after
-# loading: stricter than comparing two high-water marks, which an import transient could inflate.
-# Not ru_maxrss: Linux carries it over fork + exec, so a child of a big pytest process starts
-# with its parent's peak. /proc's VmHWM belongs to the child's own address space.
-MEASURE = """
-import gc, json, sys
+IMPORTS = """
 from pathlib import Path
 from peftcore.models import from_config, load_pretrained
 from peftcore.models.checkpoint import read_config
 from safetensors.torch import load_file
-
-def status(field):
-    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
-
-gc.collect()
-before = status("VmRSS")
+"""
+LOAD = """
 if sys.argv[2] == "ours":
     model = load_pretrained(sys.argv[1])
 else:  # what a user would write without care: a built model plus a loaded state dict
     model = from_config(read_config(sys.argv[1]))
     model.load_state_dict(load_file(Path(sys.argv[1]) / "model.safetensors"))
-print(json.dumps({"growth": status("VmHWM") - before}))
 """
-
-
-def run_python(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    return out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_loading_costs_about_one_copy_of_the_checkpoint(tmp_path):
-    finish(run_python(SAVE.format(big=BIG), str(tmp_path)))
+    rss.save_random_llama(BIG, tmp_path)
     size = (tmp_path / "model.safetensors").stat().st_size
     assert 60e6 < size < 100e6
-    ours, naive = run_python(MEASURE, str(tmp_path), "ours"), run_python(MEASURE, str(tmp_path), "naive")
-    ours_growth = json.loads(finish(ours))["growth"] / size
-    naive_growth = json.loads(finish(naive))["growth"] / size
+    ours, naive = (rss.start_growth(IMPORTS, LOAD, str(tmp_path), which) for which in ("ours", "naive"))
+    ours_growth, naive_growth = rss.growth_bytes(ours) / size, rss.growth_bytes(naive) / size
     print(f"RSS growth / checkpoint size: load_pretrained {ours_growth:.2f}x, build + load_file {naive_growth:.2f}x")
     assert ours_growth < 1.3, f"load_pretrained grew RSS by {ours_growth:.2f}x the checkpoint (naive: {naive_growth:.2f}x)"

@@ -1,7 +1,5 @@
 """Quantized base weights: loading while quantizing, storage, dtypes, and QLoRA against HF PEFT + bitsandbytes."""
 import copy
-import json
-import subprocess
 import sys
 import warnings
 
@@ -12,8 +10,9 @@ import torch
 import transformers
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
-from peftcore.models import load_pretrained, save_pretrained
+from peftcore.models import load_pretrained
 from peftcore.models.quantized import QuantLinear, quantization_report, quantize_model
+from tests.models import rss
 from tests.tolerances import assert_close
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -117,40 +116,15 @@ def test_qlora_trains_only_the_adapter_and_merges_to_a_dense_model(llama, tmp_pa
 BIG = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
            num_attention_heads=8, num_key_value_heads=8)
 
-SAVE = """
-import sys, torch
-from peftcore.models import from_config, save_pretrained
-from peftcore.models.llama import LlamaConfig
-torch.manual_seed(0)
-save_pretrained(from_config(LlamaConfig(**{big})), sys.argv[1])
-"""
-
-MEASURE = """
-import gc, json, sys
-from peftcore.models import load_pretrained
-
-def status(field):
-    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-import peftcore.kernels.quant, peftcore.models.quantized  # imports are not the loader's cost
-gc.collect()
-before = status("VmRSS")
-model = load_pretrained(sys.argv[1], quantize="nf4")
-print(json.dumps({"growth": status("VmHWM") - before}))
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
     """QLoRA's point: dense weights never all sit in memory. Measured growth ~0.35x of the fp32
     checkpoint: the NF4 model (0.14x), one dense tensor with its chunked quantization scratch
     (~0.1x here), and the fixed cost of building the model (~0.1x, the same for dense loading,
     which grows by ~1.1x). Before chunking and heap trimming it measured 0.4-1.05x."""
-    subprocess.run([sys.executable, "-c", SAVE.format(big=BIG), str(tmp_path)], check=True, timeout=120)
+    rss.save_random_llama(BIG, tmp_path)
     size = (tmp_path / "model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    growth = json.loads(out.stdout)["growth"] / size
+    imports = "from peftcore.models import load_pretrained\nimport peftcore.kernels.quant, peftcore.models.quantized"
+    growth = rss.growth_bytes(rss.start_growth(imports, 'model = load_pretrained(sys.argv[1], quantize="nf4")', str(tmp_path))) / size
     print(f"nf4 loading grew RSS by {growth:.3f}x the fp32 checkpoint")
     assert growth < 0.5, f"loading with quantize='nf4' grew RSS by {growth:.2f}x the fp32 checkpoint"
