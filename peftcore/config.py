@@ -50,6 +50,12 @@ class PeftConfig:
 
     peft_type = None  # set by each method's config (a class attribute, not a field)
 
+    def __post_init__(self):
+        if isinstance(self.task_type, str):
+            if self.task_type not in TaskType.__members__:
+                raise ValueError(f"task_type {self.task_type!r} is not supported; supported: {', '.join(TaskType.__members__)}")
+            self.task_type = TaskType(self.task_type)
+
     def to_dict(self) -> dict:
         d = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
         d = {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
@@ -102,10 +108,7 @@ class LoraConfig(PeftConfig):
     peft_type = PeftType.LORA
 
     def __post_init__(self):
-        if isinstance(self.task_type, str):
-            if self.task_type not in TaskType.__members__:
-                raise ValueError(f"task_type {self.task_type!r} is not supported; supported: {', '.join(TaskType.__members__)}")
-            self.task_type = TaskType(self.task_type)
+        super().__post_init__()
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
         if self.bias not in ("none", "all", "lora_only"):

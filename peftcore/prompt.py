@@ -18,7 +18,7 @@ from torch import nn
 
 from peftcore.models.fused import IGNORE_INDEX
 
-from .config import CONFIG_CLASSES, PeftConfig, PeftType, TaskType
+from .config import CONFIG_CLASSES, PeftConfig, PeftType
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -42,8 +42,7 @@ class PromptLearningConfig(PeftConfig):
     modules_to_save: list[str] | None = None
 
     def __post_init__(self):
-        if isinstance(self.task_type, str):
-            self.task_type = TaskType(self.task_type)
+        super().__post_init__()
         if self.num_virtual_tokens is None or self.num_virtual_tokens <= 0:
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}")
 

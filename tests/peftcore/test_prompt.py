@@ -146,3 +146,8 @@ def test_errors(tmp_path):
         pm.merge_adapter()
     with pytest.raises(ValueError, match="position_ids cannot be combined"):
         pm(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.arange(3)[None])
+
+
+def test_an_unknown_task_type_is_a_clear_error_for_prompt_methods_too():
+    with pytest.raises(ValueError, match="task_type 'TOKEN_CLS' is not supported; supported: CAUSAL_LM"):
+        PromptTuningConfig(num_virtual_tokens=3, task_type="TOKEN_CLS")
