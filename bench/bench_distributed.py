@@ -87,7 +87,7 @@ def run(label: str, nproc: int, threads: int, batch: int, strategy: str, args) -
             **measured}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--hidden", type=int, default=256)
@@ -104,35 +104,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return {}
+    return parser.parse_args(argv)
 
-    b = args.batch
-    if args.device == "cpu":
-        plan = [("1 proc x 1 thread, batch b", 1, 1, b, "auto"),
+
+def make_plan(device: str, b: int) -> list[tuple[str, int, int, int, str]]:
+    """(label, processes, threads per process, rows per process, strategy) of every configuration."""
+    if device == "cpu":
+        return [("1 proc x 1 thread, batch b", 1, 1, b, "auto"),
                 ("1 proc x 2 threads, batch 2b", 1, 2, 2 * b, "auto"),
                 ("1 proc x 1 thread, batch 2b", 1, 1, 2 * b, "auto"),
                 ("2 procs x 1 thread, ddp", 2, 1, b, "ddp"),
                 ("2 procs x 1 thread, fsdp", 2, 1, b, "fsdp")]
-    else:
-        import torch
+    import torch
 
-        if torch.cuda.device_count() < 2:
-            raise SystemExit(f"--device cuda compares 1 and 2 GPUs; {torch.cuda.device_count()} visible")
-        plan = [("1 GPU, batch b", 1, 1, b, "auto"), ("1 GPU, batch 2b", 1, 1, 2 * b, "auto"),
-                ("2 GPUs, ddp", 2, 1, b, "ddp"), ("2 GPUs, fsdp", 2, 1, b, "fsdp")]
-    single_b = plan[0][0]  # 1 process, batch b: the per-worker baseline
-    global_batch = [label for label, nproc, _, batch, _ in plan if nproc == 1 and batch == 2 * b]
-    load_before = os.getloadavg()
-    rounds: list[dict[str, dict]] = []
-    for _ in range(args.repeats):  # alternating rounds: a ratio is taken within one round, minutes apart at most
+    if torch.cuda.device_count() < 2:
+        raise SystemExit(f"--device cuda compares 1 and 2 GPUs; {torch.cuda.device_count()} visible")
+    return [("1 GPU, batch b", 1, 1, b, "auto"), ("1 GPU, batch 2b", 1, 1, 2 * b, "auto"),
+            ("2 GPUs, ddp", 2, 1, b, "ddp"), ("2 GPUs, fsdp", 2, 1, b, "fsdp")]
+
+
+def measure_rounds(plan, args) -> list[dict[str, dict]]:
+    """Alternating rounds: a ratio is taken within one round, minutes apart at most."""
+    rounds = []
+    for _ in range(args.repeats):
         measured = {}
         for label, nproc, threads, batch, strategy in plan:
             measured[label] = run(label, nproc, threads, batch, strategy, args)
             print(f"{label:34s} {measured[label]['tokens_per_s']:10.0f} tok/s", flush=True)
         rounds.append(measured)
+    return rounds
+
+
+def summarize_rounds(plan, rounds: list[dict[str, dict]], b: int) -> list[dict]:
+    """Median tokens/s per configuration; for 2 processes, per round: vs 2 x (1 process, 1 thread,
+    batch b), and vs the faster 1-process run of the global batch."""
+    single_b = plan[0][0]
+    global_batch = [label for label, nproc, _, batch, _ in plan if nproc == 1 and batch == 2 * b]
     median = statistics.median
     results = []
     for label, *_ in plan:
@@ -140,21 +147,35 @@ def main(argv=None) -> dict:
              "tokens_per_s_rounds": [m[label]["tokens_per_s"] for m in rounds]}
         r.pop("run_seconds", None)
         if rounds[0][label]["processes"] > 1:
-            # per round: vs 2 x (1 process, 1 thread, batch b), and vs the faster 1-process run of the global batch
             r["scaling_efficiency"] = median(m[label]["tokens_per_s"] / (2 * m[single_b]["tokens_per_s"]) for m in rounds)
             r["vs_one_process_global_batch"] = median(
                 m[label]["tokens_per_s"] / max(m[g]["tokens_per_s"] for g in global_batch) for m in rounds)
         results.append(r)
-    report = {"device": args.device, "model": {k: getattr(args, k) for k in ("hidden", "layers", "vocab", "seq")},
-              "batch": b, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-              "load_average_before_after": [load_before[0], os.getloadavg()[0]], "results": results}
-    print(f"load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}")
+    return results
+
+
+def print_table(results: list[dict]) -> None:
     print("\n| configuration | tok/s (median of rounds) | scaling efficiency | vs faster 1 process, global batch |")
     print("|---|---|---|---|")
-    for r in report["results"]:
+    for r in results:
         eff = f"{r['scaling_efficiency']:.2f}" if "scaling_efficiency" in r else "-"
         rel = f"{r['vs_one_process_global_batch']:.2f}x" if "vs_one_process_global_batch" in r else "-"
         print(f"| {r['label']} | {r['tokens_per_s']:.0f} | {eff} | {rel} |")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    plan = make_plan(args.device, args.batch)
+    load_before = os.getloadavg()
+    results = summarize_rounds(plan, measure_rounds(plan, args), args.batch)
+    report = {"device": args.device, "model": {k: getattr(args, k) for k in ("hidden", "layers", "vocab", "seq")},
+              "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "load_average_before_after": [load_before[0], os.getloadavg()[0]], "results": results}
+    print(f"load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}")
+    print_table(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -211,7 +211,7 @@ def fmt_row(label: str, s: dict | None) -> str:
             f"{rb['ours']:.3f}x | {rb['hf']:.3f}x | {s['ours_over_hf']:.3f}x | {s['others_cores_median'] or 0:.2f} |")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=2048, help="tokens (rows of the input)")
     ap.add_argument("--k", type=int, default=1024, help="in_features")
@@ -234,40 +234,32 @@ def main(argv=None):
                          "(with more threads it counts OpenMP spin-waiting)")
     ap.add_argument("--settings", default="all", help="comma list of: lora0, lora05, dora (default all)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_layer.json"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dtype = DTYPES[args.dtype]
-    keys = {"lora0": 0, "lora05": 1, "dora": 2}
-    wanted = range(3) if args.settings == "all" else [keys[s.strip()] for s in args.settings.split(",")]
 
-    base = nn.Linear(args.k, args.n, bias=args.bias, dtype=dtype).requires_grad_(False)
-    x = torch.randn(args.m, args.k, dtype=dtype, requires_grad=True)
-    g = torch.randn(args.m, args.n, dtype=dtype)
+def measure_setting(idx: int, base: nn.Linear, x: torch.Tensor, g: torch.Tensor, args, clock) -> dict:
+    """Base, ours and HF PEFT's layer for one setting, checked equal, then timed in shared rounds."""
+    label, dropout, use_dora = SETTINGS[idx]
+    ours, hf = build_layers(base, args.r, args.alpha, dropout, use_dora)
+    err = check_same(ours, hf, x, g, base.weight.dtype)
+    steps = {"base": make_step(base, x, g), "ours": make_step(ours, x, g), "hf": make_step(hf, x, g)}
+    t0 = time.perf_counter()
+    rounds = run_rounds(steps, args.warmup, args.repeats, args.max_others, args.time_limit, clock)
+    quiet = [r for r in rounds if r["quiet"]]
+    print(f"# {label}: {len(rounds)} rounds" + (f", {len(quiet)} quiet" if args.max_others is not None else ""), flush=True)
+    return {"setting": label, "lora_dropout": dropout, "use_dora": use_dora, "max_rel_err_vs_hf": err,
+            "seconds": time.perf_counter() - t0, "all_rounds": summarize(rounds),
+            "quiet_rounds": summarize(quiet) if args.max_others is not None else None, "raw": rounds}
 
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    rows = []
-    for idx in wanted:
-        label, dropout, use_dora = SETTINGS[idx]
-        ours, hf = build_layers(base, args.r, args.alpha, dropout, use_dora)
-        err = check_same(ours, hf, x, g, dtype)
-        steps = {"base": make_step(base, x, g), "ours": make_step(ours, x, g), "hf": make_step(hf, x, g)}
-        t0 = time.perf_counter()
-        rounds = run_rounds(steps, args.warmup, args.repeats, args.max_others, args.time_limit, clock)
-        quiet = [r for r in rounds if r["quiet"]]
-        rows.append({"setting": label, "lora_dropout": dropout, "use_dora": use_dora, "max_rel_err_vs_hf": err,
-                     "seconds": time.perf_counter() - t0, "all_rounds": summarize(rounds),
-                     "quiet_rounds": summarize(quiet) if args.max_others is not None else None,
-                     "raw": rounds})
-        print(f"# {label}: {len(rounds)} rounds" + (f", {len(quiet)} quiet" if args.max_others is not None else ""),
-              flush=True)
 
-    flops_ratio = 1 + 1.5 * args.r * (1 / args.k + 1 / args.n)
-    print()
-    print(f"M={args.m} K={args.k} N={args.n} r={args.r} {args.dtype} threads={args.threads} "
-          f"clock={args.clock} (FLOP floor: {flops_ratio:.3f}x base); ratios are medians of per-round ratios")
-    print()
+def flop_floor(args) -> float:
+    """FLOPs of base + LoRA (fwd + both grads) over the base's: the best ratio any LoRA layer can reach."""
+    return 1 + 1.5 * args.r * (1 / args.k + 1 / args.n)
+
+
+def print_tables(rows: list[dict], args) -> None:
+    print(f"\nM={args.m} K={args.k} N={args.n} r={args.r} {args.dtype} threads={args.threads} "
+          f"clock={args.clock} (FLOP floor: {flop_floor(args):.3f}x base); ratios are medians of per-round ratios\n")
     header = ("| setting | rounds | base ms | ours ms | HF PEFT ms | ours / base | HF / base | ours / HF "
               "| others' cores |")
     for kind in ("quiet_rounds", "all_rounds") if args.max_others is not None else ("all_rounds",):
@@ -280,12 +272,14 @@ def main(argv=None):
         for row in rows:
             print(fmt_row(row["setting"], row[kind]))
 
+
+def write_result(rows: list[dict], args) -> dict:
     result = {
         "benchmark": "lora_layer_forward_backward",
         "shape": {"M": args.m, "K": args.k, "N": args.n, "r": args.r, "alpha": args.alpha, "bias": args.bias},
         "dtype": args.dtype, "threads": args.threads, "clock": args.clock,
         "repeats": args.repeats, "warmup": args.warmup,
-        "max_others": args.max_others, "flop_ratio_floor": flops_ratio,
+        "max_others": args.max_others, "flop_ratio_floor": flop_floor(args),
         "torch": torch.__version__, "peft": __import__("peft").__version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "rows": rows,
@@ -295,6 +289,22 @@ def main(argv=None):
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    keys = {"lora0": 0, "lora05": 1, "dora": 2}
+    wanted = range(3) if args.settings == "all" else [keys[s.strip()] for s in args.settings.split(",")]
+    base = nn.Linear(args.k, args.n, bias=args.bias, dtype=dtype).requires_grad_(False)
+    x = torch.randn(args.m, args.k, dtype=dtype, requires_grad=True)
+    g = torch.randn(args.m, args.n, dtype=dtype)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = [measure_setting(idx, base, x, g, args, clock) for idx in wanted]
+    print_tables(rows, args)
+    return write_result(rows, args)
 
 
 if __name__ == "__main__":
