@@ -28,20 +28,30 @@ def split_name(module: str) -> tuple[int | None, str]:
     return int(found.group(1)), module[found.end():]
 
 
+def kind_panels(plt, n: int, columns: int = 4):
+    """One panel per module kind, up to `columns` a row, shared y; unused panels hidden. -> (fig, flat axes)."""
+    rows, cols = -(-n // columns), min(n, columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True, layout="constrained")
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat
+
+
 def plot_spectra(stats: list[LayerStats], path: str | Path) -> Path:
     """Singular values of every layer's dW, one line per layer, grouped by module kind."""
     plt = pyplot()
     kinds = sorted({split_name(s.module)[1] for s in stats})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), squeeze=False, sharey=True)
-    for ax, kind in zip(axes[0], kinds):
+    fig, axes = kind_panels(plt, len(kinds))
+    for ax, kind in zip(axes, kinds):
         layers = [s for s in stats if split_name(s.module)[1] == kind]
         cmap = plt.get_cmap("viridis", max(len(layers), 2))
         for k, s in enumerate(layers):
             ax.semilogy(range(1, len(s.singular_values) + 1), s.singular_values, color=cmap(k), lw=1.2,
                         label=f"layer {split_name(s.module)[0]}")
         ax.set_title(kind, fontsize=9), ax.set_xlabel("index i"), ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("singular value of dW")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.supylabel("singular value of dW", fontsize=10)
+    axes[len(kinds) - 1].legend(fontsize=7, loc="upper right")
     return save(fig, path)
 
 
@@ -90,16 +100,16 @@ def plot_training_norms(records: list[dict], path: str | Path) -> Path:
         raise ValueError("no LoRA adapter_stats in the records: train with inspect_every > 0")
     modules = sorted(logged[-1]["adapter_stats"], key=lambda m: (split_name(m)[1], split_name(m)[0] or 0))
     kinds = sorted({split_name(m)[1] for m in modules})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), squeeze=False, sharey=True)
-    for ax, kind in zip(axes[0], kinds):
+    fig, axes = kind_panels(plt, len(kinds))
+    for ax, kind in zip(axes, kinds):
         mine = [m for m in modules if split_name(m)[1] == kind]
         cmap = plt.get_cmap("viridis", max(len(mine), 2))
         for k, module in enumerate(mine):
             points = [(r["step"], r["adapter_stats"][module]["relative_delta"]) for r in logged if module in r["adapter_stats"]]
             ax.plot(*zip(*points), color=cmap(k), lw=1.2, label=f"layer {split_name(module)[0]}")
         ax.set_title(kind, fontsize=9), ax.set_xlabel("step"), ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("||dW|| / ||W||")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.supylabel("||dW|| / ||W||", fontsize=10)
+    axes[len(kinds) - 1].legend(fontsize=7, loc="upper left")
     return save(fig, path)
 
 
