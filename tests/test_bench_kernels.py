@@ -1,27 +1,27 @@
-"""bench/bench_kernels.py runs on CPU (--quick --repeats 1), and its dry run enumerates the CUDA grid."""
-import importlib.util
+"""The kernel benchmarks: bench/bench_kernels.py runs on CPU (--quick --repeats 1) and its dry run
+enumerates the CUDA grid; each per-kernel script (bench_quant_matmul.py, bench_lora_matmul.py,
+bench_qlora.py) runs on its own; the harness picks rooflines, the CLI reads --shapes."""
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_module():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def load(monkeypatch):
+    """Import a bench script as `python bench/<name>.py` sees its siblings: with bench/ on sys.path."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
 
 
 @pytest.mark.slow
-def test_cpu_quick_run_writes_every_row(tmp_path, capsys):
+def test_cpu_quick_run_writes_every_row(load, tmp_path, capsys):
     """The CPU path CI can run: in-process (imports shared with the rest of the suite), ~5 s of timing."""
     out = tmp_path / "kernels.json"
-    load_module().main(["--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    load("bench_kernels").main(["--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     stdout = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -41,8 +41,8 @@ def test_cpu_quick_run_writes_every_row(tmp_path, capsys):
     assert "all agree within tolerance" in stdout
 
 
-def test_dry_run_enumerates_the_cuda_grid(tmp_path, capsys):
-    bench = load_module()
+def test_dry_run_enumerates_the_cuda_grid(load, tmp_path, capsys):
+    bench = load("bench_kernels")
     result = bench.main(["--dry-run", "--gpu", "NVIDIA H100 80GB HBM3", "--out", str(tmp_path / "dry.json")])
     rows = result["rows"]
     counts = {s: sum(r["section"] == s for r in rows) for s in "abcd"}
@@ -54,11 +54,44 @@ def test_dry_run_enumerates_the_cuda_grid(tmp_path, capsys):
     assert "75% HBM" in capsys.readouterr().out
 
 
-def test_roofline_is_picked_by_device_name():
-    bench = load_module()
+def test_roofline_is_picked_by_device_name(load):
+    bench, cli = load("kernel_harness"), load("kernel_cli")
     assert bench.pick_roofline("NVIDIA H100 80GB HBM3")["hbm_tbps"] == 3.35
     assert bench.pick_roofline("NVIDIA H100 PCIe")["label"] == "H100 PCIe"
     assert bench.pick_roofline("NVIDIA H200")["hbm_tbps"] == 4.8
     assert bench.pick_roofline("NVIDIA A100-SXM4-80GB")["tflops_16"] == 312.0
     assert bench.pick_roofline("cpu") is None
-    assert bench.parse_shapes("K=N=8192;m=1,16", bench.GRIDS["cuda"]) == {"kn": [8192], "m": [1, 16], "r": [16, 64]}
+    assert cli.parse_shapes("K=N=8192;m=1,16", cli.GRIDS["cuda"]) == {"kn": [8192], "m": [1, 16], "r": [16, 64]}
+
+
+@pytest.mark.parametrize("script, counts", [("bench_quant_matmul", {"a": 12}), ("bench_lora_matmul", {"b": 24}),
+                                            ("bench_qlora", {"c": 24, "d": 1})])
+def test_each_script_dry_runs_its_sections(load, tmp_path, capsys, script, counts):
+    """Each per-kernel script enumerates only its own sections, with the driver's figures."""
+    rows = load(script).main(["--dry-run", "--gpu", "H100", "--out", str(tmp_path / "dry.json")])["rows"]
+    assert {s: sum(r["section"] == s for r in rows) for s in counts} == counts and len(rows) == sum(counts.values())
+    driver = load("bench_kernels").main(["--dry-run", "--gpu", "H100", "--sections", ",".join(counts),
+                                         "--out", str(tmp_path / "driver.json")])["rows"]
+    assert rows == driver
+    assert f"### {next(iter(counts))}." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, argv, sections", [
+    ("bench_quant_matmul", [], {"a"}),
+    ("bench_lora_matmul", [], {"b"}),
+    ("bench_qlora", ["--sections", "c"], {"c"}),
+])
+def test_each_script_times_a_tiny_grid_on_cpu(load, tmp_path, script, argv, sections):
+    """One tiny CPU case per script: every contender runs and agrees with its reference."""
+    out = tmp_path / "run.json"
+    result = load(script).main(["--device", "cpu", "--shapes", "kn=128;m=4;r=4", "--repeats", "1", "--warmup", "0",
+                                "--out", str(out), *argv])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert {r["section"] for r in result["rows"]} == sections
+    for row in result["rows"]:
+        assert not row["errors"] and not row["check_failed"] and row["contenders"] and row["ratios"]
+
+
+def test_sections_flag_rejects_other_scripts_sections(load):
+    with pytest.raises(SystemExit, match="unknown"):
+        load("bench_qlora").main(["--dry-run", "--sections", "a"])
