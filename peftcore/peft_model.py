@@ -271,8 +271,13 @@ class PeftModel(nn.Module):
 
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts. A quantized linear's weight counts as its out x in
+        weights (its packed codes and scales are buffers), as HF PEFT counts a 4-bit weight."""
+        from peftcore.models.quantized import QuantLinear
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        quantized = sum(m.out_features * m.in_features for m in self.modules() if isinstance(m, QuantLinear))
+        return trainable, sum(p.numel() for p in self.parameters()) + quantized
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -128,3 +128,15 @@ def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
     growth = rss.growth_bytes(rss.start_growth(imports, 'model = load_pretrained(sys.argv[1], quantize="nf4")', str(tmp_path))) / size
     print(f"nf4 loading grew RSS by {growth:.3f}x the fp32 checkpoint")
     assert growth < 0.5, f"loading with quantize='nf4' grew RSS by {growth:.2f}x the fp32 checkpoint"
+
+
+def test_trainable_parameter_share_counts_a_4bit_weight_as_its_dense_size(tmp_path):
+    """HF PEFT counts a 4-bit weight by its dense size; the packed codes are buffers here, so the
+    count must add them back: the total equals the dense model's."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128,
+                                                           num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    dense = get_peft_model(load_pretrained(tmp_path), config).get_nb_trainable_parameters()
+    quantized = get_peft_model(load_pretrained(tmp_path, quantize="nf4"), config).get_nb_trainable_parameters()
+    assert quantized == dense and dense[0] == 2 * 4 * (64 + 64)
