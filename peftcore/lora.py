@@ -10,6 +10,7 @@ files line up key for key. Several named adapters live side by side in one layer
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,6 +35,17 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     if hasattr(layer, "dequantize"):
         return layer.dequantize()
     return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def frozen_base(layer: nn.Module):
+    """(W as (out, in) or None, its dequantize or None, compute dtype) of a frozen base that
+    LoraLinearFunction can run, or None (a trainable weight, or a layer type it does not know)."""
+    if type(layer) is nn.Linear or type(layer) is Conv1D:
+        W = layer.weight.T if type(layer) is Conv1D else layer.weight
+        return None if W.requires_grad else (W, None, W.dtype)
+    if hasattr(layer, "dequantize") and hasattr(layer, "compute_dtype"):  # models.quantized.QuantLinear
+        return None, functools.partial(layer.dequantize, layer.compute_dtype), layer.compute_dtype
+    return None
 
 
 def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -90,14 +102,17 @@ class LoraLinearFunction(torch.autograd.Function):
                                            GEMM accumulates into it (beta = 1)
                 db = sum over rows of g    only when the base bias trains (bias="all")
     Saved: x * mask (x itself when p = 0; W is frozen, so x is not needed otherwise), h, the dropped
-    positions. Against autograd on the module graph this drops the float dropout mask (M, K), its
+    positions. A quantized base passes W = None and its `dequantize`: W is then a temporary in
+    forward and dequantized again in backward, never kept between them (QLoRA's point). Against autograd on the module graph this drops the float dropout mask (M, K), its
     multiplies in both directions, the (M, N) scale/add passes and the (M, K) add of the two input
     gradients. Checked against autograd of the plain formula in tests (every gradient).
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s: float, p: float):
+    def forward(ctx, x, W, b, A, B, s: float, p: float, dequantize=None):
         shape = x.shape
+        ctx.dequantize = dequantize
+        weight = W if dequantize is None else dequantize()
         x2 = x.reshape(-1, shape[-1])
         pos = None
         if p > 0:
@@ -112,7 +127,7 @@ class LoraLinearFunction(torch.autograd.Function):
             out = torch.addmm(h.new_zeros(()), h, B.T, beta=0, alpha=s)
         else:
             out = torch.addmm(b, h, B.T, alpha=s)
-        out.addmm_(x2, W.T)
+        out.addmm_(x2, weight.T)
         ctx.save_for_backward(W, A, B, x_lora if A.requires_grad else None, h if B.requires_grad else None, pos)
         ctx.s, ctx.x_shape = s, shape
         return out.view(*shape[:-1], out.shape[-1])
@@ -135,10 +150,10 @@ class LoraLinearFunction(torch.autograd.Function):
             dx = torch.mm(dh, A)
             if pos is not None:
                 dx.view(-1).index_fill_(0, pos, 0)
-            dx = dx.addmm_(g2, W).view(ctx.x_shape)
+            dx = dx.addmm_(g2, W if ctx.dequantize is None else ctx.dequantize()).view(ctx.x_shape)
         if need_b:
             db = g2.sum(0)
-        return dx, None, db, dA, dB, None, None
+        return dx, None, db, dA, dB, None, None, None
 
 
 class Magnitude(nn.Module):
@@ -232,29 +247,24 @@ class LoraLinear(nn.Module):
     def torch_fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The torch path's fast case (CPU, or CUDA without Triton): base(x) + LoRA as one
         LoraLinearFunction, or None where that does not apply: it needs one
-        active plain-LoRA adapter (no DoRA, no lora_bias) on a frozen nn.Linear / Conv1D without hooks,
-        one dtype throughout, no autocast, and dropout p = 0 or 1e-6 <= p <= SPARSE_DROPOUT_MAX_P (below
-        1e-6 the sum of the sampled gaps could overflow int64)."""
+        active plain-LoRA adapter (no DoRA, no lora_bias) on a frozen nn.Linear / Conv1D / quantized
+        linear without hooks, one dtype throughout, no autocast, and dropout p = 0 or
+        1e-6 <= p <= SPARSE_DROPOUT_MAX_P (below 1e-6 the sum of the sampled gaps could overflow int64)."""
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if len(active) != 1:
+        frozen = frozen_base(self.base_layer)
+        if len(active) != 1 or frozen is None:
             return None
-        name = active[0]
+        name, (W, dequantize, dtype) = active[0], frozen
         base = self.base_layer
-        if type(base) is nn.Linear:
-            W = base.weight
-        elif type(base) is Conv1D:
-            W = base.weight.T
-        else:
-            return None
         A, B, bias = self.lora_A[name].weight, self.lora_B[name].weight, base.bias
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        if (W.requires_grad or self.lora_B[name].bias is not None or name in self.lora_magnitude_vector
-                or not (p == 0.0 or 1e-6 <= p <= SPARSE_DROPOUT_MAX_P) or not x.dtype == W.dtype == A.dtype == B.dtype
-                or (bias is not None and bias.dtype != W.dtype) or base._forward_hooks or base._forward_pre_hooks
+        if (self.lora_B[name].bias is not None or name in self.lora_magnitude_vector
+                or not (p == 0.0 or 1e-6 <= p <= SPARSE_DROPOUT_MAX_P) or not x.dtype == dtype == A.dtype == B.dtype
+                or (bias is not None and bias.dtype != dtype) or base._forward_hooks or base._forward_pre_hooks
                 or torch.is_autocast_enabled(x.device.type)):
             return None
-        return LoraLinearFunction.apply(x, W, bias, A, B, self.scaling[name], p)
+        return LoraLinearFunction.apply(x, W, bias, A, B, self.scaling[name], p, dequantize)
 
     def add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]

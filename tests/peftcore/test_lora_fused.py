@@ -9,6 +9,7 @@ from torch import nn
 from peftcore import LoraConfig, get_peft_model
 from peftcore.lora import LoraLinearFunction, dropped_positions
 from peftcore.models.layers import Conv1D
+from peftcore.models.quantized import QuantLinear
 
 
 class One(nn.Module):
@@ -25,6 +26,8 @@ def lora_layer(kind, bias_mode, p, dtype=torch.float64, **kw):
     if kind == "conv1d":
         base = Conv1D(N, K).to(dtype)
         nn.init.normal_(base.bias)
+    elif kind in ("nf4", "int8"):  # QLoRA: a quantized base
+        base = QuantLinear.from_linear(nn.Linear(K, N, dtype=dtype), kind)
     else:
         base = nn.Linear(K, N, bias=kind == "linear_bias", dtype=dtype)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=p, init_lora_weights=False,
@@ -52,7 +55,7 @@ def counting_calls(monkeypatch):
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("bias_mode", ["none", "all"])
-@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d", "nf4", "int8"])
 def test_fused_gradients_equal_autograd_of_the_formula(kind, bias_mode, p, monkeypatch):
     layer = lora_layer(kind, bias_mode, p)
     calls = counting_calls(monkeypatch)
@@ -66,7 +69,7 @@ def test_fused_gradients_equal_autograd_of_the_formula(kind, bias_mode, p, monke
     if p > 0:
         mask[dropped_positions(x.numel(), p)] = 0
     base = layer.base_layer
-    W = base.weight.T if kind == "conv1d" else base.weight
+    W = base.dequantize() if kind in ("nf4", "int8") else base.weight.T if kind == "conv1d" else base.weight
     A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     xr = x.clone().requires_grad_(True)
     y = xr @ W.T + (0 if base.bias is None else base.bias) + s * ((xr * mask.view(x.shape) / (1 - p)) @ A.T) @ B.T
@@ -112,3 +115,16 @@ def test_dropped_positions_are_independent_drops_with_probability_p():
     # extreme rates: everything dropped, and (almost surely) nothing
     assert dropped_positions(10, 0.999999).numel() == 10
     assert dropped_positions(3, 1e-6).numel() == 0  # P(any drop) = 3e-6; the seed is fixed above
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantized_base_keeps_no_dense_weight_for_backward(kind):
+    """QLoRA's point: the dequantized weight is a temporary in forward and is dequantized again in
+    backward; nothing of shape (out, in) is saved between them."""
+    layer = lora_layer(kind, "none", 0.1, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(torch.randn(6, 24, requires_grad=True))
+    assert saved and (40, 24) not in saved and (24, 40) not in saved
+    y.sum().backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
