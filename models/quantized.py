@@ -7,7 +7,6 @@ dequantizes inside the GEMM on GPU. LoRA / DoRA wrap these layers like any linea
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftcore.kernels import quant
@@ -93,8 +92,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from peftcore.kernels import quant_matmul  # the module: tests reload it under TRITON_INTERPRET=1
 
-        if self.method == "int8":  # no int8 kernel: dequantize and let cuBLAS / MKL run the GEMM
-            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        # int8 has no kernel: quant_matmul dequantizes and lets cuBLAS / MKL run the GEMM, inside an
+        # autograd Function that dequantizes again for dX instead of keeping the dense weight
+        # (a plain F.linear would save it for backward: one dense copy per layer during training).
         return quant_matmul.quant_matmul(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:

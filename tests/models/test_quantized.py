@@ -140,3 +140,18 @@ def test_trainable_parameter_share_counts_a_4bit_weight_as_its_dense_size(tmp_pa
     dense = get_peft_model(load_pretrained(tmp_path), config).get_nb_trainable_parameters()
     quantized = get_peft_model(load_pretrained(tmp_path, quantize="nf4"), config).get_nb_trainable_parameters()
     assert quantized == dense and dense[0] == 2 * 4 * (64 + 64)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int4", "int8"])
+def test_a_frozen_quantized_linear_keeps_no_dense_weight_for_backward(method):
+    """The input gradient through a frozen quantized layer (a QLoRA layer without an adapter)
+    dequantizes again in backward: nothing of the weight's (out, in) shape is saved."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), method, group_size=32 if method == "int4" else None)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert (48, 64) not in saved
+    y.backward(torch.ones_like(y))
+    assert_close(x.grad, torch.ones(5, 48) @ layer.dequantize())
