@@ -2,7 +2,11 @@
 
 Records are `{"input", "output"}` (optionally `"instruction"`) or chat `{"messages": [{"role",
 "content"}, ...]}`. The loss covers only what the model should learn to write (the output, or the
-assistant turns): every other label is -100. Every bad record is an error naming `file:line`.
+assistant turns): every other label is -100. Extractive QA records `{"context", "question",
+"answer"}` become the answer's token span in the context. Every bad record is an error naming `file:line`.
+
+Rows of a multi-task job carry their task's name (`TokenizedExample.task`); a batch holds rows of
+one task and `collate` adds "task" and "kind" (generation / classification / qa) to it.
 """
 from __future__ import annotations
 
@@ -44,6 +48,14 @@ class TokenizedExample:
     labels: list[int]
     truncated: bool = False
     label: int | None = None  # sequence classification: the class index (then `labels` is unused)
+    span: tuple[int, int] | None = None  # extractive QA: the answer's first and last token (then `labels` is unused)
+    task: str | None = None  # multi-task rows: the task (and head) this row trains
+
+    @property
+    def kind(self) -> str:
+        if self.label is not None:
+            return "classification"
+        return "qa" if self.span is not None else "generation"
 
 
 @dataclass
@@ -156,6 +168,25 @@ def jinja_segments(messages: list[dict], chat_template: str) -> list[tuple[str, 
     return segments
 
 
+def qa_example(record, where: str) -> Example:
+    """{"context", "question", "answer"[, "answer_start"]} -> segments: the question, then the context
+    with the answer as the one trained segment. The question comes first so that a causal model's
+    context tokens have read it. `answer_start` (a character offset) picks one of several occurrences."""
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("context", "question", "answer")):
+        raise DataError(f"{where}: a QA record needs string fields \"context\", \"question\" and \"answer\"")
+    context, answer = record["context"], record["answer"]
+    if not answer.strip():
+        raise DataError(f"{where}: the answer is empty")
+    start = record.get("answer_start", context.find(answer))
+    found = isinstance(start, int) and not isinstance(start, bool) and start >= 0
+    if not found or context[start : start + len(answer)] != answer:
+        at = f" at answer_start {start!r}" if "answer_start" in record else ""
+        raise DataError(f"{where}: the answer {answer[:40]!r} does not occur in the context{at}")
+    end = start + len(answer)
+    return Example(where, [(record["question"] + "\n", False), (context[:start], False), (answer, True),
+                           (context[end:], False)])
+
+
 def load_examples(path: str | Path, template: PromptTemplate | None = None) -> list[Example]:
     template = template or PromptTemplate()
     examples = [to_example(record, where, template) for record, where in read_records(path)]
@@ -182,6 +213,30 @@ def tokenize(example: Example, tokenizer, max_length: int) -> TokenizedExample:
     return TokenizedExample(example.where, ids[:max_length], labels[:max_length], truncated)
 
 
+def tokenize_span(example: Example, tokenizer, max_length: int) -> TokenizedExample:
+    """QA: [BOS or CLS] question, context [SEP]; `span` = the first and last token of the trained segment.
+
+    Segments are tokenized one by one, so the span is exact in the ids the model sees (a BPE may
+    merge differently across a segment border than in the joined text)."""
+    lead = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+    ids = [] if lead is None else [lead]
+    start = end = None
+    for text, trained in example.segments:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        if trained:
+            if not piece:
+                raise DataError(f"{example.where}: the answer has no tokens")
+            start, end = len(ids), len(ids) + len(piece) - 1
+        ids += piece
+    sep = getattr(tokenizer, "sep_token_id", None)
+    ids += [] if sep is None else [sep]
+    if end >= max_length:
+        raise DataError(f"{example.where}: the answer ends at token {end}, past max_length {max_length}; "
+                        "raise [data] max_length or shorten the context")
+    return TokenizedExample(example.where, ids[:max_length], [IGNORE_INDEX] * min(len(ids), max_length),
+                            len(ids) > max_length, span=(start, end))
+
+
 def pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExample]:
     """Concatenate and cut into max_length rows: no padding wasted; attention crosses example borders."""
     ids = [i for ex in examples for i in ex.input_ids]
@@ -195,8 +250,10 @@ def pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExa
 def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row: input_ids, attention_mask, labels (pads labelled -100).
 
-    Classification rows carry one label each: `labels` is then (B,) class indices.
+    Classification rows carry one label each: `labels` is then (B,) class indices; QA rows an answer
+    span each: (B, 2) first and last token. Rows of a task add "task" and "kind" (plain strings).
     """
+    routing = task_of(batch) if batch[0].task is not None else {}
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -208,4 +265,26 @@ def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch
         mask[row, :n] = 1
     if batch[0].label is not None:
         labels = torch.tensor([ex.label for ex in batch], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if batch[0].span is not None:
+        labels = torch.tensor([ex.span for ex in batch], dtype=torch.long)  # (B, 2)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, **routing}
+
+
+def group_by_task(rows: list[TokenizedExample]) -> dict[str, list[TokenizedExample]]:
+    """{task: its rows} in order of first appearance; {} for single-task rows (no row names a task)."""
+    tagged = sum(row.task is not None for row in rows)
+    if tagged and tagged < len(rows):
+        raise ValueError(f"{tagged} of {len(rows)} rows name a task: name every row's task (TokenizedExample.task) or none")
+    groups: dict[str, list[TokenizedExample]] = {}
+    for row in rows:
+        if row.task is not None:
+            groups.setdefault(row.task, []).append(row)
+    return groups
+
+
+def task_of(batch: list[TokenizedExample]) -> dict[str, str]:
+    tasks = {(ex.task, ex.kind) for ex in batch}
+    if len(tasks) > 1:
+        raise ValueError(f"a batch must hold rows of one task, got {', '.join(sorted(f'{t} ({k})' for t, k in tasks))}")
+    task, kind = tasks.pop()
+    return {"task": task, "kind": kind}

@@ -5,12 +5,17 @@ model loads), then the base and its tokenizer, the data report, the perplexity (
 before training, the one training loop (`peftcore.train.train`), and finally the saved adapter
 is loaded back from disk to measure "after" and show sample generations, so the numbers printed
 are the numbers of the files written.
+
+A recipe with [tasks.<name>] tables runs `run_multitask_train` instead: the same order, per task
+(data, rows, before / after metrics), one MultiTaskModel (peftcore.multitask) trained by the same
+loop on all tasks at once; its adapter folder holds the LoRA adapter plus the task heads.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -18,10 +23,12 @@ import torch
 
 from .data import pack
 from .data_report import data_report, format_report, write_report
+from .multitask import MultiTaskModel, parts_of
+from .multitask_heads import TaskSpec
 from .peft_model import get_peft_model
-from .recipe import Recipe
+from .recipe import Recipe, TaskSection
 from .tasks import (Loaded, Record, adapter_config, load_adapter_folder, load_base, pad_id, parse_records,
-                    read_labels, resolve_base, save_adapter_folder, set_runtime, tokenize_records)
+                    TaskError, read_labels, resolve_base, save_adapter_folder, set_runtime, tokenize_records)
 from .train import evaluate, train
 from .train_state import set_seed
 
@@ -41,12 +48,13 @@ def default_output_dir(resume: bool) -> Path:
 def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print) -> dict:
     from . import distributed
 
+    if recipe.tasks:
+        return run_multitask_train(recipe, output_dir, resume, log)
     started = time.perf_counter()
     output_dir = Path(output_dir)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
     log = log if main else (lambda *args, **kwargs: None)
-    if not resume and (output_dir / "checkpoint").exists():
-        raise FileExistsError(f"{output_dir} holds a run already: pass --resume to continue it, or another --output-dir")
+    check_fresh(output_dir, resume)
     # 1. the data, parsed and checked before anything loads
     labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
     train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
@@ -96,10 +104,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     if not main:  # rank 0 alone picks, reloads and evaluates the adapter
         return {"steps": state.step}
     # 7. the adapter: the best evaluation's, else the last step's
-    chosen = output_dir / "best" if (output_dir / "best").is_dir() else output_dir / "checkpoint" / "adapter"
-    adapter = output_dir / ADAPTER_DIR
-    shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(chosen, adapter)
+    chosen, adapter = keep_chosen_adapter(output_dir)
     del peft_model, model
     # 8. after, from the files
     loaded = load_adapter_folder(adapter, log=log)
@@ -119,11 +124,155 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     return summary
 
 
+def check_fresh(output_dir: Path, resume: bool) -> None:
+    if not resume and (output_dir / "checkpoint").exists():
+        raise FileExistsError(f"{output_dir} holds a run already: pass --resume to continue it, or another --output-dir")
+
+
+def keep_chosen_adapter(output_dir: Path) -> tuple[Path, Path]:
+    """Copy the best evaluation's adapter (else the last step's) to output_dir/adapter. -> (chosen, copy)."""
+    chosen = output_dir / "best" if (output_dir / "best").is_dir() else output_dir / "checkpoint" / "adapter"
+    adapter = output_dir / ADAPTER_DIR
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(chosen, adapter)
+    return chosen, adapter
+
+
 def describe_eval(result: dict) -> str:
     text = f"eval loss {result['eval_loss']:.3f}, perplexity {result['eval_ppl']:.2f}"
     if "eval_accuracy" in result:
         text = f"eval accuracy {100 * result['eval_accuracy']:.1f}%, loss {result['eval_loss']:.3f}"
     return text
+
+
+# -- multi-task -------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    """One [tasks.<name>] of a recipe, parsed: its head's spec and its records."""
+
+    spec: TaskSpec
+    train_records: list[Record]
+    eval_records: list[Record]
+
+
+def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
+    labels = None
+    if task.kind == "classification":
+        labels = read_labels(task.labels) if task.labels else [str(i) for i in range(task.num_labels)]
+        if task.num_labels is not None and task.num_labels != len(labels):
+            raise TaskError(f"[tasks.{name}] num_labels = {task.num_labels}, but {Path(task.labels).name} lists {len(labels)}")
+    spec = TaskSpec(task.kind, labels=labels, pooling=task.pooling, weight=task.weight)
+    train_records = parse_records(task.train, recipe.data.template, labels, recipe.data.augment, task.kind)
+    eval_records = parse_records(task.eval, recipe.data.template, labels, kind=task.kind) if task.eval else []
+    return TaskData(spec, train_records, eval_records)
+
+
+def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print) -> dict:
+    """`peftcore train` for a recipe with [tasks.<name>] tables: one LoRA backbone, a head per task."""
+    from peftcore.models import load_tokenizer
+
+    from . import distributed
+
+    started, output_dir = time.perf_counter(), Path(output_dir)
+    main = distributed.is_main()
+    log = log if main else (lambda *args, **kwargs: None)
+    check_fresh(output_dir, resume)
+    # 1. every task's data, parsed and checked before anything loads
+    tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
+    # 2. base + tokenizer; 3. rows per task and their data reports
+    device = set_runtime(recipe.model)
+    base_folder = resolve_base(recipe.model.base_name, log=log)
+    tokenizer = load_tokenizer(base_folder)
+    pad, batch = pad_id(tokenizer), recipe.train.batch_size
+    train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log)
+    # 4. the shared backbone and the heads
+    set_seed(recipe.train.seed)
+    model = build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()})
+    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        sum(p.numel() for p in model.parameters()))
+    log(f"model: {recipe.model.base_name}, adapter {recipe.adapter.method} + heads for {', '.join(tasks)}: "
+        f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
+    info = {**recipe.to_dict(), "labels": None}
+    if main:
+        (output_dir / "recipe.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # 5. before (the untrained heads on the base); 6. train
+    with model.backbone.disable_adapter():
+        before = evaluate(model, eval_rows, batch, pad, task_weights=model.task_weights) if eval_rows else {}
+    if before:
+        log("before: " + describe_tasks(before, tasks))
+    state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
+                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info))
+    if not main:
+        return {"steps": state.step}
+    # 7. the adapter + heads; 8. after, from the files
+    chosen, adapter = keep_chosen_adapter(output_dir)
+    del model
+    loaded = MultiTaskModel.from_pretrained(load_base(base_folder, recipe.model, None, device=device), adapter)
+    after = evaluate(loaded, eval_rows, batch, pad, task_weights=loaded.task_weights) if eval_rows else {}
+    if after:
+        log("after:  " + describe_tasks(after, tasks) + (f"  (adapter of step {state.best_step}, the best evaluation)"
+                                                          if chosen.name == "best" else ""))
+    samples = multitask_samples(loaded, tokenizer, tasks, recipe, base_folder, device, log)
+    summary = {"steps": state.step, "stopped_early": state.stopped_early, "best_step": state.best_step,
+               "before": before, "after": after, "adapter": str(adapter), "seconds": time.perf_counter() - started,
+               "samples": samples}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
+    return summary
+
+
+def tokenize_tasks(tasks: dict[str, TaskData], tokenizer, max_length: int, report_dir: Path | None, log=print):
+    """-> (train rows, eval rows), every row stamped with its task; logs and writes each task's data report."""
+    train_rows, eval_rows, reports = [], [], {}
+    for name, task in tasks.items():
+        rows = tokenize_records(task.train_records, tokenizer, max_length, task=name)
+        eval_rows += tokenize_records(task.eval_records, tokenizer, max_length, task=name)
+        report = data_report([r.example for r in task.train_records], rows, max_length)
+        if task.spec.kind != "generation":
+            report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
+        log(f"task {name} ({task.spec.kind}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
+        log(format_report(report))
+        if task.spec.labels:
+            log("  labels: " + ", ".join(f"{label} {sum(r.label == i for r in task.train_records)}"
+                                          for i, label in enumerate(task.spec.labels)))
+        reports[name] = report
+        train_rows += rows
+    if report_dir is not None:
+        write_report({"tasks": reports}, report_dir)
+    return train_rows, eval_rows
+
+
+def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, TaskSpec]) -> MultiTaskModel:
+    base = load_base(base_folder, recipe.model, None, device=device, seed=recipe.train.seed)
+    task_type = "CAUSAL_LM" if parts_of(base)[2] else "FEATURE_EXTRACTION"  # an encoder has no LM task
+    peft_model = get_peft_model(base, adapter_config(recipe, base, recipe.model.base_name, base_folder, task_type))
+    return MultiTaskModel(peft_model, specs)
+
+
+def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:
+    parts = []
+    for name, task in tasks.items():
+        if f"eval_loss/{name}" not in result:  # a task without eval data
+            continue
+        if task.spec.kind == "classification":
+            metric = f"accuracy {100 * result[f'eval_accuracy/{name}']:.1f}%"
+        elif task.spec.kind == "qa":
+            metric = f"exact match {100 * result[f'eval_exact_match/{name}']:.1f}%"
+        else:
+            metric = f"perplexity {result[f'eval_ppl/{name}']:.2f}"
+        parts.append(f"{name} {metric} (loss {result[f'eval_loss/{name}']:.3f})")
+    return "; ".join(parts) + f"; weighted loss {result['eval_loss']:.3f}"
+
+
+def multitask_samples(model: MultiTaskModel, tokenizer, tasks: dict[str, TaskData], recipe: Recipe, base_folder: Path,
+                      device, log=print) -> list[dict]:
+    """Sample generations of the first generation task with eval records (the shared adapter + LM head)."""
+    name = next((n for n, t in tasks.items() if t.spec.kind == "generation" and t.eval_records), None)
+    if name is None or not recipe.eval.samples:
+        return []
+    loaded = Loaded(model.backbone, tokenizer, {}, base_folder, recipe.model.base_name, device)
+    log(f"task {name}:")
+    return show_samples(loaded, tasks[name].eval_records[: recipe.eval.samples], recipe.eval, log)
 
 
 # -- generation -------------------------------------------------------------------------------

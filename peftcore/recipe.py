@@ -6,6 +6,8 @@
     [adapter]  method = "lora" | "dora" | "prompt" | "p-tuning" | "prefix", plus that config's fields
     [train]    peftcore.train.TrainConfig's fields
     [eval]     generation settings, glossary, how many samples
+    [tasks.<name>]  multi-task recipes (peftcore.multitask), one table per task: kind, train, eval,
+               weight, labels / num_labels (classification); [data] then holds only shared settings
 
 Every error names the file (or the `--set` that caused it), the section and the key:
 "recipe.toml: unknown key [train] lr; did you mean learning_rate?".
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import sys
 import types
 import typing
@@ -24,6 +27,7 @@ from pathlib import Path
 from .augment import AugmentConfig
 from .config import LoraConfig
 from .data import PromptTemplate
+from .multitask_heads import KINDS, POOLINGS, check_task_name
 from .prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .train import TrainConfig
 
@@ -122,6 +126,31 @@ class EvalSection:
 
 
 @dataclass
+class TaskSection:
+    """[tasks.<name>]: one task of a multi-task recipe (a head on the shared adapted backbone)."""
+
+    kind: str = field(default="", metadata={"required": True})  # classification | generation | qa
+    train: str = field(default="", metadata={"required": True, "path": True})
+    eval: str | None = field(default=None, metadata={"path": True})
+    weight: float = 1.0  # this task's loss weight (peftcore.train: per-task normalised, then weighted)
+    labels: str | None = field(default=None, metadata={"path": True})  # classification: {"labels": [...]}
+    num_labels: int | None = None  # classification with integer labels 0..n-1 and no label file
+    pooling: str = "auto"  # classification: last | first | mean (auto: last for causal models, first for BERT)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind = {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.kind == "classification" and self.labels is None and self.num_labels is None:
+            raise ValueError('a classification task needs labels = "labels.json" or num_labels')
+        if self.kind != "classification" and (self.labels, self.num_labels, self.pooling) != (None, None, "auto"):
+            raise ValueError(f"labels, num_labels and pooling are for classification tasks, not {self.kind}")
+        if self.pooling not in (*POOLINGS, "auto"):
+            raise ValueError(f"pooling = {self.pooling!r}; choose from {', '.join(POOLINGS)}, auto")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight}")
+
+
+@dataclass
 class Recipe:
     model: ModelSection
     data: DataSection
@@ -129,11 +158,15 @@ class Recipe:
     train: TrainConfig
     eval: EvalSection
     source: str = "recipe"  # the file name, for messages
+    tasks: dict[str, TaskSection] = field(default_factory=dict)  # multi-task recipes only
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "adapter": {"method": self.adapter.method, **self.adapter.options},
-                "train": dataclasses.asdict(self.train), "eval": dataclasses.asdict(self.eval)}
+        out = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+               "adapter": {"method": self.adapter.method, **self.adapter.options},
+               "train": dataclasses.asdict(self.train), "eval": dataclasses.asdict(self.eval)}
+        if self.tasks:
+            out["tasks"] = {name: dataclasses.asdict(task) for name, task in self.tasks.items()}
+        return out
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "adapter": AdapterSection, "train": TrainConfig,
@@ -165,24 +198,27 @@ def parse_recipe(raw: dict, source: str, base_dir: Path, overrides: list[str] = 
         apply_override(raw, keys, value, item)
         origins[tuple(keys)] = f"--set {item}"
     v = Validator(source, origins, base_dir)
-    unknown = [k for k in raw if k not in SECTIONS]
+    unknown = [k for k in raw if k not in SECTIONS and k != "tasks"]
     for key in unknown:
-        v.fail((key,), f"unknown section [{key}]" + suggestion(key, SECTIONS))
+        v.fail((key,), f"unknown section [{key}]" + suggestion(key, [*SECTIONS, "tasks"]))
     tables = {}
     for name in SECTIONS:
         table = raw.get(name, {})
         if not isinstance(table, dict):
             v.fail((name,), f"[{name}] must be a table, got {type_name(table)}")
         tables[name] = table
-    if "data" not in raw:
+    tasks = v.tasks(raw.get("tasks", {}))
+    if "data" not in raw and not tasks:
         v.fail(("data",), 'missing section [data]; a recipe needs at least [data] train = "train.jsonl"')
+    v.check_task_settings(tables, tasks)
     return Recipe(
         model=v.section(ModelSection, tables["model"], ("model",)),
-        data=v.section(DataSection, tables["data"], ("data",)),
+        data=v.section(DataSection, tables["data"], ("data",), required=not tasks),
         adapter=v.adapter(tables["adapter"]),
         train=v.section(TrainConfig, tables["train"], ("train",)),
         eval=v.section(EvalSection, tables["eval"], ("eval",)),
         source=source,
+        tasks=tasks,
     )
 
 
@@ -238,7 +274,8 @@ class Validator:
             origin = self.source + (f" (with {', '.join(inside)})" if inside else "")
         raise RecipeError(f"{origin}: {message}")
 
-    def section(self, cls, table: dict, keys: tuple):
+    def section(self, cls, table: dict, keys: tuple, required: bool = True):
+        """`required=False`: keys marked required may be left out (a multi-task recipe's [data] train)."""
         names = {f.name: f for f in fields(cls)}
         hints = typing.get_type_hints(cls)
         for key in table:
@@ -246,7 +283,7 @@ class Validator:
                 self.fail(keys + (key,), f"unknown key {label(keys + (key,))}" + suggestion(key, names))
         values = {}
         for name, f in names.items():
-            if f.metadata.get("required") and name not in table:
+            if required and f.metadata.get("required") and name not in table:
                 self.fail(keys + (name,), f"missing required key {label(keys + (name,))}")
             if name not in table:
                 continue
@@ -282,6 +319,39 @@ class Validator:
         if not path.exists():
             self.fail(keys, f"{label(keys)} = {value!r}: {path} does not exist")
         return str(path)
+
+    def tasks(self, table) -> dict[str, TaskSection]:
+        if not isinstance(table, dict):
+            self.fail(("tasks",), "[tasks] must hold one table per task: [tasks.<name>]")
+        tasks = {}
+        for name, body in table.items():
+            keys = ("tasks", name)
+            try:
+                check_task_name(name)
+            except ValueError as e:
+                self.fail(keys, f"[tasks.{name}] {e}")
+            if not isinstance(body, dict):
+                self.fail(keys, f"[tasks] {name} must be a table ([tasks.{name}] with kind, train, ...)")
+            tasks[name] = self.section(TaskSection, body, keys)
+        return tasks
+
+    def check_task_settings(self, tables: dict, tasks: dict) -> None:
+        """What a multi-task recipe sets per task, or cannot use; and task settings without tasks."""
+        if "task_weights" in tables["train"]:
+            self.fail(("train", "task_weights"), "[train] task_weights: set each task's weight in [tasks.<name>] weight")
+        if not tasks:
+            return
+        for key in ("train", "eval", "labels"):
+            if key in tables["data"]:
+                self.fail(("data", key), f"[data] {key}: a multi-task recipe reads each task's data from "
+                          f"[tasks.<name>] {key}")
+        if tables["data"].get("packing"):
+            self.fail(("data", "packing"), "[data] packing: multi-task batches keep one row per record; set packing = false")
+        if tables["model"].get("task", "CAUSAL_LM") != "CAUSAL_LM":
+            self.fail(("model", "task"), "[model] task: a multi-task recipe sets each task's kind in [tasks.<name>] kind; "
+                      "leave [model] task unset")
+        if tables["adapter"].get("method", "lora") not in ("lora", "dora"):
+            self.fail(("adapter", "method"), "[adapter] method: a multi-task model shares a LoRA / DoRA backbone")
 
     def adapter(self, table: dict) -> AdapterSection:
         keys = ("adapter",)

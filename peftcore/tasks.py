@@ -1,5 +1,6 @@
-"""What a job needs around the training loop, per task (causal LM or sequence classification):
-the base model and its tokenizer, the data as rows, the adapter config, and the adapter folder.
+"""What a job needs around the training loop, per task (causal LM or sequence classification; a
+multi-task job's generation / classification / qa tasks): the base model and its tokenizer, the
+data as rows, the adapter config, and the adapter folder.
 
 An adapter folder written here holds, besides HF PEFT's two files, the base's tokenizer files and
 `peftcore_recipe.json` (the resolved recipe: template, max_length, task, labels, eval settings),
@@ -21,7 +22,9 @@ from peftcore.models import checkpoint, load_pretrained, load_tokenizer
 
 from .augment import AugmentConfig, augment_records
 from .config import TaskType
-from .data import IGNORE_INDEX, DataError, Example, PromptTemplate, TokenizedExample, read_records, to_example
+from .data import (
+    IGNORE_INDEX, DataError, Example, PromptTemplate, TokenizedExample, qa_example, read_records, to_example, tokenize_span,
+)
 from .data import tokenize as tokenize_example
 
 RECIPE_FILE = "peftcore_recipe.json"
@@ -108,8 +111,8 @@ def default_targets(model: nn.Module) -> list[str]:
     raise TaskError(f"no default target_modules for {type(model).__name__}; set [adapter] target_modules")
 
 
-def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_folder: Path):
-    filled = {"task_type": TaskType(recipe.model.task), "base_model_name_or_path": base_name}
+def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_folder: Path, task_type: str | None = None):
+    filled = {"task_type": TaskType(task_type or recipe.model.task), "base_model_name_or_path": base_name}
     if recipe.adapter.method in ("lora", "dora") and "target_modules" not in recipe.adapter.options:
         filled["target_modules"] = default_targets(model)
     if recipe.adapter.method == "prompt" and "tokenizer_name_or_path" not in recipe.adapter.options:
@@ -126,6 +129,7 @@ class Record:
     example: Example  # segments (classification: text, then the label as the "response")
     shown: str  # the question as the user wrote it
     label: int | None = None
+    span: bool = False  # extractive QA: the trained segment is the answer inside the context
 
     @property
     def prompt(self) -> str:
@@ -153,13 +157,17 @@ def read_labels(path: str | None) -> list[str]:
 
 
 def parse_records(path: str, template: PromptTemplate, labels: list[str] | None = None,
-                  augment: AugmentConfig | None = None) -> list[Record]:
-    """Read and check every record (no tokenizer needed, so bad data fails before any model loads)."""
+                  augment: AugmentConfig | None = None, kind: str | None = None) -> list[Record]:
+    """Read and check every record (no tokenizer needed, so bad data fails before any model loads).
+
+    `kind`: "generation" | "classification" | "qa" (default: classification when labels are given)."""
+    kind = kind or ("classification" if labels is not None else "generation")
     raw = read_records(path)
-    if augment is not None and augment.copies:
+    if augment is not None and augment.copies and kind != "qa":  # perturbed contexts would lose their answers
         raw = augment_records(raw, augment)
-    records = [classification_record(r, where, labels) if labels is not None else causal_record(r, where, template)
-               for r, where in raw]
+    parse = {"classification": lambda r, where: classification_record(r, where, labels), "qa": qa_record,
+             "generation": lambda r, where: causal_record(r, where, template)}[kind]
+    records = [parse(r, where) for r, where in raw]
     if not records:
         raise DataError(f"{Path(path).name}: no records: the dataset is empty")
     return records
@@ -187,15 +195,25 @@ def classification_record(record, where: str, labels: list[str]) -> Record:
     return Record(where, Example(where, [(record["text"], False), (labels[index], True)]), record["text"], index)
 
 
-def tokenize_records(records: list[Record], tokenizer, max_length: int) -> list[TokenizedExample]:
+def qa_record(record, where: str) -> Record:
+    example = qa_example(record, where)
+    return Record(where, example, record["question"], span=True)
+
+
+def tokenize_records(records: list[Record], tokenizer, max_length: int, task: str | None = None) -> list[TokenizedExample]:
+    """`task`: the multi-task job's task name, stamped on every row (it routes the row's batch to its head)."""
     rows = []
     for r in records:
-        if r.label is None:
-            rows.append(tokenize_example(r.example, tokenizer, max_length))
-            continue
-        ids = tokenizer.encode(r.shown)  # with the encoder's own [CLS] ... [SEP]
-        rows.append(TokenizedExample(r.where, ids[:max_length], [IGNORE_INDEX] * min(len(ids), max_length),
-                                     truncated=len(ids) > max_length, label=r.label))
+        if r.span:
+            row = tokenize_span(r.example, tokenizer, max_length)
+        elif r.label is None:
+            row = tokenize_example(r.example, tokenizer, max_length)
+        else:
+            ids = tokenizer.encode(r.shown)  # with the encoder's own [CLS] ... [SEP]
+            row = TokenizedExample(r.where, ids[:max_length], [IGNORE_INDEX] * min(len(ids), max_length),
+                                   truncated=len(ids) > max_length, label=r.label)
+        row.task = task
+        rows.append(row)
     return rows
 
 

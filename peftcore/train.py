@@ -6,6 +6,16 @@
 Losses are sums over trained tokens divided by the step's trained-token count, so k micro-batches
 of b rows update exactly like one batch of k*b rows.
 
+Multi-task rows (TokenizedExample.task set; the model a peftcore.multitask.MultiTaskModel): a batch
+holds rows of one task and carries "task", which routes it to that task's head. Every step takes
+grad_accum micro-batches of batch_size rows from EVERY task (a round of one micro-batch per task,
+grad_accum times), each task walking its own seeded order, so a small task repeats its epochs more
+often and the per-task weights alone set the mix. The step's loss is
+    sum over tasks t of weight_t * (summed loss of t in the step) / (targets of t in the step)
+(targets: trained tokens for generation, rows for classification and qa), so a 4-row
+classification batch is not drowned by a 500-token generation batch, and k x b rows still update
+exactly like one batch of k*b per task. A task with weight 0 is evaluated but never drawn.
+
 The same loop runs data-parallel under torchrun (`TrainConfig.strategy`: DDP or FSDP2): the count
 is then the global one, so n ranks x b rows update exactly like one process with n*b rows. See
 peftcore.distributed for what changes with more than one process.
@@ -16,7 +26,8 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .data import IGNORE_INDEX, TokenizedExample, collate
+from .data import IGNORE_INDEX, TokenizedExample, collate, group_by_task
 from .distributed import Parallel
 from .inspect_runtime import AdapterActivations, lora_layers, training_stats
-from .train_state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
+from .multitask_heads import count_correct, count_targets, head_loss
+from .train_state import Checkpointer, MetricsLog, TaskCursor, TrainState, restore_rng, rng_of_rank, set_seed
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -58,6 +70,7 @@ class TrainConfig:
     progress: bool = True
     strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
     inspect_every: int = 0  # log per-layer adapter statistics (peftcore.inspect) every N steps; 0: never
+    task_weights: dict[str, float] = field(default_factory=dict)  # multi-task loss weights (unset: the model's, else 1.0)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,6 +82,14 @@ class TrainConfig:
             raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}; choose from {', '.join(distributed.STRATEGIES)}")
+        bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"task_weights must be finite numbers >= 0, got {bad}")
+
+
+def task_weight(config: TrainConfig, task: str | None) -> float:
+    """A task's loss weight; single-task batches (task None) weigh 1."""
+    return 1.0 if task is None else float(config.task_weights.get(task, 1.0))
 
 
 # -- optimizer and schedule ---------------------------------------------------------------------
@@ -108,6 +129,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     cross-entropy and never hold the (B, T, V) logits) gets `labels=`; other models return logits."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     tokens, targets = int(mask.sum()), trained_targets(batch)
+    if "task" in batch:  # a multi-task model: the task's head returns its summed loss
+        return model(ids, attention_mask=mask, task=batch["task"], labels=labels), targets, tokens
     if labels.ndim == 1:  # sequence classification: one label per row (IGNORE_INDEX: a padding row)
         return classification_loss(model(ids, attention_mask=mask), labels), targets, tokens
     if computes_own_loss(model):
@@ -127,9 +150,24 @@ def computes_own_loss(model: nn.Module) -> bool:
     return bool(getattr(inner, "computes_causal_lm_loss", False))
 
 
-def trained_targets(batch: dict[str, torch.Tensor]) -> int:
+def trained_targets(batch: dict) -> int:
     labels = batch["labels"]
+    if "kind" in batch:
+        return count_targets(batch["kind"], labels)
     return int((labels != IGNORE_INDEX).sum()) if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device`; a task's name stays a string."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def step_targets(micro_batches: list[dict], parallel: Parallel) -> dict[str | None, int]:
+    """Trained targets of the step per task (None: single-task batches), summed over ranks, at least 1."""
+    local: dict[str | None, int] = {}
+    for batch in micro_batches:
+        local[batch.get("task")] = local.get(batch.get("task"), 0) + trained_targets(batch)
+    return {task: max(1, int(n)) for task, n in zip(local, parallel.sum(list(local.values())))}
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -140,27 +178,35 @@ def autocast(config: TrainConfig, device: torch.device):
 
 # -- one step ---------------------------------------------------------------------------------
 def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None, parallel: Parallel | None = None) -> dict:
-    """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}.
+    """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}, and "task_losses"
+    ({task: its mean loss in the step}) for multi-task batches.
 
-    `parallel` (from distributed.wrap_model) runs the forwards through DDP / FSDP; the loss is then
-    normalised by the global trained-target count and the returned loss / tokens are global."""
+    Each task's summed loss is divided by the task's trained-target count in the step and weighted by
+    config.task_weights (single-task batches: one group of weight 1; weight-0 batches are skipped).
+    `parallel` (from distributed.wrap_model) runs the forwards through DDP / FSDP; the counts are
+    then global, and so are the returned losses and tokens."""
     parallel = parallel or distributed.single(model)
     device = parallel.trainable[0].device
-    total_targets = max(1, int(parallel.sum([sum(trained_targets(b) for b in micro_batches)])[0]))
+    micro_batches = [b for b in micro_batches if task_weight(config, b.get("task")) > 0]
+    counts = step_targets(micro_batches, parallel)
     optimizer.zero_grad(set_to_none=True)
-    step_loss, tokens = 0.0, 0
+    step_loss, tokens, task_losses = 0.0, 0, dict.fromkeys(counts, 0.0)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        task, weight = batch.get("task"), task_weight(config, batch.get("task"))
+        batch = to_device(batch, device)
         with parallel.accumulating(last=i == len(micro_batches) - 1):
             with autocast(config, device):
                 loss, _, n_tokens = loss_sum(parallel.module, batch)
-            scaled = loss * parallel.loss_scale / total_targets
+            scaled = loss * parallel.loss_scale * weight / counts[task]  # weight 1.0: bit-identical to no weight
             (scaler.scale(scaled) if scaler else scaled).backward()
-        step_loss += float(loss.detach()) / total_targets
+        mean = float(loss.detach()) / counts[task]
+        step_loss += weight * mean
+        task_losses[task] += mean
         tokens += n_tokens
     parallel.finish_grads()
-    step_loss, tokens = parallel.sum([step_loss, tokens])
+    step_loss, tokens, *per_task = parallel.sum([step_loss, tokens, *task_losses.values()])
     tokens = int(tokens)
+    task_losses = {task: value for task, value in zip(task_losses, per_task) if task is not None}
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -169,18 +215,40 @@ def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.update()
-        return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": True}
+        return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": True, "task_losses": task_losses}
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": False}
+    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": False, "task_losses": task_losses}
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id: int, parallel: Parallel | None = None) -> dict:
+def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id: int, parallel: Parallel | None = None,
+             task_weights: dict[str, float] | None = None) -> dict:
     """Token-weighted loss and perplexity (accuracy too, for classification) on a split.
+
+    Multi-task rows: per task eval_loss/<task> (and eval_ppl/<task> for generation,
+    eval_accuracy/<task> for classification, eval_exact_match/<task> for qa); eval_loss is then the
+    sum of the task losses weighted by `task_weights` (1.0 when unset): what early stopping watches."""
+    groups = group_by_task(rows)
+    if not groups:
+        return evaluate_split(model, rows, batch_size, pad_token_id, parallel)
+    result, weights = {}, task_weights or {}
+    for task, task_rows in groups.items():
+        scores = evaluate_split(model, task_rows, batch_size, pad_token_id, parallel)
+        if task_rows[0].kind != "generation":
+            del scores["eval_ppl"]
+        result.update({f"{key}/{task}": value for key, value in scores.items()})
+    result["eval_loss"] = sum(weights.get(task, 1.0) * result[f"eval_loss/{task}"] for task in groups)
+    return result
+
+
+@torch.no_grad()
+def evaluate_split(model, rows: list[TokenizedExample], batch_size: int, pad_token_id: int,
+                   parallel: Parallel | None = None) -> dict:
+    """One task's rows (or single-task rows): loss per target, perplexity, accuracy / exact match.
 
     With a multi-process `parallel` each rank scores rows[rank::world_size] and the sums are
     all-reduced (every rank runs the same number of forwards: FSDP gathers weights in each)."""
@@ -195,40 +263,72 @@ def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id:
     for i in range(n_batches):
         chunk = mine[i * batch_size : (i + 1) * batch_size]
         batch = collate(chunk, pad_token_id) if chunk else padding_batch(rows, pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if batch["labels"].ndim == 1:  # one forward for both the loss and the accuracy
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss, n = classification_loss(logits, batch["labels"]), trained_targets(batch)
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        else:
-            loss, n, _ = loss_sum(model, batch)
-        total, count = total + float(loss), count + n
+        loss, n, right = score_batch(model, to_device(batch, device))
+        total, count, correct = total + loss, count + n, correct + right
     if parallel is not None:
         total, count, correct = parallel.sum([total, count, correct])
     model.train(was_training)
     result = {"eval_loss": total / max(count, 1)}
     result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
-    if rows and rows[0].label is not None:
-        result["eval_accuracy"] = correct / len(rows)
+    kind = rows[0].kind if rows else "generation"
+    if kind != "generation":
+        result["eval_accuracy" if kind == "classification" else "eval_exact_match"] = correct / len(rows)
     return result
+
+
+def score_batch(model, batch: dict) -> tuple[float, int, int]:
+    """-> (summed loss, targets, correct predictions) of one eval batch, from one forward."""
+    labels = batch["labels"]
+    kind = batch.get("kind") or ("classification" if labels.ndim == 1 else "generation")
+    if kind == "generation":
+        loss, n, _ = loss_sum(model, batch)
+        return float(loss), n, 0
+    route = {"task": batch["task"]} if "task" in batch else {}
+    outputs = model(batch["input_ids"], attention_mask=batch["attention_mask"], **route)
+    return float(head_loss(kind, outputs, labels)), trained_targets(batch), count_correct(kind, outputs, labels)
 
 
 def padding_batch(rows: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One pad token with nothing to predict: a rank without rows still runs the step's collectives."""
-    classification = bool(rows) and rows[0].label is not None
-    row = TokenizedExample("<padding>", [pad_token_id], [IGNORE_INDEX], label=IGNORE_INDEX if classification else None)
+    like = rows[0] if rows else TokenizedExample("", [], [])
+    row = TokenizedExample("<padding>", [pad_token_id], [IGNORE_INDEX], task=like.task,
+                           label=IGNORE_INDEX if like.label is not None else None,
+                           span=(IGNORE_INDEX, IGNORE_INDEX) if like.span is not None else None)
     return collate([row], pad_token_id)
 
 
 # -- the loop -----------------------------------------------------------------------------------
-def batches_from(rows: list[TokenizedExample], state: TrainState, config: TrainConfig, pad_token_id: int,
+def step_batches(rows: list[TokenizedExample], state: TrainState, config: TrainConfig, pad_token_id: int,
                  rank: int = 0, world_size: int = 1):
+    """Endless lists of micro-batches, one list per optimizer step.
+
+    Single-task rows: grad_accum micro-batches of one seeded order. Multi-task rows: grad_accum rounds
+    of one micro-batch per task (in order of first appearance; weight-0 tasks left out), each task
+    in its own seeded order, its place kept in state.task_positions (see the module docstring)."""
+    groups = group_by_task(rows)
+    streams = [batches_from(rows, state, config, pad_token_id, rank, world_size)] if not groups else [
+        batches_from(task_rows, TaskCursor(state, task), config, pad_token_id, rank, world_size, task_seed(config, task))
+        for task, task_rows in groups.items() if task_weight(config, task) > 0]
+    if not streams:
+        raise TrainingError(f"every task ({', '.join(groups)}) has weight 0: nothing to train")
+    while True:
+        yield [next(stream) for _ in range(config.grad_accum) for stream in streams]
+
+
+def task_seed(config: TrainConfig, task: str) -> int:
+    """Each task's own order: the run's seed offset by a stable hash of the name (not Python's salted hash)."""
+    return config.seed + zlib.crc32(task.encode())
+
+
+def batches_from(rows: list[TokenizedExample], state: TrainState | TaskCursor, config: TrainConfig, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1, seed: int | None = None):
     """Endless micro-batches in a seeded order per epoch; `state` records the position for resume.
 
     With world_size ranks a micro-batch takes the next world_size x batch_size rows of the order
     (what one process with that batch size would take) and this rank gets its contiguous part."""
+    seed = config.seed if seed is None else seed
     while True:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed + state.epoch)).tolist()
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + state.epoch)).tolist()
         while state.position < len(order):
             chosen = order[state.position : state.position + config.batch_size * world_size]
             state.position += config.batch_size * world_size
@@ -276,16 +376,14 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     if resume:
         restore_rng(rng_of_rank(state.rng, rank))
     log = MetricsLog(output_dir, append=resume) if parallel.is_main else None
-    if config.inspect_every and parallel.strategy == "fsdp":
-        raise TrainingError("inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
+    config = checked_config(config, model, parallel, train_rows)
     model.train()
-    stream = batches_from(train_rows, state, config, pad_token_id, rank, world)
+    steps = step_batches(train_rows, state, config, pad_token_id, rank, world)
     bar = progress_bar(config, state.step) if parallel.is_main else None
     while state.step < config.max_steps and not state.stopped_early:
-        record = run_step(model, [next(stream) for _ in range(config.grad_accum)], optimizer, scheduler, config,
-                          state, scaler, parallel)
+        record = run_step(model, next(steps), optimizer, scheduler, config, state, scaler, parallel)
         if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps) and eval_rows:
-            record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel=parallel))
+            record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel, config.task_weights))
             note_eval(state, record, config, checkpointer)
         if log is not None and (state.step % config.log_every == 0 or "eval_loss" in record or "adapter_stats" in record):
             log.write(record)
@@ -299,6 +397,18 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
         log.plot()
     distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state
+
+
+def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: list[TokenizedExample]) -> TrainConfig:
+    """Refuse what cannot run; multi-task weights not set in the config come from the model's task specs."""
+    if config.inspect_every and parallel.strategy == "fsdp":
+        raise TrainingError("inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
+    if not group_by_task(train_rows):
+        return config
+    if parallel.strategy == "ddp":
+        raise TrainingError("multi-task training under torchrun needs strategy 'fsdp': DDP expects every trainable "
+                            "tensor in every forward, and a task's batch runs one head")
+    return replace(config, task_weights={**getattr(model, "task_weights", {}), **config.task_weights})
 
 
 def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, state: TrainState, scaler,
@@ -317,6 +427,7 @@ def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, st
     state.step += 1
     record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
               "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
+    record.update({f"loss/{task}": loss for task, loss in metrics["task_losses"].items()})
     if inspecting:
         record["adapter_stats"] = training_stats(model, watch.summary() if watch else None)
     return record

@@ -36,6 +36,31 @@ class TrainState:
     bad_in_a_row: int = 0
     rng: dict = field(default_factory=dict)
     world_size: int = 1  # processes that trained (global batch = world_size x batch_size x grad_accum)
+    task_positions: dict = field(default_factory=dict)  # multi-task: {task: [epoch, position]} of its own order
+
+
+class TaskCursor:
+    """One task's place in its own data order, read and written like TrainState's epoch / position but
+    kept in state.task_positions (plain lists, so checkpoints load with weights_only=True)."""
+
+    def __init__(self, state: TrainState, task: str):
+        self.place = state.task_positions.setdefault(task, [0, 0])
+
+    @property
+    def epoch(self) -> int:
+        return self.place[0]
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.place[0] = value
+
+    @property
+    def position(self) -> int:
+        return self.place[1]
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.place[1] = value
 
 
 def set_seed(seed: int) -> None:
@@ -180,6 +205,10 @@ class MetricsLog:
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1)
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        for key in sorted({k for r in records for k in r if k.startswith(("loss/", "eval_loss/"))}):  # multi-task
+            shown = [r for r in records if key in r]
+            ax.plot([r["step"] for r in shown], [r[key] for r in shown], "o--" if key.startswith("eval") else "-",
+                    label=key.replace("loss/", "loss ", 1), lw=0.8, alpha=0.7)
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
         out = self.path.with_name("curve.png")
         fig.savefig(out, dpi=100, bbox_inches="tight")

@@ -42,7 +42,8 @@ def test_the_embedded_default_is_examples_support_lora_toml():
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_every_example_recipe_validates(name):
     recipe = load_recipe(EXAMPLES / name)
-    assert Path(recipe.data.train).is_file()
+    trains = [task.train for task in recipe.tasks.values()] or [recipe.data.train]  # a multi-task recipe: per task
+    assert all(Path(path).is_file() for path in trains)
     filled = {"tokenizer_name_or_path": str(ROOT)} if recipe.adapter.method == "prompt" else {}
     assert recipe.adapter.config(task_type=recipe.model.task, **filled).task_type.value == recipe.model.task
 

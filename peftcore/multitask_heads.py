@@ -1,0 +1,160 @@
+"""Task heads of a multi-task model: what each kind computes from the backbone's hidden states.
+
+    classification  nn.Linear(hidden, num_labels) over one pooled vector per row -> logits (B, num_labels)
+    qa              nn.Linear(hidden, 2, bias=False) over every token -> start and end logits (B, T) each
+    generation      no new parameters: the backbone's own LM head (peftcore.multitask)
+
+Losses are SUMS over what they score (rows for classification and QA, trained tokens for
+generation), as the training loop expects: it divides by the step's count per task.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore.models.fused import IGNORE_INDEX
+
+KINDS = ("classification", "generation", "qa")
+POOLINGS = ("last", "first", "mean")  # "auto" resolves to last (causal models) or first (encoders)
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class TaskSpec:
+    """One task: its head kind, labels (classification), pooling and loss weight; task_heads.json holds these."""
+
+    kind: str
+    num_labels: int | None = None  # classification
+    labels: list[str] | None = None  # classification: names of the classes, index = class id
+    pooling: str = "auto"  # classification: last | first | mean | auto
+    weight: float = 1.0  # the task's loss weight in training (TrainConfig.task_weights)
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.labels is not None:
+            self.labels = list(self.labels)
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ValueError(f"num_labels {self.num_labels} but {len(self.labels)} labels")
+            self.num_labels = len(self.labels)
+        if self.kind == "classification" and (self.num_labels is None or self.num_labels < 2):
+            raise ValueError("a classification task needs num_labels >= 2 (or a list of labels)")
+        if self.kind != "classification" and (self.num_labels is not None or self.pooling != "auto"):
+            raise ValueError(f"num_labels / labels / pooling are for classification tasks, not {self.kind}")
+        if self.pooling not in (*POOLINGS, "auto"):
+            raise ValueError(f"pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}, auto")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskSpec:
+        known = {"kind", "num_labels", "labels", "pooling", "weight"}
+        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+
+
+def check_task_name(name: str) -> None:
+    """Task names become module names (heads.<task>) and metric keys (loss/<task>)."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name {name!r}: use letters, digits and _ (not starting with a digit)")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"task name {name!r} is taken by nn.ModuleDict's own attributes; pick another name")
+
+
+def build_head(spec: TaskSpec, hidden_size: int, std: float) -> nn.Linear | None:
+    """A new head, initialised as transformers initialises score / qa_outputs heads (normal std, zero bias):
+    logits start near 0, so the untrained head predicts (nearly) uniformly."""
+    if spec.kind == "generation":
+        return None
+    if spec.kind == "qa":
+        # No bias: a constant added to every position's logit cancels in the softmax over positions, so
+        # its true gradient is 0, and AdamW would turn the rounding noise in it into full-size steps.
+        head = nn.Linear(hidden_size, 2, bias=False)
+    else:
+        head = nn.Linear(hidden_size, spec.num_labels)
+        nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=std)
+    return head
+
+
+# -- pooling and outputs ------------------------------------------------------------------------
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 -> position ids counting real tokens only: left padding then gives every row the
+    positions it has unpadded (what generate() does), for absolute-position models too."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, T, H) -> (B, H): the last or first real token (left or right padding alike), or their mean."""
+    B, T, _ = hidden.shape
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.long, device=hidden.device)
+    mask = mask.to(hidden.device)
+    if how == "mean":
+        weights = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    first = mask.argmax(-1)  # argmax returns the first maximal index
+    index = first if how == "first" else T - 1 - mask.flip(-1).argmax(-1)
+    return hidden[torch.arange(B, device=hidden.device), index]
+
+
+def head_outputs(kind: str, pooling: str, head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor | None):
+    """classification -> logits (B, num_labels); qa -> (start, end) logits (B, T) each, padding at the
+    dtype's minimum so no span starts or ends on a pad."""
+    hidden = hidden.to(head.weight.dtype)  # a bf16 base under a float32 head (autocast casts back as it likes)
+    if kind == "classification":
+        return head(pool(hidden, mask, pooling))
+    start, end = head(hidden).unbind(-1)  # (B, T) each
+    if mask is not None:
+        pad = mask.to(start.device) == 0
+        start = start.masked_fill(pad, torch.finfo(start.dtype).min)
+        end = end.masked_fill(pad, torch.finfo(end.dtype).min)
+    return start, end
+
+
+# -- losses and metrics -----------------------------------------------------------------------------
+def check_labels(task: str, kind: str, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
+    B, T = input_ids.shape[:2]
+    expected = {"classification": (B,), "qa": (B, 2), "generation": (B, T)}[kind]
+    if tuple(labels.shape) != expected:
+        what = {"classification": "one class id per row", "qa": "start and end token per row",
+                "generation": "one label per token"}[kind]
+        raise ValueError(f"task {task!r} ({kind}) takes labels {expected} ({what}), got {tuple(labels.shape)}")
+
+
+def head_loss(kind: str, outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy; QA: per row (CE(start) + CE(end)) / 2, as transformers' QA models (summed
+    here, not averaged). Rows labelled IGNORE_INDEX (padding rows) add nothing."""
+    if kind == "classification":
+        return F.cross_entropy(outputs.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    start, end = outputs
+    start_loss = F.cross_entropy(start.float(), labels[:, 0], ignore_index=IGNORE_INDEX, reduction="sum")
+    end_loss = F.cross_entropy(end.float(), labels[:, 1], ignore_index=IGNORE_INDEX, reduction="sum")
+    return (start_loss + end_loss) / 2
+
+
+def count_correct(kind: str, outputs, labels: torch.Tensor) -> int:
+    """Classification: argmax == label; QA: exact match, both the start and the end token right."""
+    if kind == "classification":
+        return int((outputs.argmax(-1) == labels).sum())
+    start, end = outputs
+    return int(((start.argmax(-1) == labels[:, 0]) & (end.argmax(-1) == labels[:, 1])).sum())
+
+
+def count_targets(kind: str, labels: torch.Tensor) -> int:
+    """What a task's loss sums over: labelled rows (classification, qa) or trained next tokens (generation)."""
+    if kind == "classification":
+        return int((labels != IGNORE_INDEX).sum())
+    if kind == "qa":
+        return int((labels[:, 0] != IGNORE_INDEX).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
