@@ -12,6 +12,8 @@ loop on all tasks at once; its adapter folder holds the LoRA adapter plus the ta
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
 import time
@@ -47,11 +49,11 @@ def default_output_dir(resume: bool) -> Path:
 
 def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print) -> dict:
     from . import distributed
+    from peftcore.models import load_tokenizer
 
     if recipe.tasks:
         return run_multitask_train(recipe, output_dir, resume, log)
-    started = time.perf_counter()
-    output_dir = Path(output_dir)
+    started, output_dir = time.perf_counter(), Path(output_dir)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
     log = log if main else (lambda *args, **kwargs: None)
     check_fresh(output_dir, resume)
@@ -59,68 +61,95 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
     train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
     eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
-    # 2. base + tokenizer
+    # 2. base + tokenizer; 3. tokens and the data report
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
-    from peftcore.models import load_tokenizer
-
     tokenizer = load_tokenizer(base_folder)
-    pad = pad_id(tokenizer)
-    # 3. tokens and the data report
-    train_rows = tokenize_records(train_records, tokenizer, recipe.data.max_length)
-    eval_rows = tokenize_records(eval_records, tokenizer, recipe.data.max_length)
-    report = data_report([r.example for r in train_records], train_rows, recipe.data.max_length)
+    pad, batch = pad_id(tokenizer), recipe.train.batch_size
+    train_rows, eval_rows = tokenize_split(recipe, train_records, eval_records, tokenizer, labels,
+                                           output_dir if main else None, log)
+    # 4. model + adapter; 5. before
+    peft_model = build_adapted(recipe, base_folder, device, labels, log)
+    info = {**recipe.to_dict(), "labels": labels}
+    if main:
+        write_json(output_dir / "recipe.json", info)
+    before = score(peft_model.disable_adapter, peft_model, eval_rows, batch, pad, "before: ", log)
+    # 6. train
+    state = train(peft_model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
+                  save_adapter=lambda folder: save_adapter_folder(peft_model, folder, base_folder, info))
+    if not main:  # rank 0 alone picks, reloads and evaluates the adapter
+        return {"steps": state.step}
+    # 7. the adapter: the best evaluation's, else the last step's; 8. after, from the files
+    chosen, adapter = keep_chosen_adapter(output_dir)
+    peft_model = None  # frees the trained copy before the files load
+    loaded = load_adapter_folder(adapter, log=log)
+    after = score(contextlib.nullcontext, loaded.peft_model, eval_rows, batch, pad, "after:  ", log, best_note(chosen, state))
+    samples = []
+    if eval_records and labels is None and recipe.eval.samples:
+        samples = show_samples(loaded, eval_records[: recipe.eval.samples], recipe.eval, log)
+    summary = write_summary(output_dir, state, before, after, adapter, started, samples)
+    log(f"adapter saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'}; "
+        f"try: peftcore eval --adapter {adapter})")
+    return summary
+
+
+def tokenize_split(recipe: Recipe, train_records: list[Record], eval_records: list[Record], tokenizer,
+                   labels: list[str] | None, report_dir: Path | None, log=print):
+    """-> (train rows, eval rows); logs the data report (and writes it to report_dir); packs if asked."""
+    max_length = recipe.data.max_length
+    train_rows = tokenize_records(train_records, tokenizer, max_length)
+    eval_rows = tokenize_records(eval_records, tokenizer, max_length)
+    report = data_report([r.example for r in train_records], train_rows, max_length)
     if labels is not None:
         report["label_counts"] = {name: sum(r.label == i for r in train_records) for i, name in enumerate(labels)}
         report["trained_tokens"] = len(train_rows)  # classification: one trained target (the label) per record
     log(format_report(report))
     if labels is not None:
         log("  labels: " + ", ".join(f"{name} {n}" for name, n in report["label_counts"].items()))
-    if main:
-        write_report(report, output_dir)
+    if report_dir is not None:
+        write_report(report, report_dir)
     if recipe.data.packing and labels is None:
-        train_rows = pack(train_rows, recipe.data.max_length)
-        log(f"  packed into {len(train_rows)} rows of up to {recipe.data.max_length} tokens")
-    # 4. model + adapter
+        train_rows = pack(train_rows, max_length)
+        log(f"  packed into {len(train_rows)} rows of up to {max_length} tokens")
+    return train_rows, eval_rows
+
+
+def build_adapted(recipe: Recipe, base_folder: Path, device, labels: list[str] | None, log=print):
+    """The base with the recipe's adapter (seeded), its trainable share logged. -> PeftModel."""
     set_seed(recipe.train.seed)
     model = load_base(base_folder, recipe.model, labels, device=device, seed=recipe.train.seed)
     peft_model = get_peft_model(model, adapter_config(recipe, model, recipe.model.base_name, base_folder))
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"model: {recipe.model.base_name} ({type(model).__name__}), adapter {recipe.adapter.method}: "
         f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
-    info = {**recipe.to_dict(), "labels": labels}
-    if main:
-        (output_dir / "recipe.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    # 5. before
-    batch = recipe.train.batch_size
-    before = {}
-    if eval_rows:
-        with peft_model.disable_adapter():
-            before = evaluate(peft_model, eval_rows, batch, pad)
-        log("before: " + describe_eval(before))
-    # 6. train
-    state = train(peft_model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
-                  save_adapter=lambda folder: save_adapter_folder(peft_model, folder, base_folder, info))
-    if not main:  # rank 0 alone picks, reloads and evaluates the adapter
-        return {"steps": state.step}
-    # 7. the adapter: the best evaluation's, else the last step's
-    chosen, adapter = keep_chosen_adapter(output_dir)
-    del peft_model, model
-    # 8. after, from the files
-    loaded = load_adapter_folder(adapter, log=log)
-    after = evaluate(loaded.peft_model, eval_rows, batch, pad) if eval_rows else {}
-    if after:
-        log("after:  " + describe_eval(after) + (f"  (adapter of step {state.best_step}, the best evaluation)"
-                                                 if chosen.name == "best" else ""))
-    samples = []
-    if eval_records and labels is None and recipe.eval.samples:
-        samples = show_samples(loaded, eval_records[: recipe.eval.samples], recipe.eval, log)
+    return peft_model
+
+
+def score(context, model, eval_rows, batch: int, pad: int, label: str, log=print, note: str = "",
+          describe=None, **evaluate_kw) -> dict:
+    """evaluate() inside `context()` (e.g. the adapter disabled), logged as `label` + the description."""
+    if not eval_rows:
+        return {}
+    with context():
+        result = evaluate(model, eval_rows, batch, pad, **evaluate_kw)
+    log(label + (describe or describe_eval)(result) + note)
+    return result
+
+
+def best_note(chosen: Path, state) -> str:
+    return f"  (adapter of step {state.best_step}, the best evaluation)" if chosen.name == "best" else ""
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_summary(output_dir: Path, state, before: dict, after: dict, adapter: Path, started: float,
+                  samples: list[dict]) -> dict:
     summary = {"steps": state.step, "stopped_early": state.stopped_early, "best_step": state.best_step,
                "before": before, "after": after, "adapter": str(adapter), "seconds": time.perf_counter() - started,
                "samples": samples}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log(f"adapter saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'}; "
-        f"try: peftcore eval --adapter {adapter})")
+    write_json(output_dir / "summary.json", summary)
     return summary
 
 
@@ -185,38 +214,27 @@ def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, 
     tokenizer = load_tokenizer(base_folder)
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
     train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log)
-    # 4. the shared backbone and the heads
-    set_seed(recipe.train.seed)
-    model = build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()})
-    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        sum(p.numel() for p in model.parameters()))
-    log(f"model: {recipe.model.base_name}, adapter {recipe.adapter.method} + heads for {', '.join(tasks)}: "
-        f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
+    # 4. the shared backbone and the heads; 5. before (the untrained heads on the base)
+    model = build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()}, log)
     info = {**recipe.to_dict(), "labels": None}
     if main:
-        (output_dir / "recipe.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    # 5. before (the untrained heads on the base); 6. train
-    with model.backbone.disable_adapter():
-        before = evaluate(model, eval_rows, batch, pad, task_weights=model.task_weights) if eval_rows else {}
-    if before:
-        log("before: " + describe_tasks(before, tasks))
+        write_json(output_dir / "recipe.json", info)
+    describe = functools.partial(describe_tasks, tasks=tasks)
+    before = score(model.backbone.disable_adapter, model, eval_rows, batch, pad, "before: ", log,
+                   describe=describe, task_weights=model.task_weights)
+    # 6. train
     state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
                   save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info))
     if not main:
         return {"steps": state.step}
     # 7. the adapter + heads; 8. after, from the files
     chosen, adapter = keep_chosen_adapter(output_dir)
-    del model
+    model = None  # frees the trained copy before the files load
     loaded = MultiTaskModel.from_pretrained(load_base(base_folder, recipe.model, None, device=device), adapter)
-    after = evaluate(loaded, eval_rows, batch, pad, task_weights=loaded.task_weights) if eval_rows else {}
-    if after:
-        log("after:  " + describe_tasks(after, tasks) + (f"  (adapter of step {state.best_step}, the best evaluation)"
-                                                          if chosen.name == "best" else ""))
+    after = score(contextlib.nullcontext, loaded, eval_rows, batch, pad, "after:  ", log, best_note(chosen, state),
+                  describe=describe, task_weights=loaded.task_weights)
     samples = multitask_samples(loaded, tokenizer, tasks, recipe, base_folder, device, log)
-    summary = {"steps": state.step, "stopped_early": state.stopped_early, "best_step": state.best_step,
-               "before": before, "after": after, "adapter": str(adapter), "seconds": time.perf_counter() - started,
-               "samples": samples}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = write_summary(output_dir, state, before, after, adapter, started, samples)
     log(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
     return summary
 
@@ -242,11 +260,17 @@ def tokenize_tasks(tasks: dict[str, TaskData], tokenizer, max_length: int, repor
     return train_rows, eval_rows
 
 
-def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, TaskSpec]) -> MultiTaskModel:
+def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, TaskSpec], log=print) -> MultiTaskModel:
+    set_seed(recipe.train.seed)
     base = load_base(base_folder, recipe.model, None, device=device, seed=recipe.train.seed)
     task_type = "CAUSAL_LM" if parts_of(base)[2] else "FEATURE_EXTRACTION"  # an encoder has no LM task
     peft_model = get_peft_model(base, adapter_config(recipe, base, recipe.model.base_name, base_folder, task_type))
-    return MultiTaskModel(peft_model, specs)
+    model = MultiTaskModel(peft_model, specs)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {recipe.model.base_name}, adapter {recipe.adapter.method} + heads for {', '.join(specs)}: "
+        f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
+    return model
 
 
 def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:

@@ -1,5 +1,4 @@
 """The fused LoRA linear (LoraLinearFunction): every gradient against autograd of the plain formula."""
-import copy
 import math
 
 import pytest
