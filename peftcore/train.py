@@ -68,6 +68,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     progress: bool = True
+    plots: bool = True  # curve.png (+ adapter_norms.png) at the end, when matplotlib is installed
     strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
     inspect_every: int = 0  # log per-layer adapter statistics (peftcore.inspect) every N steps; 0: never
     task_weights: dict[str, float] = field(default_factory=dict)  # multi-task loss weights (unset: the model's, else 1.0)
@@ -393,7 +394,7 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     checkpointer.save(state, optimizer, scheduler)
     if bar is not None:
         bar.close()
-    if log is not None:
+    if log is not None and config.plots:
         log.plot()
     distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state

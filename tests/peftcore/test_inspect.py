@@ -176,7 +176,7 @@ def test_training_logs_adapter_statistics_every_n_steps(tmp_path):
     from tests.peftcore.test_train import quiet, rows, tiny_peft_model
 
     model = tiny_peft_model()
-    train(model, rows(), [], quiet(max_steps=4, batch_size=4, learning_rate=1e-2, inspect_every=2), tmp_path)
+    train(model, rows(), [], quiet(max_steps=4, batch_size=4, learning_rate=1e-2, inspect_every=2, plots=True), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert ["adapter_stats" in r for r in records] == [False, True, False, True]
     logged = records[-1]["adapter_stats"]

@@ -72,7 +72,7 @@ def all_rows(seed=0):
 
 
 def quiet(**kw):
-    return TrainConfig(**{"progress": False, "eval_every": 0, "lr_schedule": "constant", **kw})
+    return TrainConfig(**{"progress": False, "plots": False, "eval_every": 0, "lr_schedule": "constant", **kw})
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ def rows(n=12, seed=1):
 
 
 def quiet(**kw):
-    return TrainConfig(**{"progress": False, "eval_every": 0, "lr_schedule": "constant", **kw})
+    return TrainConfig(**{"progress": False, "plots": False, "eval_every": 0, "lr_schedule": "constant", **kw})
 
 
 def test_loss_decreases_on_a_tiny_run(tmp_path):
@@ -151,3 +151,11 @@ def test_fused_loss_equals_the_loss_from_logits(config):
     assert targets == int((labels != IGNORE_INDEX).sum()) and tokens == int(batch["attention_mask"].sum())
     fused.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_the_loss_curve_is_drawn_unless_plots_is_off(tmp_path, plots):
+    pytest.importorskip("matplotlib")
+    train(tiny_peft_model(), rows(), rows(4, seed=5), quiet(max_steps=2, eval_every=1, plots=plots), tmp_path)
+    assert (tmp_path / "curve.png").exists() == plots
+    assert not (tmp_path / "adapter_norms.png").exists()  # only with inspect_every
