@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from proc_memory import status_bytes
+
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
 RESULTS = Path(__file__).resolve().parent / "results" / "forward.json"
@@ -95,11 +97,6 @@ def throughput(folder: Path, batch: int, seq: int, warmup: int, repeats: int) ->
         "speedup_wall_paired": statistics.median(h / o for o, h in zip(wall["ours"], wall["hf"])),
         "speedup_cpu_paired": statistics.median(h / o for o, h in zip(cpu["ours"], cpu["hf"])),
     }
-
-
-def status_bytes(field: str) -> int:
-    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
 
 
 def memory_child(which: str, folder: Path, batch: int, seq: int) -> None:

@@ -74,6 +74,8 @@ from pathlib import Path
 
 import torch
 
+from proc_memory import reset_peak, status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results" / "methods.json"
 # method -> (example recipe, what changes in it, how the table says so)
 METHODS = {
@@ -211,22 +213,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 # -- the child: one method, measured ------------------------------------------------------------
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current VmRSS (Linux >= 4.0); False when the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return status_bytes("VmHWM") <= status_bytes("VmRSS") + 2**20
-    except OSError:
-        return False
-
-
 def load_method_recipe(method: str, args: argparse.Namespace):
     """The method's example recipe with the shared settings laid over it (as `--set` would)."""
     from peftcore.recipe import EXAMPLES_DIR, load_recipe

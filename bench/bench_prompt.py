@@ -66,6 +66,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from proc_memory import reset_peak, status_bytes
+
 CONFIG = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 METHODS = ("prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-proj", "lora")
@@ -200,20 +202,6 @@ def quartiles(xs: list[float]) -> list[float]:
     """[first, third] quartile (the spread of the per-round ratios: how far to trust their median)."""
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return [q[0], q[2]]
-
-
-def status_bytes(field: str) -> int:
-    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return status_bytes("VmHWM") <= status_bytes("VmRSS") + 2**20
-    except OSError:
-        return False
 
 
 def memory_child(which: str, method: str, folder: Path, args) -> dict:

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from proc_memory import status_bytes
+
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
@@ -164,11 +166,6 @@ def profile(folder: Path, which: list[str], batch: dict, min_ms: float = 15.0) -
     lines += [f"| {k} | " + " | ".join(f"{totals[w][k]:.0f}" for w in which) + " |" for k in keys]
     lines.append("| total (all ops) | " + " | ".join(f"{sum(totals[w].values()):.0f}" for w in which) + " |")
     return "\n".join(lines)
-
-
-def status_bytes(field: str) -> int:
-    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
 
 
 def memory_child(which: str, folder: Path, batch_size: int, seq: int) -> None:

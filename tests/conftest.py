@@ -1,6 +1,9 @@
-"""Shared test settings: seeds, hypothesis profiles, the CUDA mark. Tolerances: tests/tolerances.py."""
+"""Shared test settings: seeds, hypothesis profiles, the CUDA mark, bench script imports.
+Tolerances: tests/tolerances.py."""
+import importlib
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,13 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def load_bench(monkeypatch):
+    """Import a bench script as `python bench/<name>.py` sees its siblings: with bench/ on sys.path."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,20 +1,14 @@
 """The kernel benchmarks: bench/bench_kernels.py runs on CPU (--quick --repeats 1) and its dry run
 enumerates the CUDA grid; each per-kernel script (bench_quant_matmul.py, bench_lora_matmul.py,
 bench_qlora.py) runs on its own; the harness picks rooflines, the CLI reads --shapes."""
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture
-def load(monkeypatch):
-    """Import a bench script as `python bench/<name>.py` sees its siblings: with bench/ on sys.path."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    return importlib.import_module
+def load(load_bench):
+    return load_bench
 
 
 @pytest.mark.slow

@@ -1,21 +1,8 @@
 """bench/bench_methods.py: one method's measurement (what each child process runs), in process, and the table."""
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_methods.py"
 
 
-def load_module():
-    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_two_methods_two_steps_give_finite_rows():
-    bench = load_module()
+def test_two_methods_two_steps_give_finite_rows(load_bench):
+    bench = load_bench("bench_methods")
     args = bench.parse_args(["--quick", "--methods", "lora,prompt", "--steps", "2"])
     assert (args.steps, args.eval_rows, args.methods) == (2, 8, ["lora", "prompt"])
     import peftcore.train
