@@ -115,5 +115,6 @@ def training_stats(model: nn.Module, activations: dict[str, dict] | None = None)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """LoRA layers by the names adapter files use (without PeftModel's "base_model.model.")."""
-    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    """LoRA layers by the names adapter files use: without PeftModel's "base_model.model." (nor a
+    MultiTaskModel's "backbone." before it)."""
+    return {name.partition("base_model.model.")[2] or name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}

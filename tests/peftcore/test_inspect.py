@@ -207,3 +207,13 @@ def test_training_logs_prompt_norms(tmp_path):
     norms = record["adapter_stats"]["prompt"]["virtual_token_norms"]
     expected = model.prompt_encoder["default"].embedding.weight.norm(dim=-1)
     assert norms == pytest.approx(expected.tolist(), rel=1e-4)
+
+
+def test_a_multitask_model_logs_its_layers_under_the_adapter_files_names(tmp_path):
+    from peftcore.train import train
+    from tests.peftcore.test_multitask import all_rows, quiet, tiny_multitask
+
+    train(tiny_multitask(), all_rows(), [], quiet(max_steps=2, batch_size=4, inspect_every=2), tmp_path)
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["adapter_stats"]
+    assert "model.layers.0.self_attn.q_proj" in logged and "lm_head" in logged
+    assert all(0 < stats["activation_ratio"] < 10 for stats in logged.values())  # step 2's forward: B moved at step 1
