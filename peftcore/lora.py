@@ -307,23 +307,14 @@ class LoraLinear(nn.Module):
     def merge(self, adapter_names: list[str] | None = None) -> None:
         if hasattr(self.base_layer, "dequantize"):
             raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
-        for name in adapter_names or self.active_adapters:
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged into {type(self.base_layer).__name__}")
-            if name not in self.lora_A:
-                continue
-            W = self.base_layer.weight.detach()
-            merged = W + self.delta_weight(name).detach().to(W.dtype)
-            if name in self.lora_magnitude_vector:
-                # the norm forward uses: of the base weight without adapters merged before this one
-                with torch.no_grad():
-                    W0 = weight_before_merges(self)
-                    self._merge_norms[name] = dora_row_norm(W0.T if self.fan_in_fan_out else W0, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-                merged = merged * self.dora_factor(name).to(W.dtype)
-            self.base_layer.weight.data.copy_(merged)
+        for name in merge_weights(self, adapter_names or self.active_adapters, self.lora_A):
             if self.lora_B[name].bias is not None:
                 self.base_layer.bias.data += self.lora_B[name].bias.detach() * self.scaling[name]
-            self.merged_adapters.append(name)
+
+    def dora_norm(self, W: torch.Tensor, name: str) -> torch.Tensor:
+        """||W + sBA|| per output row, W in the base weight's layout."""
+        return dora_row_norm(W.T if self.fan_in_fan_out else W, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name])
 
     def unmerge(self) -> None:
         for name in unmerge_weights(self):
@@ -404,19 +395,7 @@ class LoraEmbedding(nn.Module):
         return (self.lora_magnitude_vector[name].weight.detach() / self._merge_norms[name])[None, :]
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        for name in adapter_names or self.active_adapters:
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged into Embedding")
-            if name not in self.lora_embedding_A:
-                continue
-            E = self.base_layer.weight.detach()
-            merged = E + self.delta_weight(name).detach().to(E.dtype)
-            if name in self.lora_magnitude_vector:
-                with torch.no_grad():
-                    self._merge_norms[name] = self.dora_norm(weight_before_merges(self), name)
-                merged = merged * self.dora_factor(name).to(E.dtype)
-            self.base_layer.weight.data.copy_(merged)
-            self.merged_adapters.append(name)
+        merge_weights(self, adapter_names or self.active_adapters, self.lora_embedding_A)
 
     def unmerge(self) -> None:
         unmerge_weights(self)
@@ -457,6 +436,28 @@ def weight_without(layer, name: str, W: torch.Tensor) -> torch.Tensor:
     if name in layer.lora_magnitude_vector:
         W = W / layer.dora_factor(name).to(W.dtype)
     return W - layer.delta_weight(name).detach().to(W.dtype)
+
+
+def merge_weights(layer, names: list[str], known) -> list[str]:
+    """Add each named adapter's delta_weight to the base weight in place (DoRA: then scale by
+    m / ||W + sBA||, the norm taken on the weight without the adapters merged before this one, as
+    the forward computes it). Shared by LoraLinear and LoraEmbedding. -> the names merged."""
+    merged_now = []
+    for name in names:
+        if name in layer.merged_adapters:
+            raise ValueError(f"adapter {name!r} is already merged into {type(layer.base_layer).__name__}")
+        if name not in known:
+            continue
+        W = layer.base_layer.weight.detach()
+        merged = W + layer.delta_weight(name).detach().to(W.dtype)
+        if name in layer.lora_magnitude_vector:
+            with torch.no_grad():
+                layer._merge_norms[name] = layer.dora_norm(weight_before_merges(layer), name)
+            merged = merged * layer.dora_factor(name).to(W.dtype)
+        layer.base_layer.weight.data.copy_(merged)
+        layer.merged_adapters.append(name)
+        merged_now.append(name)
+    return merged_now
 
 
 def weight_before_merges(layer) -> torch.Tensor:
