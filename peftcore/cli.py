@@ -1,9 +1,10 @@
-"""The `peftcore` command: train, eval, generate, merge, inspect-model.
+"""The `peftcore` command: train, eval, generate, merge, inspect, inspect-model.
 
     peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume] [--set section.key=value ...]
     peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
     peftcore generate --adapter DIR [--base PATH] "prompt text"
     peftcore merge --adapter DIR [--base PATH] --output OUT
+    peftcore inspect ADAPTER_DIR [--base PATH] [--compare DIR] [--top-k K] [--output-dir DIR]
     peftcore inspect-model PATH
 
 Exit codes: 0 done, 1 failed, 2 bad input (usage, recipe, data), 130 interrupted.
@@ -45,43 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_inspect_command(commands) -> None:
-    cmd = commands.add_parser("inspect", help="what a LoRA adapter learned, per layer (low-rank: no dense dW)")
+    cmd = commands.add_parser("inspect", help="what an adapter learned: LoRA per layer (low-rank: no dense dW); "
+                                              "prompt methods per virtual token (prefix: per layer)")
     cmd.add_argument("adapter", type=Path, help="adapter folder (peftcore's or HF PEFT's)")
-    cmd.add_argument("--base", help="base checkpoint folder (or builtin:/pip: name) for ||dW||/||W|| and amplification; "
-                                    "default: the adapter's base_model_name_or_path when it resolves")
-    cmd.add_argument("--compare", type=Path, help="a second adapter: subspace similarity phi per shared module")
+    cmd.add_argument("--base", help="base checkpoint folder (or builtin:/pip: name): LoRA ||dW||/||W|| and amplification, "
+                                    "prompts' nearest vocabulary tokens; default: the adapter's base_model_name_or_path")
+    cmd.add_argument("--compare", type=Path, help="a second LoRA adapter: subspace similarity phi per shared module")
+    cmd.add_argument("--top-k", type=int, default=5, help="prompt methods: nearest vocabulary tokens per virtual token")
     cmd.add_argument("--output-dir", type=Path, help="where inspect.json and the PNG plots go (default: the adapter folder)")
     cmd.set_defaults(run=inspect_adapter_command)
 
 
 def inspect_adapter_command(args: argparse.Namespace) -> int:
-    from .adapter_io import read_adapter_config
-    from .inspect import compare_adapters, format_table, inspect_adapter, write_json
-    from .tasks import resolve_base
+    from .inspect import run_inspect
 
-    base_name = args.base or read_adapter_config(args.adapter).get("base_model_name_or_path")
-    try:
-        base = resolve_base(base_name, log=lambda *a, **k: None) if base_name else None
-    except Exception as e:  # the adapter names a base that is not here: spectra still work without it
-        print(f"base {base_name!r} not available ({one_line(e)}): relative norms skipped")
-        base = None
-    stats = inspect_adapter(args.adapter, base)
-    comparison = compare_adapters(args.adapter, args.compare) if args.compare else None
-    print(format_table(stats))
-    out = args.output_dir or args.adapter
-    out.mkdir(parents=True, exist_ok=True)
-    written = [write_json(stats, out / "inspect.json", comparison)]
-    try:
-        from .inspect_plots import plot_relative_heatmap, plot_similarity, plot_spectra
-
-        written.append(plot_spectra(stats, out / "inspect_spectra.png"))
-        if base is not None:
-            written.append(plot_relative_heatmap(stats, out / "inspect_relative_norms.png"))
-        if comparison:
-            written.append(plot_similarity(comparison, out / "inspect_similarity.png"))
-    except ImportError as e:  # matplotlib is the optional `plot` extra
-        print(f"plots skipped: {e}")
-    print("wrote " + ", ".join(str(p) for p in written))
+    run_inspect(args.adapter, args.base, args.compare, args.output_dir, args.top_k)
     return 0
 
 
@@ -130,7 +109,8 @@ def add_job_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="score an adapter against its base: perplexity, BLEU/chrF, accuracy, ...")
     evaluate.add_argument("--adapter", type=Path, required=True, help=adapter_help)
     evaluate.add_argument("--base", help=base_help)
-    evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval)")
+    evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval; "
+                                         "a multi-task adapter: every [tasks.<name>] eval, one report section each)")
     evaluate.add_argument("--glossary", help="terms file for glossary adherence (default: the recipe's [eval] glossary)")
     evaluate.add_argument("--output", type=Path, help="markdown report (default: eval_report.md beside the adapter)")
     evaluate.add_argument("--max-records", type=int, help="generate for at most this many records")

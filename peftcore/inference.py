@@ -4,6 +4,13 @@
 a before/after report: perplexity of the reference outputs, BLEU / chrF of greedy generations
 (character-tokenized for references that are mostly CJK: 13a would see a Japanese sentence as
 one word), glossary adherence and repetition; accuracy for a classification adapter.
+
+A multi-task adapter folder (task_heads.json beside the adapter, written by a recipe with
+[tasks.<name>] tables) is scored per task on the eval data its recipe names: accuracy
+(classification), exact match (qa), and for generation tasks everything a single-task generation
+adapter gets. Its "base" is the model with the shared adapter disabled; classification and qa
+keep their trained heads there (the untrained ones are not saved), so for those tasks the base
+column measures what the adapter adds under its head, not the model before training.
 """
 from __future__ import annotations
 
@@ -16,12 +23,17 @@ import torch
 
 from peftcore.models import save_pretrained
 
-from .data import collate
+from .data import PromptTemplate, collate
 from .jobs import generate_texts, one_line
 from .metrics_text import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
+from .multitask import HEADS_CONFIG, MultiTaskModel, read_task_specs
+from .multitask_heads import TaskSpec
 from .peft_model import PeftModel
-from .tasks import TOKENIZER_FILES, Loaded, TaskError, load_adapter_folder, pad_id, parse_records, tokenize_records
+from .tasks import (RECIPE_FILE, TOKENIZER_FILES, Loaded, Record, TaskError, load_adapter_folder, load_base, pad_id,
+                    parse_records, read_adapter_info, resolve_base, set_runtime, tokenize_records)
 from .train import evaluate
+
+PERCENT = ("accuracy", "exact match")  # fractions in the results, shown as percentages
 
 EVAL_DEFAULTS = {"samples": 3, "max_new_tokens": 40, "temperature": 0.0, "top_k": None, "top_p": None,
                  "max_records": None, "batch_size": 8, "glossary": None}
@@ -41,6 +53,8 @@ def mostly_cjk(texts: list[str]) -> bool:
 # -- eval -------------------------------------------------------------------------------------
 def run_eval(adapter: Path, base: str | None = None, data: str | None = None, glossary: str | None = None,
              output: Path | None = None, max_records: int | None = None, log=print) -> dict:
+    if (Path(adapter) / HEADS_CONFIG).is_file():
+        return run_multitask_eval(adapter, base, data, glossary, output, max_records, log)
     loaded = load_adapter_folder(adapter, base, log=log)
     settings = eval_settings(loaded, max_records=max_records)
     data = data or loaded.info.get("data", {}).get("eval")
@@ -58,31 +72,42 @@ def run_eval(adapter: Path, base: str | None = None, data: str | None = None, gl
                              "loss": [base_scores["eval_loss"], adapted_scores["eval_loss"]]}
         with pm.disable_adapter():
             base_pred = predict(pm, rows, settings.batch_size, pad)
-        adapted_pred, names = predict(pm, rows, settings.batch_size, pad), loaded.labels
-        result["samples_title"] = "Misclassified by the adapted model"
-        result["samples"] = [{"where": r.where, "prompt": r.shown, "reference": names[r.label], "base": names[b],
-                              "adapted": names[a]} for r, b, a in zip(records, base_pred, adapted_pred)
-                             if a != r.label][: max(settings.samples, 0)]
+        result.update(misclassified(records, base_pred, predict(pm, rows, settings.batch_size, pad), loaded.labels,
+                                    settings.samples))
     else:
         result.update(generation_metrics(loaded, records, settings, glossary or settings.glossary,
                                          [base_scores["eval_ppl"], adapted_scores["eval_ppl"]]))
-    output = Path(output) if output else Path(adapter).resolve().parent / "eval_report.md"
-    output.write_text(markdown_report(result), encoding="utf-8")
-    output.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log(text_table(result))
+    return write_reports(result, markdown_report(result), adapter, output, log)
+
+
+def write_reports(result: dict, markdown: str, adapter: Path, output: Path | None, log=print) -> dict:
+    """report.md (default: eval_report.md beside the adapter folder) and the same numbers as report.json."""
+    output = Path(output) if output else Path(adapter).resolve().parent / "eval_report.md"
+    output.write_text(markdown, encoding="utf-8")
+    output.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log(f"report written to {output}")
     return result
 
 
 @torch.no_grad()
-def predict(model, rows, batch_size: int, pad: int) -> list[int]:
+def predict(model, rows, batch_size: int, pad: int, **route) -> list[int]:
+    """Predicted class per row (`route`: task=<name> for a multi-task model's head)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad)
-        out += model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).argmax(-1).tolist()
+        logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **route)
+        out += logits.argmax(-1).tolist()
     return out
+
+
+def misclassified(records: list[Record], base_pred: list[int], adapted_pred: list[int], names: list[str], keep: int) -> dict:
+    """Up to `keep` records the adapted model gets wrong, with both models' predicted class names."""
+    samples = [{"where": r.where, "prompt": r.shown, "reference": names[r.label], "base": names[b], "adapted": names[a]}
+               for r, b, a in zip(records, base_pred, adapted_pred) if a != r.label][: max(keep, 0)]
+    return {"samples_title": "Misclassified by the adapted model", "samples": samples}
 
 
 def generation_metrics(loaded: Loaded, records, settings, glossary, ppl: list[float]) -> dict:
@@ -133,12 +158,18 @@ def change(pair: list) -> str:
     return "" if base is None or adapted is None else f"{adapted - base:+.2f}"
 
 
+def shown(name: str, pair: list) -> tuple[str, list]:
+    """A metric's title and values as printed: fractions (accuracy, exact match) as percentages."""
+    if name in PERCENT:
+        return name + " %", [None if v is None else 100 * v for v in pair]
+    return name, pair
+
+
 def text_table(result: dict) -> str:
     lines = [f"{'metric':<28} {'base':>10} {'adapted':>10} {'change':>9}"]
     for name, pair in result["metrics"].items():
-        shown = [100 * v for v in pair] if name == "accuracy" else pair
-        title = name + (" %" if name == "accuracy" else "")
-        lines.append(f"{title:<28} {fmt(shown[0]):>10} {fmt(shown[1]):>10} {change(shown):>9}")
+        title, values = shown(name, pair)
+        lines.append(f"{title:<28} {fmt(values[0]):>10} {fmt(values[1]):>10} {change(values):>9}")
     return "\n".join(lines)
 
 
@@ -148,18 +179,135 @@ def cell(text: str) -> str:
 
 def markdown_report(result: dict) -> str:
     out = [f"# Evaluation: {result['adapter']}", "",
-           f"Base `{result['base']}`, data `{result['data']}` ({result['records']} records"
-           + (f", {result['generated']} generated greedily" if "generated" in result else "") + ").",
-           "Base = the same model with the adapter disabled.", "",
-           "| metric | base | adapted | change |", "|---|---:|---:|---:|"]
+           f"Base `{result['base']}`, data `{result['data']}` ({describe_records(result)}).",
+           "Base = the same model with the adapter disabled.", ""]
+    return "\n".join(out + metrics_table(result) + samples_table(result, "##")) + "\n"
+
+
+def describe_records(result: dict) -> str:
+    return f"{result['records']} records" + (f", {result['generated']} generated greedily" if "generated" in result else "")
+
+
+def metrics_table(result: dict) -> list[str]:
+    out = ["| metric | base | adapted | change |", "|---|---:|---:|---:|"]
     for name, pair in result["metrics"].items():
-        shown = [100 * v for v in pair] if name == "accuracy" else pair
-        out.append(f"| {name}{' %' if name == 'accuracy' else ''} | {fmt(shown[0])} | {fmt(shown[1])} | {change(shown)} |")
-    if result.get("samples"):
-        out += ["", f"## {result.get('samples_title', 'Sample generations')}", "",
-                "| # | prompt | reference | base | adapted |", "|---|---|---|---|---|"]
-        for i, s in enumerate(result["samples"], start=1):
-            out.append(f"| {i} | {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapted'])} |")
+        title, values = shown(name, pair)
+        out.append(f"| {title} | {fmt(values[0])} | {fmt(values[1])} | {change(values)} |")
+    return out
+
+
+def samples_table(result: dict, heading: str) -> list[str]:
+    if not result.get("samples"):
+        return []
+    out = ["", f"{heading} {result.get('samples_title', 'Sample generations')}", "",
+           "| # | prompt | reference | base | adapted |", "|---|---|---|---|---|"]
+    for i, s in enumerate(result["samples"], start=1):
+        out.append(f"| {i} | {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapted'])} |")
+    return out
+
+
+# -- eval of a multi-task adapter --------------------------------------------------------------
+MULTITASK_BASE_NOTE = ("Base = the same model with the shared adapter disabled. Classification and qa tasks keep their "
+                       "trained heads there (the untrained heads are not saved), so their base column shows what the "
+                       "adapter adds under the head trained with it, not the model before training.")
+
+
+def run_multitask_eval(adapter: Path, base: str | None, data: str | None, glossary: str | None, output: Path | None,
+                       max_records: int | None, log=print) -> dict:
+    """Every task with eval data in the adapter's recipe: the base (adapter disabled) vs the adapted model."""
+    if data:
+        raise TaskError("--data: a multi-task adapter is scored on each task's eval data from its recipe "
+                        "([tasks.<name>] eval); leave --data out")
+    adapter = Path(adapter)
+    config, info = read_adapter_info(adapter)
+    tasks = task_eval_records(adapter, info, read_task_specs(adapter))  # bad data fails before the model loads
+    model, loaded = load_multitask(adapter, config, info, base, log)
+    settings = eval_settings(loaded, max_records=max_records)
+    max_length = loaded.info["data"].get("max_length", 512)
+    rows = {name: tokenize_records(records, loaded.tokenizer, max_length, task=name) for name, (_, records) in tasks.items()}
+    every_row, pad = [row for task_rows in rows.values() for row in task_rows], pad_id(loaded.tokenizer)
+    # one evaluate() over every task's rows, as training's before / after: per-task scores + the weighted loss
+    with model.backbone.disable_adapter():
+        base_scores = evaluate(model, every_row, settings.batch_size, pad, task_weights=model.task_weights)
+    adapted_scores = evaluate(model, every_row, settings.batch_size, pad, task_weights=model.task_weights)
+    result = {"adapter": str(adapter), "base": loaded.base_name, "tasks": {},
+              "weighted_loss": [base_scores["eval_loss"], adapted_scores["eval_loss"]]}
+    for name, (path, records) in tasks.items():
+        scores = [{key.rpartition("/")[0]: v for key, v in s.items() if key.endswith(f"/{name}")}
+                  for s in (base_scores, adapted_scores)]
+        task = {"kind": model.specs[name].kind, "data": str(path), "records": len(records)}
+        task.update(task_metrics(name, model, loaded, records, rows[name], scores, settings, glossary or settings.glossary))
+        result["tasks"][name] = task
+        log(f"task {name} ({task['kind']}, {describe_records(task)}):\n{text_table(task)}")
+    return write_reports(result, multitask_report(result), adapter, output, log)
+
+
+def load_multitask(adapter: Path, config: dict, info: dict, base: str | None, log=print) -> tuple[MultiTaskModel, Loaded]:
+    """The base, the shared adapter and the saved heads (as `peftcore train` loads them for its "after"),
+    and a Loaded around the backbone (the adapter + the LM head) for the generation metrics."""
+    from peftcore.models import load_tokenizer
+
+    base_name = base or config.get("base_model_name_or_path")
+    if not base_name:
+        raise TaskError(f"{adapter}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
+    base_name = "builtin:tiny-llama" if base_name == "builtin" else base_name  # --base builtin, as load_adapter_folder
+    base_folder = resolve_base(base_name, log=log)
+    section = SimpleNamespace(**{"group_size": None, "threads": 0, "device": "auto", **info["model"]})
+    device = set_runtime(section)
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer.json").is_file() else base_folder)
+    model = MultiTaskModel.from_pretrained(load_base(base_folder, section, None, device=device), adapter)
+    return model, Loaded(model.backbone, tokenizer, info, base_folder, base_name, device)
+
+
+def task_eval_records(adapter: Path, info: dict, specs: dict[str, TaskSpec]) -> dict[str, tuple[str, list[Record]]]:
+    """{task: (eval file, records)} for the tasks whose [tasks.<name>] names eval data, parsed as training
+    parsed them (peftcore.jobs.parse_task, without re-reading the training data); class names come
+    from the saved head's spec, in the order the head was trained with."""
+    template = PromptTemplate(**info["data"]["template"])
+    tables = info.get("tasks") or {}
+    if not tables:
+        raise TaskError(f"no evaluation data: {adapter} has no {RECIPE_FILE} with [tasks.<name>] tables "
+                        "(peftcore train writes it)")
+    out = {}
+    for name, spec in specs.items():
+        path = (tables.get(name) or {}).get("eval")
+        if path:
+            labels = class_names(spec) if spec.kind == "classification" else None
+            out[name] = (path, parse_records(path, template, labels, kind=spec.kind))
+    if not out:
+        raise TaskError(f"no evaluation data: none of the recipe's tasks ({', '.join(specs)}) has eval = \"FILE\"")
+    return out
+
+
+def task_metrics(name: str, model: MultiTaskModel, loaded: Loaded, records: list[Record], rows, scores: list[dict],
+                 settings, glossary) -> dict:
+    """One task's base / adapted metrics (`scores`: evaluate()'s numbers for this task, base then adapted)."""
+    spec, pad = model.specs[name], pad_id(loaded.tokenizer)
+    if spec.kind == "generation":  # the shared adapter and the LM head: exactly the single-task generation metrics
+        return generation_metrics(loaded, records, settings, glossary, [s["eval_ppl"] for s in scores])
+    loss = [s["eval_loss"] for s in scores]
+    if spec.kind == "qa":
+        return {"metrics": {"exact match": [s["eval_exact_match"] for s in scores], "loss": loss}}
+    with model.backbone.disable_adapter():
+        base_pred = predict(model, rows, settings.batch_size, pad, task=name)
+    adapted_pred = predict(model, rows, settings.batch_size, pad, task=name)
+    return {"metrics": {"accuracy": [s["eval_accuracy"] for s in scores], "loss": loss},
+            **misclassified(records, base_pred, adapted_pred, class_names(spec), settings.samples)}
+
+
+def class_names(spec) -> list[str]:
+    """A classification head's class names (a recipe with num_labels and no label file: "0", "1", ...)."""
+    return spec.labels or [str(i) for i in range(spec.num_labels)]
+
+
+def multitask_report(result: dict) -> str:
+    base, adapted = result["weighted_loss"]
+    summary = (f"Base `{result['base']}`; {len(result['tasks'])} tasks, each on the eval data its recipe names. "
+               f"Weighted eval loss (what training's early stopping watched): base {fmt(base)}, adapted {fmt(adapted)}.")
+    out = [f"# Evaluation: {result['adapter']}", "", summary, MULTITASK_BASE_NOTE]
+    for name, task in result["tasks"].items():
+        out += ["", f"## Task {name} ({task['kind']})", "", f"Data `{task['data']}` ({describe_records(task)}).", ""]
+        out += metrics_table(task) + samples_table(task, "###")
     return "\n".join(out) + "\n"
 
 

@@ -113,6 +113,47 @@ def plot_training_norms(records: list[dict], path: str | Path) -> Path:
     return save(fig, path)
 
 
+def plot_prompt_norms(stats: dict, path: str | Path) -> Path:
+    """A prompt adapter (peftcore.inspect_prompt.prompt_tensor_stats): each virtual token's norm, and with the
+    base where those norms fall in the vocabulary's norm distribution (a soft prompt far louder than
+    any real token is one the model reads unlike text). Prefix tuning: key / value norm per layer."""
+    plt = pyplot()
+    if stats["method"] == "PREFIX_TUNING":
+        return plot_prefix_norms(plt, stats, path)
+    norms = [t["norm"] for t in stats["virtual_tokens"]]
+    vocab = stats.get("vocab_norm")
+    fig, axes = plt.subplots(1, 2 if vocab else 1, figsize=(11 if vocab else 6, 3.4), squeeze=False, layout="constrained")
+    bars = axes[0][0]
+    bars.bar(range(len(norms)), norms, color="tab:orange", label="virtual token")
+    if vocab:
+        bars.axhspan(vocab["mean"] - vocab["std"], vocab["mean"] + vocab["std"], color="tab:blue", alpha=0.2,
+                     label="vocabulary mean ± std")
+        bars.legend(fontsize=7)
+    bars.set_xlabel("virtual token"), bars.set_ylabel("L2 norm"), bars.set_title(stats["method"], fontsize=9)
+    if vocab:
+        hist, edges = axes[0][1], vocab["histogram"]["edges"]
+        hist.stairs(vocab["histogram"]["counts"], edges, fill=True, color="tab:blue", alpha=0.5, label="vocabulary rows")
+        for k, norm in enumerate(norms):
+            hist.axvline(norm, color="tab:orange", lw=1, label="virtual tokens" if k == 0 else None)
+        hist.set_xlabel("L2 norm"), hist.set_ylabel("vocabulary rows"), hist.legend(fontsize=7)
+        hist.set_title("virtual tokens vs the vocabulary's norms", fontsize=9)
+    return save(fig, path)
+
+
+def plot_prefix_norms(plt, stats: dict, path: str | Path) -> Path:
+    """Mean key and value norm per layer, the band spanning the virtual tokens' min..max."""
+    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    layers = range(stats["num_layers"])
+    for part, color in (("key", "tab:blue"), ("value", "tab:orange")):
+        per_token = stats[f"{part}_norms"]  # [layer][token]
+        ax.plot(layers, stats[f"{part}_norm_per_layer"], marker="o", color=color, label=f"{part} (mean)")
+        ax.fill_between(layers, [min(r) for r in per_token], [max(r) for r in per_token], color=color, alpha=0.2)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("layer"), ax.set_ylabel("L2 norm per virtual token"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    ax.set_title(f"prefix: {stats['num_virtual_tokens']} virtual tokens", fontsize=9)
+    return save(fig, path)
+
+
 def save(fig, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -14,33 +14,21 @@ import torch
 from torch import nn
 
 from .inspect import layer_stats
+from .inspect_prompt import prompt_tensor_stats
 from .lora import LoraLinear, base_weight
 from .prompt import PrefixTuningConfig, encoder_output, input_embeddings
 
 
 @torch.no_grad()
 def prompt_stats(peft_model, top_k: int = 5, tokenizer=None, adapter_name: str | None = None) -> dict:
-    """Virtual-token norms and nearest vocabulary tokens (cosine) of a prompt-learning adapter."""
+    """Virtual-token norms and nearest vocabulary tokens (cosine) of a prompt-learning adapter
+    (prefix: per-layer key / value norms): peftcore.inspect_prompt.prompt_tensor_stats on the live prompts,
+    the same numbers `peftcore inspect` reads from the adapter's files."""
     name = adapter_name or peft_model.active_adapter
     config = peft_model.peft_config[name]
-    prompts = encoder_output(peft_model.prompt_encoder[name], config).float()  # (n, d) or (n, L*2*d)
-    if isinstance(config, PrefixTuningConfig):
-        per_layer = prompts.view(config.num_virtual_tokens, config.num_layers, 2, -1).norm(dim=-1)  # (n, L, 2)
-        return {"method": "prefix", "key_norm_per_layer": per_layer[:, :, 0].mean(0).tolist(),
-                "value_norm_per_layer": per_layer[:, :, 1].mean(0).tolist()}
-    vocab = input_embeddings(peft_model.model).weight.float()  # (V, d)
-    cosine = nn.functional.normalize(prompts, dim=-1) @ nn.functional.normalize(vocab, dim=-1).T  # (n, V)
-    best = cosine.topk(min(top_k, vocab.shape[0]), dim=-1)
-    tokens = []
-    for i in range(prompts.shape[0]):
-        ids = best.indices[i].tolist()
-        entry = {"norm": float(prompts[i].norm()), "nearest_ids": ids, "cosine": [round(float(c), 4) for c in best.values[i]]}
-        if tokenizer is not None:
-            entry["nearest_tokens"] = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-        tokens.append(entry)
-    norms = vocab.norm(dim=-1)
-    return {"method": config.peft_type.value, "virtual_tokens": tokens,
-            "vocab_norm": {"mean": float(norms.mean()), "std": float(norms.std())}}
+    prompts = encoder_output(peft_model.prompt_encoder[name], config)  # (n, d) or (n, L*2*d)
+    vocab = None if isinstance(config, PrefixTuningConfig) else input_embeddings(peft_model.model).weight
+    return prompt_tensor_stats(prompts, config.peft_type.value, config.num_layers, vocab, tokenizer, top_k)
 
 
 def rms(t: torch.Tensor) -> float:
@@ -97,7 +85,7 @@ def training_stats(model: nn.Module, activations: dict[str, dict] | None = None)
     Prompt methods: {"prompt": {"virtual_token_norms": [...]}} (prefix: per-layer key / value norms)."""
     if getattr(model, "is_prompt_learning", False):
         stats = prompt_stats(model, top_k=1)
-        if stats["method"] == "prefix":
+        if stats["method"] == "PREFIX_TUNING":
             return {"prompt": {k: stats[k] for k in ("key_norm_per_layer", "value_norm_per_layer")}}
         return {"prompt": {"virtual_token_norms": [round(t["norm"], 6) for t in stats["virtual_tokens"]]}}
     out = {}
