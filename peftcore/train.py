@@ -406,9 +406,6 @@ def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: l
         raise TrainingError("inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
     if not group_by_task(train_rows):
         return config
-    if parallel.strategy == "ddp":
-        raise TrainingError("multi-task training under torchrun needs strategy 'fsdp': DDP expects every trainable "
-                            "tensor in every forward, and a task's batch runs one head")
     return replace(config, task_weights={**getattr(model, "task_weights", {}), **config.task_weights})
 
 
