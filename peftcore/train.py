@@ -8,9 +8,7 @@ of b rows update exactly like one batch of k*b rows.
 
 Multi-task rows (TokenizedExample.task set; the model a peftcore.multitask.MultiTaskModel): a batch
 holds rows of one task and carries "task", which routes it to that task's head. Every step takes
-grad_accum micro-batches of batch_size rows from EVERY task (a round of one micro-batch per task,
-grad_accum times), each task walking its own seeded order, so a small task repeats its epochs more
-often and the per-task weights alone set the mix. The step's loss is
+grad_accum rounds of one micro-batch per task (peftcore.data_order). The step's loss is
     sum over tasks t of weight_t * (summed loss of t in the step) / (targets of t in the step)
 (targets: trained tokens for generation, rows for classification and qa), so a 4-row
 classification batch is not drowned by a 500-token generation batch, and k x b rows still update
@@ -26,7 +24,6 @@ import contextlib
 import math
 import time
 import warnings
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,10 +33,11 @@ from torch import nn
 
 from . import distributed
 from .data import IGNORE_INDEX, TokenizedExample, collate, group_by_task
+from .data_order import padding_batch, step_batches, task_weight
 from .distributed import Parallel
 from .inspect_runtime import AdapterActivations, lora_layers, training_stats
 from .multitask_heads import count_correct, count_targets, head_loss
-from .train_state import Checkpointer, MetricsLog, TaskCursor, TrainState, restore_rng, rng_of_rank, set_seed
+from .train_state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -86,11 +84,6 @@ class TrainConfig:
         bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
         if bad:
             raise ValueError(f"task_weights must be finite numbers >= 0, got {bad}")
-
-
-def task_weight(config: TrainConfig, task: str | None) -> float:
-    """A task's loss weight; single-task batches (task None) weigh 1."""
-    return 1.0 if task is None else float(config.task_weights.get(task, 1.0))
 
 
 # -- optimizer and schedule ---------------------------------------------------------------------
@@ -289,62 +282,7 @@ def score_batch(model, batch: dict) -> tuple[float, int, int]:
     return float(head_loss(kind, outputs, labels)), trained_targets(batch), count_correct(kind, outputs, labels)
 
 
-def padding_batch(rows: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One pad token with nothing to predict: a rank without rows still runs the step's collectives."""
-    like = rows[0] if rows else TokenizedExample("", [], [])
-    row = TokenizedExample("<padding>", [pad_token_id], [IGNORE_INDEX], task=like.task,
-                           label=IGNORE_INDEX if like.label is not None else None,
-                           span=(IGNORE_INDEX, IGNORE_INDEX) if like.span is not None else None)
-    return collate([row], pad_token_id)
-
-
 # -- the loop -----------------------------------------------------------------------------------
-def step_batches(rows: list[TokenizedExample], state: TrainState, config: TrainConfig, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1):
-    """Endless lists of micro-batches, one list per optimizer step.
-
-    Single-task rows: grad_accum micro-batches of one seeded order. Multi-task rows: grad_accum rounds
-    of one micro-batch per task (in order of first appearance; weight-0 tasks left out), each task
-    in its own seeded order, its place kept in state.task_positions (see the module docstring)."""
-    groups = group_by_task(rows)
-    streams = [batches_from(rows, state, config, pad_token_id, rank, world_size)] if not groups else [
-        batches_from(task_rows, TaskCursor(state, task), config, pad_token_id, rank, world_size, task_seed(config, task))
-        for task, task_rows in groups.items() if task_weight(config, task) > 0]
-    if not streams:
-        raise TrainingError(f"every task ({', '.join(groups)}) has weight 0: nothing to train")
-    while True:
-        yield [next(stream) for _ in range(config.grad_accum) for stream in streams]
-
-
-def task_seed(config: TrainConfig, task: str) -> int:
-    """Each task's own order: the run's seed offset by a stable hash of the name (not Python's salted hash)."""
-    return config.seed + zlib.crc32(task.encode())
-
-
-def batches_from(rows: list[TokenizedExample], state: TrainState | TaskCursor, config: TrainConfig, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1, seed: int | None = None):
-    """Endless micro-batches in a seeded order per epoch; `state` records the position for resume.
-
-    With world_size ranks a micro-batch takes the next world_size x batch_size rows of the order
-    (what one process with that batch size would take) and this rank gets its contiguous part."""
-    seed = config.seed if seed is None else seed
-    while True:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + state.epoch)).tolist()
-        while state.position < len(order):
-            chosen = order[state.position : state.position + config.batch_size * world_size]
-            state.position += config.batch_size * world_size
-            mine = rank_share(chosen, rank, world_size)
-            yield collate([rows[i] for i in mine], pad_token_id) if mine else padding_batch(rows, pad_token_id)
-        state.epoch, state.position = state.epoch + 1, 0
-
-
-def rank_share(items: list, rank: int, world_size: int) -> list:
-    """The rank-th of world_size contiguous, nearly equal parts (the first parts get the remainder)."""
-    size, extra = divmod(len(items), world_size)
-    start = rank * size + min(rank, extra)
-    return items[start : start + size + (rank < extra)]
-
-
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     found = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     if not found:
@@ -404,9 +342,13 @@ def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: l
     """Refuse what cannot run; multi-task weights not set in the config come from the model's task specs."""
     if config.inspect_every and parallel.strategy == "fsdp":
         raise TrainingError("inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
-    if not group_by_task(train_rows):
+    groups = group_by_task(train_rows)
+    if not groups:
         return config
-    return replace(config, task_weights={**getattr(model, "task_weights", {}), **config.task_weights})
+    config = replace(config, task_weights={**getattr(model, "task_weights", {}), **config.task_weights})
+    if all(task_weight(config, task) == 0 for task in groups):
+        raise TrainingError(f"every task ({', '.join(groups)}) has weight 0: nothing to train")
+    return config
 
 
 def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, state: TrainState, scaler,

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from peftcore import PeftModel  # noqa: E402
 from peftcore.models import safetensors_io  # noqa: E402
-from peftcore.train import TrainConfig, rank_share, train  # noqa: E402
+from peftcore.data_order import rank_share  # noqa: E402
+from peftcore.train import TrainConfig, train  # noqa: E402
 from tests.peftcore.test_multitask import all_rows, tiny_multitask  # noqa: E402
 from tests.peftcore.test_train import rows, tiny_peft_model  # noqa: E402
 
