@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from peftcore import LoraConfig, get_peft_model
-from peftcore.lora import LoraLinearFunction, dropped_positions
+from peftcore.lora_function import LoraLinearFunction, dropped_positions
 from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
 
