@@ -171,12 +171,18 @@ def jinja_segments(messages: list[dict], chat_template: str) -> list[tuple[str, 
 def qa_example(record, where: str) -> Example:
     """{"context", "question", "answer"[, "answer_start"]} -> segments: the question, then the context
     with the answer as the one trained segment. The question comes first so that a causal model's
-    context tokens have read it. `answer_start` (a character offset) picks one of several occurrences."""
+    context tokens have read it. An answer that occurs more than once needs `answer_start` (its character
+    offset in the context, as SQuAD gives it): guessing the first occurrence would train on a wrong span
+    as often as not."""
     if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("context", "question", "answer")):
         raise DataError(f"{where}: a QA record needs string fields \"context\", \"question\" and \"answer\"")
     context, answer = record["context"], record["answer"]
     if not answer.strip():
         raise DataError(f"{where}: the answer is empty")
+    if "answer_start" not in record and context.count(answer) > 1:
+        at = [i for i in range(len(context)) if context.startswith(answer, i)]
+        raise DataError(f"{where}: the answer {answer[:40]!r} occurs {len(at)} times in the context (at characters "
+                        f"{', '.join(map(str, at[:5]))}); add \"answer_start\" to say which one")
     start = record.get("answer_start", context.find(answer))
     found = isinstance(start, int) and not isinstance(start, bool) and start >= 0
     if not found or context[start : start + len(answer)] != answer:
@@ -214,20 +220,24 @@ def tokenize(example: Example, tokenizer, max_length: int) -> TokenizedExample:
 
 
 def tokenize_span(example: Example, tokenizer, max_length: int) -> TokenizedExample:
-    """QA: [BOS or CLS] question, context [SEP]; `span` = the first and last token of the trained segment.
+    """QA: [BOS or CLS] question, context [SEP]; `span` = the first and last token that overlap the answer.
 
-    Segments are tokenized one by one, so the span is exact in the ids the model sees (a BPE may
-    merge differently across a segment border than in the joined text)."""
+    The text is tokenized whole and the answer's characters mapped to tokens through the offsets, so
+    the ids are the ones a user's question over the same context gets at inference time. (Tokenizing
+    the answer on its own would change the ids wherever a BPE merge crosses its border, " 4" in
+    "every 4 hours", and the changed ids would mark the answer for the model to find.)"""
+    text = "".join(piece for piece, _ in example.segments)
+    first = next(i for i, (_, trained) in enumerate(example.segments) if trained)
+    char_start = sum(len(piece) for piece, _ in example.segments[:first])
+    char_end = char_start + len(example.segments[first][0])
+    ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+    inside = [i for i, (lo, hi) in enumerate(offsets) if lo < char_end and hi > char_start]
+    if not inside:
+        raise DataError(f"{example.where}: the answer has no tokens")
     lead = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
-    ids = [] if lead is None else [lead]
-    start = end = None
-    for text, trained in example.segments:
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        if trained:
-            if not piece:
-                raise DataError(f"{example.where}: the answer has no tokens")
-            start, end = len(ids), len(ids) + len(piece) - 1
-        ids += piece
+    shift = 0 if lead is None else 1
+    ids = ([] if lead is None else [lead]) + ids
+    start, end = inside[0] + shift, inside[-1] + shift
     sep = getattr(tokenizer, "sep_token_id", None)
     ids += [] if sep is None else [sep]
     if end >= max_length:

@@ -27,7 +27,7 @@ from .data import PromptTemplate, collate
 from .jobs import generate_texts, one_line
 from .metrics_text import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
 from .multitask import HEADS_CONFIG, MultiTaskModel, read_task_specs
-from .multitask_heads import TaskSpec
+from .multitask_heads import TaskSpec, best_spans
 from .peft_model import PeftModel
 from .tasks import (RECIPE_FILE, TOKENIZER_FILES, Loaded, Record, TaskError, load_adapter_folder, load_base, pad_id,
                     parse_records, read_adapter_info, resolve_base, set_runtime, tokenize_records)
@@ -101,6 +101,27 @@ def predict(model, rows, batch_size: int, pad: int, **route) -> list[int]:
         logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **route)
         out += logits.argmax(-1).tolist()
     return out
+
+
+def predict_spans(model, rows, batch_size: int, pad: int, task: str) -> list[tuple[int, int]]:
+    """A multi-task model's qa head: the best valid (first, last) answer token per row."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad)
+        logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), task=task)
+        out += [tuple(span) for span in best_spans(*logits).tolist()]
+    return out
+
+
+def wrong_answers(records: list[Record], rows, base: list, adapted: list, tokenizer, keep: int) -> dict:
+    """Up to `keep` qa records whose adapted span is not the reference span, with both models' answers as text."""
+    def text(row, span):
+        return tokenizer.decode(row.input_ids[span[0] : span[1] + 1]).strip()
+    samples = [{"where": r.where, "prompt": r.shown, "reference": text(row, row.span), "base": text(row, b),
+                "adapted": text(row, a)} for r, row, b, a in zip(records, rows, base, adapted) if tuple(a) != row.span]
+    return {"samples_title": "Answers the adapted model gets wrong", "samples": samples[: max(keep, 0)]}
 
 
 def misclassified(records: list[Record], base_pred: list[int], adapted_pred: list[int], names: list[str], keep: int) -> dict:
@@ -286,11 +307,13 @@ def task_metrics(name: str, model: MultiTaskModel, loaded: Loaded, records: list
     if spec.kind == "generation":  # the shared adapter and the LM head: exactly the single-task generation metrics
         return generation_metrics(loaded, records, settings, glossary, [s["eval_ppl"] for s in scores])
     loss = [s["eval_loss"] for s in scores]
-    if spec.kind == "qa":
-        return {"metrics": {"exact match": [s["eval_exact_match"] for s in scores], "loss": loss}}
+    guess = predict_spans if spec.kind == "qa" else predict
     with model.backbone.disable_adapter():
-        base_pred = predict(model, rows, settings.batch_size, pad, task=name)
-    adapted_pred = predict(model, rows, settings.batch_size, pad, task=name)
+        base_pred = guess(model, rows, settings.batch_size, pad, task=name)
+    adapted_pred = guess(model, rows, settings.batch_size, pad, task=name)
+    if spec.kind == "qa":
+        return {"metrics": {"exact match": [s["eval_exact_match"] for s in scores], "loss": loss},
+                **wrong_answers(records, rows, base_pred, adapted_pred, loaded.tokenizer, settings.samples)}
     return {"metrics": {"accuracy": [s["eval_accuracy"] for s in scores], "loss": loss},
             **misclassified(records, base_pred, adapted_pred, class_names(spec), settings.samples)}
 

@@ -22,6 +22,7 @@ from peftcore.models.fused import IGNORE_INDEX
 KINDS = ("classification", "generation", "qa")
 POOLINGS = ("last", "first", "mean")  # "auto" resolves to last (causal models) or first (encoders)
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ANSWER_TOKENS = 30  # a predicted QA span's longest length, as transformers' run_qa (max_answer_length)
 
 
 @dataclass
@@ -143,12 +144,26 @@ def head_loss(kind: str, outputs, labels: torch.Tensor) -> torch.Tensor:
     return (start_loss + end_loss) / 2
 
 
+def best_spans(start: torch.Tensor, end: torch.Tensor, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> torch.Tensor:
+    """(B, T) start / end logits -> (B, 2) [first, last] token of the span with the highest start + end
+    logit among spans with first <= last < first + max_answer_tokens. Two separate argmaxes can end
+    before they start; this decode never does. Cost O(B T L), never (B, T, T)."""
+    T = start.shape[-1]
+    L = min(max_answer_tokens, T)
+    start, end = start.float(), end.float()
+    # ends[b, i, d] = end logit of token i + d (-inf past the row's end)
+    ends = torch.stack([F.pad(end[:, d:], (0, d), value=-math.inf) for d in range(L)], -1)  # (B, T, L)
+    best = (start[:, :, None] + ends).flatten(1).argmax(-1)  # (B,) over (first, length - 1) pairs
+    first = best // L
+    return torch.stack([first, first + best % L], -1)
+
+
 def count_correct(kind: str, outputs, labels: torch.Tensor) -> int:
-    """Classification: argmax == label; QA: exact match, both the start and the end token right."""
+    """Classification: argmax == label; QA: exact match, the best valid span's first and last token right."""
     if kind == "classification":
         return int((outputs.argmax(-1) == labels).sum())
-    start, end = outputs
-    return int(((start.argmax(-1) == labels[:, 0]) & (end.argmax(-1) == labels[:, 1])).sum())
+    spans = best_spans(*outputs)
+    return int((spans == labels).all(-1).sum())
 
 
 def count_targets(kind: str, labels: torch.Tensor) -> int:

@@ -117,6 +117,18 @@ def test_bpe_folder_matches_transformers(bpe_folder):
     assert ours.model_max_length is None  # transformers' "no limit" sentinel
 
 
+@pytest.mark.parametrize("which", ["minilm", "bpe"])
+def test_offsets_match_transformers(which, minilm, bpe_folder):
+    """Character offsets (extractive QA maps an answer's characters to tokens through them)."""
+    ours, ref = minilm if which == "minilm" else (load_tokenizer(bpe_folder),
+                                                  transformers.AutoTokenizer.from_pretrained(bpe_folder))
+    for text in SENTENCES:
+        ids, offsets = ours.encode_with_offsets(text)
+        expected = ref(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == expected["input_ids"] == ours.encode(text, add_special_tokens=False), text
+        assert [tuple(o) for o in offsets] == [tuple(o) for o in expected["offset_mapping"]], text
+
+
 def test_chat_template_from_config_named_list(tmp_path, bpe_folder):
     (tmp_path / "tokenizer.json").write_bytes((bpe_folder / "tokenizer.json").read_bytes())
     templates = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": TEMPLATE}]

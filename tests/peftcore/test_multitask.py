@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
 from peftcore.data import IGNORE_INDEX, DataError, TokenizedExample, collate, qa_example, tokenize_span
 from peftcore.models import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, from_config
 from peftcore.multitask import HEADS_CONFIG, HEADS_WEIGHTS, MultiTaskModel
-from peftcore.multitask_heads import TaskSpec
+from peftcore.multitask_heads import TaskSpec, best_spans, count_correct
 from peftcore.recipe import RecipeError, load_recipe
 from peftcore.train import TrainConfig, build_optimizer, evaluate, loss_sum, train, train_step
 
@@ -330,13 +332,16 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [3 + (ord(c) % 500) for c in text]
 
+    def encode_with_offsets(self, text, add_special_tokens=False):
+        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+
     def decode(self, ids):
         return "".join(chr(i - 3) for i in ids)
 
 
 def test_qa_span_labels_point_at_the_answer_tokens():
-    record = {"context": "Restore points are kept 30 days; trash 30 days too.", "question": "How long?",
-              "answer": "30 days"}
+    context = "Restore points are kept 30 days; trash 30 days too."
+    record = {"context": context, "question": "How long?", "answer": "30 days", "answer_start": context.index("30")}
     row = tokenize_span(qa_example(record, "qa.jsonl:1"), CharTokenizer(), 200)
     start, end = row.span
     assert CharTokenizer().decode(row.input_ids[start : end + 1]) == "30 days"
@@ -347,11 +352,34 @@ def test_qa_span_labels_point_at_the_answer_tokens():
     assert collate([row, second], 0)["labels"].tolist() == [list(row.span), list(second.span)]
 
 
+@settings(deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_best_spans_is_the_best_valid_span(B, T, max_answer_tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    start, end = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    spans = best_spans(start, end, max_answer_tokens).tolist()
+    for b, (first, last) in enumerate(spans):
+        assert first <= last < min(first + max_answer_tokens, T)
+        valid = [(i, j) for i in range(T) for j in range(i, min(i + max_answer_tokens, T))]
+        best = max(start[b, i] + end[b, j] for i, j in valid)
+        assert start[b, first] + end[b, last] == best
+
+
+def test_exact_match_counts_the_best_valid_span_not_two_argmaxes():
+    start = torch.tensor([[0.0, 1.0, 5.0, 0.0]])  # start's argmax (2) comes after end's (1)
+    end = torch.tensor([[0.0, 6.0, 0.0, 4.0]])
+    assert best_spans(start, end).tolist() == [[2, 3]]
+    assert count_correct("qa", (start, end), torch.tensor([[2, 3]])) == 1
+    assert count_correct("qa", (start, end), torch.tensor([[2, 1]])) == 0  # an impossible span is never predicted
+
+
 @pytest.mark.parametrize("record, message", [
     ({"context": "abc", "question": "q", "answer": "xyz"}, "qa.jsonl:3: the answer 'xyz' does not occur in the context"),
     ({"context": "abc", "question": "q", "answer": "b", "answer_start": 2}, "does not occur in the context at answer_start 2"),
     ({"context": "abc", "question": "q"}, 'qa.jsonl:3: a QA record needs string fields "context", "question" and "answer"'),
     ({"context": "abc", "question": "q", "answer": " "}, "qa.jsonl:3: the answer is empty"),
+    ({"context": "30 days, then 30 days", "question": "q", "answer": "30 days"},
+     r'qa.jsonl:3: the answer \'30 days\' occurs 2 times in the context \(at characters 0, 14\); add "answer_start"'),
 ])
 def test_bad_qa_records_name_file_and_line(record, message):
     with pytest.raises(DataError, match=message):

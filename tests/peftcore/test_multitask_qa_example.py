@@ -16,7 +16,7 @@ from peftcore.models import load_tokenizer
 from peftcore import builtin
 from peftcore.multitask import HEADS_CONFIG, HEADS_WEIGHTS
 from peftcore.recipe import load_recipe
-from peftcore.tasks import parse_records, tokenize_records
+from peftcore.tasks import parse_records, qa_record, tokenize_records
 
 from .test_cli_train import run
 
@@ -72,18 +72,31 @@ def test_every_record_parses_and_its_span_decodes_to_the_answer(tokenizer, qa_fi
 
 
 def test_spans_use_the_tokens_of_the_whole_text(tokenizer, qa_files):
-    """peftcore.data.tokenize_span tokenizes question / context-before / answer / context-after one by
-    one; where a BPE merge crosses the answer's border (" 4" in "every 4 hours", " Business" after a
-    space) the row's tokens differ from the whole text's, and that difference marks the answer (the
-    model could learn the artifact, not the task). The bundled records were written so that they
-    never differ: a span starts after punctuation or a quote, at a digit the vocabulary does not
-    merge with a space, or at the start of the context."""
+    """A row's ids are the whole text's (as a user's question over the context gets them at inference
+    time), not the answer tokenized on its own, which would change the ids wherever a BPE merge
+    crosses the answer's border and so mark the answer for the model to find."""
     for path in qa_files.values():
         records = parse_records(str(path), load_recipe(RECIPE).data.template, kind="qa")
         for raw, row in zip(raw_records(path), tokenize_records(records, tokenizer, 256), strict=True):
             whole = [tokenizer.bos_token_id, *tokenizer.encode(raw["question"] + "\n" + raw["context"],
                                                                add_special_tokens=False)]
             assert row.input_ids == whole, f"{row.where}: the answer's borders change the tokens"
+
+
+def test_an_answer_inside_a_bpe_merge_takes_the_merged_tokens(tokenizer):
+    """ " 4" is one token of the built-in vocabulary: the answer "4 hours" starts inside it, and its
+    span starts at that token (the decoded span is the answer plus the leading space)."""
+    context = "Restore points are created every 4 hours by default."
+    assert len(tokenizer.encode(" 4", add_special_tokens=False)) == 1
+    records = parse_records_from([{"context": context, "question": "How often?", "answer": "4 hours"}])
+    row = tokenize_records(records, tokenizer, 256)[0]
+    assert row.input_ids == [tokenizer.bos_token_id, *tokenizer.encode("How often?\n" + context, add_special_tokens=False)]
+    start, end = row.span
+    assert tokenizer.decode(row.input_ids[start : end + 1]) == " 4 hours"
+
+
+def parse_records_from(raw: list[dict]):
+    return [qa_record(r, f"qa.jsonl:{i}") for i, r in enumerate(raw, start=1)]
 
 
 def test_splits_are_bilingual_and_disjoint(qa_files):
@@ -120,3 +133,9 @@ def test_recipe_trains_three_tasks_and_eval_reports_exact_match(tmp_path):
     assert len(qa["metrics"]["exact match"]) == 2 and all(0 <= v <= 1 for v in qa["metrics"]["exact match"])
     assert "task qa (qa, 40 records)" in out and "exact match %" in out
     assert "## Task qa (qa)" in (tmp_path / "report.md").read_text()
+    wrong = qa["samples"]  # two training steps: nearly every answer is still wrong; samples=1 keeps one
+    assert qa["samples_title"] == "Answers the adapted model gets wrong" and len(wrong) == 1
+    line = int(wrong[0]["where"].rpartition(":")[2])
+    held_out = raw_records(EXAMPLES / "data" / "support_qa_eval.jsonl")[line - 1]
+    assert (wrong[0]["prompt"], wrong[0]["reference"]) == (held_out["question"], held_out["answer"])
+    assert "Answers the adapted model gets wrong" in (tmp_path / "report.md").read_text()
