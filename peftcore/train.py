@@ -308,7 +308,8 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     parallel = distributed.wrap_model(model, config.strategy)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    scaler = torch.amp.GradScaler() if config.mixed_precision == "fp16" else None
+    check_precision(config.mixed_precision, parallel.trainable[0].device)
+    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
     checkpointer = Checkpointer(output_dir, model, save_adapter or model.save_pretrained, rank=rank, world_size=world,
                                 settle=parallel.settle)
     state = checkpointer.load(optimizer, scheduler) if resume else TrainState(world_size=world)
@@ -349,6 +350,15 @@ def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: l
     if all(task_weight(config, task) == 0 for task in groups):
         raise TrainingError(f"every task ({', '.join(groups)}) has weight 0: nothing to train")
     return config
+
+
+def check_precision(mixed_precision: str, device: torch.device) -> None:
+    """fp16 needs loss scaling, which torch's GradScaler does on CUDA only; bf16 needs hardware support."""
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise TrainingError(f"mixed_precision 'fp16' needs a CUDA device (the model is on {device.type}); "
+                            "use 'bf16' or 'no'")
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(f"mixed_precision 'bf16': {torch.cuda.get_device_name(device)} has no bf16; use 'fp16'")
 
 
 def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, state: TrainState, scaler,

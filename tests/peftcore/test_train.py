@@ -159,3 +159,27 @@ def test_the_loss_curve_is_drawn_unless_plots_is_off(tmp_path, plots):
     train(tiny_peft_model(), rows(), rows(4, seed=5), quiet(max_steps=2, eval_every=1, plots=plots), tmp_path)
     assert (tmp_path / "curve.png").exists() == plots
     assert not (tmp_path / "adapter_norms.png").exists()  # only with inspect_every
+
+
+def test_bf16_autocast_trains_fp32_adapters_on_cpu(tmp_path):
+    """mixed_precision="bf16": the step's matmuls run in bf16 (seen by a hook), the adapter weights
+    and their gradients stay fp32, and the loss still falls."""
+    model = tiny_peft_model(targets=("q_proj", "v_proj", "lm_head"))
+    seen = []
+    o_proj = model.model.model.layers[0].self_attn.o_proj
+    hook = o_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for precision in ("no", "bf16"):
+        config = quiet(mixed_precision=precision, learning_rate=1e-2)
+        train_step(model, [collate(rows(4), 0)], build_optimizer(model, config), config)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in trained)
+    train(model, rows(), [], quiet(max_steps=20, learning_rate=3e-2, batch_size=4, mixed_precision="bf16"), tmp_path)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert all(map(math.isfinite, losses)) and sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+def test_fp16_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="mixed_precision 'fp16' needs a CUDA device \\(the model is on cpu\\)"):
+        train(tiny_peft_model(), rows(), [], quiet(max_steps=1, mixed_precision="fp16"), tmp_path)
