@@ -22,11 +22,18 @@ FAST = ["--set", "data.max_length=96", "--set", "train.batch_size=4", "--set", "
         "--set", "eval.samples=2", "--set", "eval.max_new_tokens=8"]
 
 
+@contextlib.contextmanager
+def builtin_replaced_by(spec: builtin.BuiltinSpec, cache: Path):
+    """The built-in tiny-llama made from `spec` instead, in a cache folder of its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(builtin.BUILTINS, "tiny-llama", spec)
+        mp.setenv("PEFTCORE_CACHE", str(cache))
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def tiny_builtin(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(builtin.BUILTINS, "tiny-llama", TINY)
-        mp.setenv("PEFTCORE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    with builtin_replaced_by(TINY, tmp_path_factory.mktemp("cache")):
         yield
 
 

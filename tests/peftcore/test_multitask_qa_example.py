@@ -18,7 +18,7 @@ from peftcore.multitask import HEADS_CONFIG, HEADS_WEIGHTS
 from peftcore.recipe import load_recipe
 from peftcore.tasks import parse_records, qa_record, tokenize_records
 
-from .test_cli_train import run
+from .test_cli_train import builtin_replaced_by, run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RECIPE = EXAMPLES / "multitask_qa.toml"
@@ -31,9 +31,7 @@ FAST = ["--set", "train.batch_size=4", "--set", "train.eval_every=2", "--set", "
 
 @pytest.fixture(scope="module", autouse=True)
 def small_builtin(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(builtin.BUILTINS, "tiny-llama", SMALL)
-        mp.setenv("PEFTCORE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    with builtin_replaced_by(SMALL, tmp_path_factory.mktemp("cache")):
         yield
 
 
