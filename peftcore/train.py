@@ -315,7 +315,7 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     state = checkpointer.load(optimizer, scheduler) if resume else TrainState(world_size=world)
     if resume:
         restore_rng(rng_of_rank(state.rng, rank))
-    log = MetricsLog(output_dir, append=resume) if parallel.is_main else None
+    log = MetricsLog(output_dir, resume_step=state.step if resume else None) if parallel.is_main else None
     config = checked_config(config, model, parallel, train_rows)
     model.train()
     steps = step_batches(train_rows, state, config, pad_token_id, rank, world)

@@ -101,11 +101,20 @@ def replace_atomically(build, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build(tmp)
-    old = target.with_name(target.name + ".old")
+    old = recover_replaced(target)
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(target: Path) -> Path:
+    """A crash between replace_atomically's two renames leaves only `<target>.old`, the last complete
+    version: put it back. -> the `.old` path."""
+    old = target.with_name(target.name + ".old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+    return old
 
 
 class Checkpointer:
@@ -152,6 +161,7 @@ class Checkpointer:
             replace_atomically(self.save_adapter, self.output_dir / "best")
 
     def load(self, optimizer, scheduler) -> TrainState:
+        recover_replaced(self.folder)
         path = self.folder / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.folder} (train without --resume first)")
@@ -178,11 +188,19 @@ class MetricsLog:
     """metrics.jsonl, one line per logged step; curve.png (train and eval loss) and, when adapter
     statistics were logged, adapter_norms.png (||dW|| / ||W|| per layer vs step) if matplotlib exists."""
 
-    def __init__(self, output_dir: Path, append: bool = False):
+    def __init__(self, output_dir: Path, resume_step: int | None = None):
+        """resume_step: continue a run checkpointed at that step; lines logged after it (before the
+        interruption) are dropped, since the resumed run logs those steps again."""
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append:
+        if resume_step is None or not self.path.is_file():
             self.path.write_text("")
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

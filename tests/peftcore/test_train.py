@@ -1,5 +1,7 @@
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,8 +72,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     train(resumed, rows(), [], config, tmp_path / "part", resume=True)
     read = lambda p: [r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     part = read(tmp_path / "part")
-    assert len(part) == 4 + 5  # steps 1-4 logged before the crash, 4-8 again after resuming from step 3
-    assert part[:3] + part[4:] == pytest.approx(read(tmp_path / "full"), rel=1e-6, abs=1e-7)
+    # steps 1-4 were logged before the crash; resuming from step 3 drops step 4's line and logs 4-8 again
+    assert part == pytest.approx(read(tmp_path / "full"), rel=1e-6, abs=1e-7) and len(part) == 8
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, msg=n)
 
@@ -183,3 +185,29 @@ def test_bf16_autocast_trains_fp32_adapters_on_cpu(tmp_path):
 def test_fp16_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="mixed_precision 'fp16' needs a CUDA device \\(the model is on cpu\\)"):
         train(tiny_peft_model(), rows(), [], quiet(max_steps=1, mixed_precision="fp16"), tmp_path)
+
+
+def test_a_crash_between_the_checkpoint_renames_resumes_from_the_last_complete_one(tmp_path, monkeypatch):
+    """replace_atomically renames checkpoint -> checkpoint.old, then checkpoint.tmp -> checkpoint: a
+    crash between the two leaves only .old (step 2 here), which --resume finds and continues from."""
+    real_replace = os.replace
+
+    def crash_on_the_second_rename(src, dst):
+        if Path(src).name == "checkpoint.tmp" and (tmp_path / "checkpoint.old").exists():
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr("peftcore.train_state.os.replace", crash_on_the_second_rename)
+    config = quiet(max_steps=4, checkpoint_every=2, learning_rate=1e-2, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_peft_model(), rows(), [], config, tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "checkpoint").exists() and (tmp_path / "checkpoint.old").is_dir()
+    train(tiny_peft_model(), rows(), [], config, tmp_path, resume=True)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2, 3, 4]  # step 4's first line dropped; 3 and 4 trained again from step 2
+    assert (tmp_path / "checkpoint").is_dir() and not (tmp_path / "checkpoint.old").exists()
+    uninterrupted = tmp_path / "uninterrupted"
+    train(tiny_peft_model(), rows(), [], config, uninterrupted)
+    losses = lambda p: [r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert losses(tmp_path) == pytest.approx(losses(uninterrupted), rel=1e-6)
