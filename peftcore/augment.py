@@ -20,6 +20,25 @@ class AugmentConfig:
     synonyms_file: str | None = None  # lines "word: synonym1, synonym2"
     seed: int = 0
 
+    def __post_init__(self):
+        check_config(self)
+
+
+def check_config(config: AugmentConfig) -> None:
+    """On construction, so that copies = 0 (the default) still rejects a misspelt op in a recipe:
+    otherwise the mistake would surface only on the day someone turns augmentation on."""
+    if isinstance(config.ops, str):  # a bare "char_noise" would iterate as its characters
+        raise TypeError(f"ops must be a list of names, got the string {config.ops!r}; e.g. ops = [{config.ops!r}]")
+    unknown = [op for op in config.ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"unknown augmentation op(s) {unknown}; choose from {', '.join(OPS)}")
+    if "synonym" in config.ops and not config.synonyms_file:
+        raise ValueError("the 'synonym' augmentation needs synonyms_file")
+    if config.copies < 0:
+        raise ValueError(f"copies must be >= 0 (0 = off), got {config.copies}")
+    if not 0 <= config.probability <= 1:
+        raise ValueError(f"probability must be in [0, 1], got {config.probability}")
+
 
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     table = {}
@@ -74,12 +93,9 @@ def augment_text(text: str, config: AugmentConfig, rng: random.Random, table: di
 
 def augment_records(records: list[tuple[dict, str]], config: AugmentConfig) -> list[tuple[dict, str]]:
     """The records plus `copies` perturbed copies of each record's input (chat: the user turns;
-    classification: the text)."""
-    unknown = [op for op in config.ops if op not in OPS]
-    if unknown:
-        raise ValueError(f"unknown augmentation op(s) {unknown}; choose from {', '.join(OPS)}")
-    if "synonym" in config.ops and not config.synonyms_file:
-        raise ValueError("the 'synonym' augmentation needs synonyms_file")
+    classification: the text). The records must already be checked (tasks.parse_records does so):
+    perturbing assumes the fields are there and are strings."""
+    check_config(config)  # again: the fields may have been changed since construction
     table = load_synonyms(config.synonyms_file) if config.synonyms_file else {}
     rng = random.Random(config.seed)
     out = list(records)

@@ -144,7 +144,7 @@ def chat_example(messages, where: str, template: PromptTemplate) -> Example:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message: nothing to learn from")
     if template.chat_template:
-        return Example(where, jinja_segments(messages, template.chat_template))
+        return Example(where, jinja_segments(messages, template.chat_template, where))
     segments = []
     for m in messages:
         header = template.chat_roles[m["role"]]
@@ -153,19 +153,60 @@ def chat_example(messages, where: str, template: PromptTemplate) -> Example:
     return Example(where, segments)
 
 
-def jinja_segments(messages: list[dict], chat_template: str) -> list[tuple[str, bool]]:
-    """Render growing prefixes of the conversation; each message's segment is the new text it adds."""
-    import jinja2
+def jinja_segments(messages: list[dict], chat_template: str, where: str = "chat") -> list[tuple[str, bool]]:
+    """Render growing prefixes of the conversation; each message's segment is the new text it adds,
+    and an assistant turn's header (what add_generation_prompt adds) stays untrained.
 
-    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+    A template that re-renders earlier turns (some drop past reasoning) cannot be split turn by turn:
+    then only the last assistant turn trains, after everything before it as the prompt."""
+    render = compile_chat_template(chat_template, where)
     segments, previous = [], ""
     for i, m in enumerate(messages):
-        rendered = template.render(messages=messages[: i + 1], add_generation_prompt=False, bos_token="", eos_token="")
-        if not rendered.startswith(previous):  # a template that rewrites earlier turns: keep the whole text
-            return [(rendered, False)]
+        rendered = render(messages[: i + 1])
+        if m["role"] == "assistant" and i > 0:
+            header = render(messages[:i], add_generation_prompt=True)
+            if header.startswith(previous) and rendered.startswith(header):
+                segments.append((header[len(previous):], False))
+                previous = header
+        if not rendered.startswith(previous):
+            return last_turn_segments(messages, render, where)
         segments.append((rendered[len(previous):], m["role"] == "assistant"))
         previous = rendered
-    return segments
+    return [(text, trained) for text, trained in segments if text]
+
+
+def last_turn_segments(messages: list[dict], render, where: str) -> list[tuple[str, bool]]:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt, whole = render(messages[:last], add_generation_prompt=True), render(messages[: last + 1])
+    if not whole.startswith(prompt):
+        raise DataError(f"{where}: the chat template renders the conversation so that no assistant turn is a "
+                        "suffix of its prompt: set [data.template] chat_template to one that appends turns")
+    return [(prompt, False), (whole[len(prompt):], True)]
+
+
+def compile_chat_template(chat_template: str, where: str):
+    """-> render(messages, add_generation_prompt=False) -> str. Checkpoints' templates call
+    raise_exception(...) on conversations they refuse (roles out of order, a system turn where none
+    is allowed): that, and any other template error, becomes a DataError naming the record."""
+    import jinja2
+
+    def raise_exception(message):
+        raise DataError(f"{where}: the chat template refuses this conversation: {message}")
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(chat_template)
+    except jinja2.TemplateError as e:
+        raise DataError(f"{where}: the chat template does not parse: {e}") from None
+
+    def render(turns: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return template.render(messages=turns, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
+        except jinja2.TemplateError as e:
+            raise DataError(f"{where}: the chat template failed on this conversation: {e}") from None
+
+    return render
 
 
 def qa_example(record, where: str) -> Example:

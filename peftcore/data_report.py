@@ -18,16 +18,22 @@ def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dic
     return [{"from": lo + b * width, "to": lo + (b + 1) * width - 1, "count": counts.get(b, 0)} for b in range(-(-(hi - lo + 1) // width))]
 
 
-def data_report(examples: list[Example], tokenized: list[TokenizedExample], max_length: int) -> dict:
+def data_report(records: list, tokenized: list[TokenizedExample], max_length: int) -> dict:
+    """`records`: peftcore.tasks.Record. Blank fields are found in what the user wrote (Record.texts),
+    since the rendered prompt always holds the template; conflicts are shown by the user's input."""
     lengths = [len(t.input_ids) for t in tokenized]
-    by_prompt = defaultdict(set)
+    by_prompt, shown = defaultdict(set), {}
     pairs = Counter()
-    for ex in examples:
+    empty = []
+    for record in records:
+        ex, said, blank = read_record(record)
         by_prompt[ex.prompt].add(ex.response)
+        shown.setdefault(ex.prompt, said)  # the user's own input: the prompt's first 60 characters are the template's
         pairs[(ex.prompt, ex.response)] += 1
-    empty = [ex.where for ex in examples if not ex.response.strip() or not ex.prompt.strip()]
+        if blank:
+            empty.append(ex.where)
     return {
-        "records": len(examples),
+        "records": len(records),
         "max_length": max_length,
         "truncated": [t.where for t in tokenized if t.truncated],
         "tokens": {"total": sum(lengths), "min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
@@ -35,8 +41,14 @@ def data_report(examples: list[Example], tokenized: list[TokenizedExample], max_
         "length_histogram": length_histogram(lengths),
         "empty_fields": empty,
         "exact_duplicates": sum(count - 1 for count in pairs.values()),
-        "conflicting_outputs": [p[:60] for p, responses in by_prompt.items() if len(responses) > 1],
+        "conflicting_outputs": [shown[p][:60] for p, responses in by_prompt.items() if len(responses) > 1],
     }
+
+
+def read_record(record) -> tuple[Example, str, bool]:
+    """-> (its example, its input as the user wrote it, whether a field the user wrote is blank)."""
+    texts = record.texts or (record.shown, record.example.response)  # a Record built without its fields
+    return record.example, record.shown, any(not text.strip() for text in texts)
 
 
 def format_report(report: dict) -> str:

@@ -17,7 +17,7 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -59,12 +59,17 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     check_fresh(output_dir, resume)
     # 1. the data, parsed and checked before anything loads
     labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
-    train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
-    eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
+    train_records, eval_records = parse_split(recipe, labels)
     # 2. base + tokenizer; 3. tokens and the data report
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
     tokenizer = load_tokenizer(base_folder)
+    adopted = with_checkpoint_chat_template(recipe, tokenizer)
+    if adopted is not recipe:  # chat records re-rendered in the checkpoint's own format
+        recipe, before_records = adopted, train_records
+        train_records, eval_records = parse_split(recipe, labels)
+        if [r.example for r in train_records] != [r.example for r in before_records]:
+            log("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
     train_rows, eval_rows = tokenize_split(recipe, train_records, eval_records, tokenizer, labels,
                                            output_dir if main else None, log)
@@ -93,13 +98,30 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     return summary
 
 
+def parse_split(recipe: Recipe, labels: list[str] | None) -> tuple[list[Record], list[Record]]:
+    train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
+    eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
+    return train_records, eval_records
+
+
+def with_checkpoint_chat_template(recipe: Recipe, tokenizer) -> Recipe:
+    """The checkpoint's own chat template (tokenizer_config.json / chat_template.jinja) renders chat
+    records unless the recipe sets one: the adapter then learns the format the model was tuned on.
+    The same recipe object comes back when nothing changes."""
+    template = recipe.data.template
+    if template.chat_template or not getattr(tokenizer, "chat_template", None):
+        return recipe
+    template = replace(template, chat_template=tokenizer.chat_template)
+    return replace(recipe, data=replace(recipe.data, template=template))
+
+
 def tokenize_split(recipe: Recipe, train_records: list[Record], eval_records: list[Record], tokenizer,
                    labels: list[str] | None, report_dir: Path | None, log=print):
     """-> (train rows, eval rows); logs the data report (and writes it to report_dir); packs if asked."""
     max_length = recipe.data.max_length
     train_rows = tokenize_records(train_records, tokenizer, max_length)
     eval_rows = tokenize_records(eval_records, tokenizer, max_length)
-    report = data_report([r.example for r in train_records], train_rows, max_length)
+    report = data_report(train_records, train_rows, max_length)
     if labels is not None:
         report["label_counts"] = {name: sum(r.label == i for r in train_records) for i, name in enumerate(labels)}
         report["trained_tokens"] = len(train_rows)  # classification: one trained target (the label) per record
@@ -212,6 +234,10 @@ def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, 
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
     tokenizer = load_tokenizer(base_folder)
+    adopted = with_checkpoint_chat_template(recipe, tokenizer)
+    if adopted is not recipe:  # generation tasks' chat records re-rendered in the checkpoint's format
+        recipe = adopted
+        tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
     train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log)
     # 4. the shared backbone and the heads; 5. before (the untrained heads on the base)
@@ -245,7 +271,7 @@ def tokenize_tasks(tasks: dict[str, TaskData], tokenizer, max_length: int, repor
     for name, task in tasks.items():
         rows = tokenize_records(task.train_records, tokenizer, max_length, task=name)
         eval_rows += tokenize_records(task.eval_records, tokenizer, max_length, task=name)
-        report = data_report([r.example for r in task.train_records], rows, max_length)
+        report = data_report(task.train_records, rows, max_length)
         if task.spec.kind != "generation":
             report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
         log(f"task {name} ({task.spec.kind}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")

@@ -130,6 +130,9 @@ class Record:
     shown: str  # the question as the user wrote it
     label: int | None = None
     span: bool = False  # extractive QA: the trained segment is the answer inside the context
+    # The fields the user wrote that must say something (input and output; chat: each user and
+    # assistant turn): the data report flags blank ones, which the rendered prompt would hide.
+    texts: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -163,13 +166,16 @@ def parse_records(path: str, template: PromptTemplate, labels: list[str] | None 
     `kind`: "generation" | "classification" | "qa" (default: classification when labels are given)."""
     kind = kind or ("classification" if labels is not None else "generation")
     raw = read_records(path)
-    if augment is not None and augment.copies and kind != "qa":  # perturbed contexts would lose their answers
-        raw = augment_records(raw, augment)
     parse = {"classification": lambda r, where: classification_record(r, where, labels), "qa": qa_record,
              "generation": lambda r, where: causal_record(r, where, template)}[kind]
+    # Every record is checked as the user wrote it before any is perturbed: a bad record then fails
+    # with its file:line whether augmentation is on or not, not somewhere inside the perturbing.
     records = [parse(r, where) for r, where in raw]
     if not records:
         raise DataError(f"{Path(path).name}: no records: the dataset is empty")
+    if augment is not None and augment.copies and kind != "qa":  # perturbed contexts would lose their answers
+        copies = augment_records(raw, augment)[len(raw):]
+        records += [parse(r, where) for r, where in copies]
     return records
 
 
@@ -177,9 +183,10 @@ def causal_record(record, where: str, template: PromptTemplate) -> Record:
     example = to_example(record, where, template)
     if "messages" in record:
         shown = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
+        texts = tuple(m["content"] for m in record["messages"] if m["role"] in ("user", "assistant"))
     else:
-        shown = record["input"]
-    return Record(where, example, shown)
+        shown, texts = record["input"], (record["input"], record["output"])
+    return Record(where, example, shown, texts=texts)
 
 
 def classification_record(record, where: str, labels: list[str]) -> Record:
@@ -192,12 +199,14 @@ def classification_record(record, where: str, labels: list[str]) -> Record:
         index = labels.index(label)
     else:
         raise DataError(f"{where}: label {label!r} is not one of {', '.join(labels)}")
-    return Record(where, Example(where, [(record["text"], False), (labels[index], True)]), record["text"], index)
+    return Record(where, Example(where, [(record["text"], False), (labels[index], True)]), record["text"], index,
+                  texts=(record["text"],))
 
 
 def qa_record(record, where: str) -> Record:
     example = qa_example(record, where)
-    return Record(where, example, record["question"], span=True)
+    return Record(where, example, record["question"], span=True,
+                  texts=(record["question"], record["context"], record["answer"]))
 
 
 def tokenize_records(records: list[Record], tokenizer, max_length: int, task: str | None = None) -> list[TokenizedExample]:

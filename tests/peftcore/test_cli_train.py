@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,28 @@ def test_intent_recipe_trains_minilm_and_reports_accuracy(tmp_path):
     code, out, err = run("eval", "--adapter", tmp_path / "adapter")
     assert code == 0, err
     assert "| accuracy % |" in (tmp_path / "eval_report.md").read_text()
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
+    """A base whose tokenizer ships a chat template (chat_template.jinja, as transformers saves it):
+    chat records are rendered with it, the log says so, and the saved recipe keeps it for eval."""
+    base = tmp_path / "base"
+    shutil.copytree(builtin.ensure_builtin("tiny-llama", log=lambda *a: None), base)
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    chat = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(4)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    recipe = tmp_path / "chat.toml"
+    recipe.write_text(f'[model]\npath = "{base}"\n[data]\ntrain = "chat.jsonl"\n[train]\nbatch_size = 2\n'
+                      '[eval]\nsamples = 0\n')
+    code, out, err = run("train", recipe, "--output-dir", tmp_path / "run", "--max-steps", 1)
+    assert code == 0, err
+    assert "chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)" in out
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert saved["data"]["template"]["chat_template"] == CHAT_TEMPLATE
+    from peftcore.data import PromptTemplate, to_example
+    example = to_example(chat[0], "chat.jsonl:1", PromptTemplate(chat_template=CHAT_TEMPLATE))
+    assert example.segments == [("<<user>> question 0\n", False), ("<<assistant>> answer 0\n", True)]

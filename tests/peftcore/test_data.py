@@ -9,6 +9,7 @@ from peftcore.data import (
     IGNORE_INDEX, DataError, PromptTemplate, collate, load_examples, pack, read_records, to_example, tokenize,
 )
 from peftcore.data_report import data_report, format_report, write_report
+from peftcore.tasks import parse_records, tokenize_records
 
 
 class CharTokenizer:
@@ -98,9 +99,8 @@ def test_collate_and_pack():
 def test_report_counts_duplicates_conflicts_and_truncation(tmp_path):
     lines = [json.dumps(r) for r in ({"input": "q", "output": "a"}, {"input": "q", "output": "a"},
                                      {"input": "q", "output": "b"}, {"input": "long " * 20, "output": " "})]
-    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", lines))
-    tokenized = [tokenize(ex, CharTokenizer(), 64) for ex in examples]
-    report = data_report(examples, tokenized, 64)
+    records = parse_records(str(write_jsonl(tmp_path / "d.jsonl", lines)), PromptTemplate())
+    report = data_report(records, tokenize_records(records, CharTokenizer(), 64), 64)
     assert report["exact_duplicates"] == 1
     assert len(report["conflicting_outputs"]) == 1
     assert report["truncated"] == ["d.jsonl:4"] and report["empty_fields"] == ["d.jsonl:4"]
@@ -108,6 +108,43 @@ def test_report_counts_duplicates_conflicts_and_truncation(tmp_path):
     text = format_report(report)
     assert "!! 1 exact duplicates" in text and "!! 1 inputs with conflicting outputs" in text
     assert json.loads(write_report(report, tmp_path).read_text())["records"] == 4
+
+
+def report_of(path, template=None, labels=None, kind=None):
+    records = parse_records(str(path), template or PromptTemplate(), labels, kind=kind)
+    return data_report(records, tokenize_records(records, CharTokenizer(), 512), 512)
+
+
+def chat(user, assistant):
+    return {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]}
+
+
+def test_report_flags_empty_inputs_and_chat_turns_by_file_and_line(tmp_path):
+    """The rendered prompt is never empty (it holds the template), so blank inputs are found in the
+    fields the user wrote."""
+    lines = [json.dumps(r) for r in ({"input": "", "output": "x"}, {"input": "   ", "output": "y"},
+                                     {"input": "fine", "output": "z"}, {"input": "\n\t", "output": "w", "instruction": "do"},
+                                     chat("", "hello"), chat("hi", "  "), chat("hi", "hello"))]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    expected = ["d.jsonl:1", "d.jsonl:2", "d.jsonl:4", "d.jsonl:5", "d.jsonl:6"]  # an empty system turn is fine
+    assert report_of(path)["empty_fields"] == expected
+    jinja = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"  # role markers: never-empty segments
+    assert report_of(path, PromptTemplate(chat_template=jinja))["empty_fields"] == expected
+    assert "!! 5 with an empty input or output  e.g. d.jsonl:1, d.jsonl:2, d.jsonl:4" in format_report(report_of(path))
+
+
+def test_report_flags_empty_classification_text(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"text": " ", "label": "yes"}), json.dumps({"text": "ok", "label": 1})])
+    assert report_of(path, labels=["yes", "no"])["empty_fields"] == ["c.jsonl:1"]
+
+
+def test_report_conflicts_show_the_users_input_not_the_template(tmp_path):
+    lines = [json.dumps(r) for r in ({"input": "reset my password", "output": "a"}, {"input": "reset my password", "output": "b"},
+                                     {"input": "other", "output": "c"})]
+    report = report_of(write_jsonl(tmp_path / "d.jsonl", lines))
+    assert report["conflicting_outputs"] == ["reset my password"]
+    assert "e.g. reset my password" in format_report(report)
 
 
 def test_augmentation_is_seeded_and_touches_inputs_only(tmp_path):
