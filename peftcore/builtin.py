@@ -26,7 +26,21 @@ from pathlib import Path
 import torch
 
 BUILD_VERSION = 1  # bump when the build procedure changes: old caches are then ignored
-DATA_DIR = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def find_examples() -> Path:
+    """examples/ beside the package in a source checkout (an editable install), else the copy a wheel
+    installs as peftcore/examples (pyproject's package-data): the default job runs from either."""
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "examples", here / "examples"):
+        if (folder / "data").is_dir():
+            return folder
+    raise FileNotFoundError(f"peftcore's examples/ (the default recipe and its data) are neither in {here.parent} "
+                            f"nor in {here}: reinstall peftcore")
+
+
+EXAMPLES_DIR = find_examples()
+DATA_DIR = EXAMPLES_DIR / "data"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

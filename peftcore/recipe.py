@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .augment import AugmentConfig
+from .builtin import EXAMPLES_DIR
 from .config import LoraConfig
 from .data import PromptTemplate
 from .multitask_heads import KINDS, POOLINGS, check_task_name
@@ -36,7 +37,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 DEFAULT_RECIPE_NAME = "support_lora.toml"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
