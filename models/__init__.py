@@ -6,10 +6,11 @@ from .generate import generate
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .layers import Conv1D
 from .llama import LlamaConfig, LlamaForCausalLM
+from .quantized import QuantLinear, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "BertConfig", "BertForSequenceClassification", "BertModel", "CheckpointError", "Conv1D", "GPT2Config",
-    "GPT2LMHeadModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "Tokenizer", "from_config", "generate",
-    "load_pretrained", "load_tokenizer", "mean_pool", "save_pretrained",
+    "GPT2LMHeadModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "QuantLinear", "Tokenizer", "from_config",
+    "generate", "load_pretrained", "load_tokenizer", "mean_pool", "quantize_model", "save_pretrained",
 ]

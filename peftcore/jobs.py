@@ -168,7 +168,8 @@ def write_json(path: Path, value) -> None:
 
 def write_summary(output_dir: Path, state, before: dict, after: dict, adapter: Path, started: float,
                   samples: list[dict]) -> dict:
-    summary = {"steps": state.step, "stopped_early": state.stopped_early, "best_step": state.best_step,
+    summary = {"steps": state.step, "skipped_steps": state.bad_steps, "stopped_early": state.stopped_early,
+               "best_step": state.best_step,
                "before": before, "after": after, "adapter": str(adapter), "seconds": time.perf_counter() - started,
                "samples": samples}
     write_json(output_dir / "summary.json", summary)

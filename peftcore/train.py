@@ -378,6 +378,8 @@ def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, st
     record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
               "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
     record.update({f"loss/{task}": loss for task, loss in metrics["task_losses"].items()})
+    if metrics["skipped"]:
+        record["skipped_steps"] = state.bad_steps  # NaN/inf steps so far, this one included
     if inspecting:
         record["adapter_stats"] = training_stats(model, watch.summary() if watch else None)
     return record
@@ -422,6 +424,8 @@ def update_bar(bar, record: dict) -> None:
     shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
     if "eval_loss" in record:
         shown["eval"] = f"{record['eval_loss']:.3f}"
+    if "skipped_steps" in record:
+        shown["skipped"] = str(record["skipped_steps"])
     bar.set_postfix(shown, refresh=False)
     bar.update(1)
 

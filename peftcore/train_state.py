@@ -8,6 +8,7 @@ states as {"per_rank": [rank 0's, rank 1's, ...]}, and resuming needs the same w
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -184,6 +185,17 @@ class Checkpointer:
         return TrainState(**payload["state"])
 
 
+def json_safe(value):
+    """NaN / inf -> None, in nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """metrics.jsonl, one line per logged step; curve.png (train and eval loss) and, when adapter
     statistics were logged, adapter_norms.png (||dW|| / ||W|| per layer vs step) if matplotlib exists."""
@@ -203,8 +215,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
+        """NaN / inf (a skipped step's loss) are written as null: bare NaN is not JSON (jq, browsers refuse it)."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -217,7 +230,7 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        records = self.records()
+        records = [{k: math.nan if v is None else v for k, v in r.items()} for r in self.records()]  # skipped steps: gaps
         evals = [r for r in records if "eval_loss" in r]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1)

@@ -8,8 +8,10 @@ import torch
 
 from peftcore import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from peftcore.data import IGNORE_INDEX, TokenizedExample, collate
-from peftcore.models import LlamaConfig, from_config
-from peftcore.train import TrainConfig, TrainingError, build_optimizer, loss_sum, lr_factor, train, train_step
+from peftcore.models import LlamaConfig, from_config, quantize_model
+from peftcore.train import (TrainConfig, TrainingError, build_optimizer, loss_sum, lr_factor, note_eval, train,
+                            train_step)
+from peftcore.train_state import TrainState
 
 VOCAB = 40
 
@@ -211,3 +213,106 @@ def test_a_crash_between_the_checkpoint_renames_resumes_from_the_last_complete_o
     train(tiny_peft_model(), rows(), [], config, uninterrupted)
     losses = lambda p: [r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     assert losses(tmp_path) == pytest.approx(losses(uninterrupted), rel=1e-6)
+
+
+def test_a_nan_step_is_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
+    import peftcore.train as train_module
+
+    real_loss_sum, calls = train_module.loss_sum, {"n": 0}
+
+    def nan_on_the_second_step(model, batch):
+        calls["n"] += 1
+        loss, targets, tokens = real_loss_sum(model, batch)
+        return (loss * float("nan") if calls["n"] == 2 else loss), targets, tokens
+
+    monkeypatch.setattr(train_module, "loss_sum", nan_on_the_second_step)
+    model = tiny_peft_model(targets=("q_proj", "v_proj", "lm_head"))
+    state = train(model, rows(), [], quiet(max_steps=4, learning_rate=1e-2, batch_size=4, plots=True), tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "NaN" not in "".join(lines)  # strict JSON: the skipped step's loss is null
+    records = [json.loads(line) for line in lines]
+    assert [r.get("skipped_steps") for r in records] == [None, 1, None, None] and records[1]["loss"] is None
+    assert state.step == 4 and state.bad_steps == 1 and all(math.isfinite(r["loss"]) for r in records[2:])
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "curve.png").stat().st_size > 0  # a gap where the skipped step is
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_is_reported():
+    model = tiny_peft_model(targets=("q_proj", "v_proj", "lm_head"))
+    config = quiet(max_grad_norm=1e-3, learning_rate=0.0)
+    metrics = train_step(model, [collate(rows(4), 0)], build_optimizer(model, config), config)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    after = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert metrics["grad_norm"] > 1e-2 and after == pytest.approx(1e-3, rel=1e-4)
+
+
+def tiny_llama():
+    return from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2))
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True),
+    LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+    PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8, task_type="CAUSAL_LM"),
+    PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+], ids=lambda c: f"{type(c).__name__}{'-dora' if getattr(c, 'use_dora', False) else ''}")
+def test_norms_biases_dora_magnitudes_and_prompt_embeddings_are_not_decayed(config):
+    model = get_peft_model(tiny_llama(), config)
+    if isinstance(config, LoraConfig):
+        model.base_model.model.model.norm.weight.requires_grad_(True)  # a trained norm, as modules_to_save would
+    groups = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    kept = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | kept == {n for n, p in model.named_parameters() if p.requires_grad} and not decayed & kept
+    expected_kept = {"lora_bias": {"lora_B.default.bias", "model.norm.weight"},
+                     "dora": {"lora_magnitude_vector.default.weight", "model.norm.weight"},
+                     "prompt": {"prompt_encoder.default.embedding.weight", ".bias"}}  # P-tuning MLP biases
+    key = ("dora" if config.use_dora else "lora_bias") if isinstance(config, LoraConfig) else "prompt"
+    assert {n for n in kept if any(n.endswith(e) for e in expected_kept[key])} == kept and kept
+    assert all(p.ndim == 2 and "embedding" not in n for n, p in model.named_parameters() if n in decayed)
+
+
+def test_gradient_checkpointing_trains_the_same_losses(tmp_path):
+    losses = {}
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        train(tiny_peft_model(dropout=0.1), rows(), [], quiet(max_steps=3, gradient_checkpointing=checkpointing), out)
+        losses[checkpointing] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_qlora_trains_through_the_same_loop_and_leaves_the_codes_alone(tmp_path):
+    torch.manual_seed(0)
+    base = quantize_model(from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=2)), "nf4")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]  # lm_head: fp32
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    codes = {n: b.clone() for n, b in model.named_buffers() if b.dtype == torch.uint8}
+    assert codes  # the base really is 4-bit
+    answer = [5, 6, 7, 8, 9]
+    data = [TokenizedExample(r.where, r.input_ids[:4] + answer, [IGNORE_INDEX] * 4 + answer) for r in rows()]
+    train(model, data, [], quiet(max_steps=15, learning_rate=3e-2, batch_size=4), tmp_path)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if n in codes)
+
+
+class NoCheckpoints:
+    def save_best(self):
+        pass
+
+
+@pytest.mark.parametrize("threshold, stops_after", [(0.01, 4), (0.0, None)])
+def test_improvements_below_the_threshold_count_as_none(threshold, stops_after):
+    """Eval losses falling by <= 0.003 per eval (0.008 in all): with threshold 0.01 none counts (the best
+    stays the first), so patience 3 stops
+    after the 4th eval; with threshold 0 each counts and training never stops early."""
+    state, config = TrainState(), TrainConfig(patience=3, threshold=threshold)
+    stopped_at = None
+    for i, loss in enumerate([1.0, 0.997, 0.994, 0.992, 0.991], start=1):
+        note_eval(state, {"eval_loss": loss}, config, NoCheckpoints())
+        if state.stopped_early and stopped_at is None:
+            stopped_at = i
+    assert stopped_at == stops_after
