@@ -26,8 +26,10 @@ from peftcore.models import safetensors_io
 
 from .adapter_io import WEIGHTS_NAME, read_adapter_config
 from .injection import pattern_value
+from .inspect_base import BaseCheckpoint, BaseKey
 from .inspect_prompt import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
 
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT with safe_serialization=False
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
@@ -47,19 +49,26 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank
 
 
 def effective_rank(S: torch.Tensor) -> float:
-    """exp(entropy) of the normalised singular values (Roy & Vetterli 2007): 1 for rank one, r when flat."""
-    p = S / S.sum().clamp_min(1e-300)
+    """exp(entropy) of the normalised singular values (Roy & Vetterli 2007): 1 for rank one, r when flat,
+    0 for dW = 0 (B still at its zero init): no direction at all, not one."""
+    if not bool(S.sum() > 0):
+        return 0.0
+    p = S / S.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
 
 
 def stable_rank(S: torch.Tensor) -> float:
-    """||dW||_F^2 / ||dW||_2^2: a rank that small singular values cannot inflate."""
-    return float((S**2).sum() / S[0].clamp_min(1e-300) ** 2)
+    """||dW||_F^2 / ||dW||_2^2: a rank that small singular values cannot inflate; 0 for dW = 0.
+    Computed as sum (S / S[0])^2 so tiny singular values cannot underflow to 0 / 0."""
+    if not bool(S[0] > 0):
+        return 0.0
+    return float(((S / S[0]) ** 2).sum())
 
 
 def amplification_factor(svd: LowRankSVD, W: torch.Tensor) -> float:
-    """||dW||_F / ||U^T W V||_F (LoRA paper, Table 7), with W (out, in); costs one (out, in, r) product."""
+    """||dW||_F / ||U^T W V||_F (LoRA paper, Table 7), with W (out, in); costs one (out, in, r) product.
+    W.double() is a no-op for the float64 weight inspect_adapter passes: no second copy."""
     projected = svd.U.T @ (W.double() @ svd.V)  # (r, r)
     return float(torch.linalg.norm(svd.S) / torch.linalg.norm(projected).clamp_min(1e-300))
 
@@ -120,7 +129,7 @@ def read_adapter(folder: str | Path) -> AdapterTensors:
         raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} has no LoRA factors; "
                          "prompt methods: inspect_prompt_adapter()")
     A, B, magnitude = {}, {}, {}
-    for key, tensor in safetensors_io.iter_tensors(Path(folder) / WEIGHTS_NAME):
+    for key, tensor in adapter_tensors(Path(folder)):
         match = LORA_KEY.match(key)
         if match:
             target = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": magnitude}[match["part"]]
@@ -130,30 +139,27 @@ def read_adapter(folder: str | Path) -> AdapterTensors:
     return AdapterTensors(config, A, B, magnitude)
 
 
-def base_weights(base: str | Path | None, modules: list[str], fan_in_fan_out: bool) -> dict[str, torch.Tensor]:
-    """The adapted modules' base weights as (out, in), read one by one from the base checkpoint."""
-    if base is None:
-        return {}
-    from peftcore.models.checkpoint import checkpoint_files
-
-    wanted = {f"{m}.weight": m for m in modules}
-    found = {}
-    for file in checkpoint_files(Path(base)):
-        header, _ = safetensors_io.read_header(file)
-        names = [k for k in header if k in wanted]
-        for key, tensor in safetensors_io.iter_tensors(file, names):
-            found[wanted[key]] = tensor.float().T if fan_in_fan_out else tensor.float()
-    return found
+def adapter_tensors(folder: Path):
+    """(key, tensor) of the adapter's weights file. Older HF PEFT saves (safe_serialization=False) have only
+    adapter_model.bin: a pickle, so read with weights_only=True, which refuses anything but tensors."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return safetensors_io.iter_tensors(folder / WEIGHTS_NAME)
+    if (folder / LEGACY_WEIGHTS_NAME).is_file():
+        return torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True).items()
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {folder}: expected the adapter's weights")
 
 
 def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: torch.Tensor | None,
                 magnitude: torch.Tensor | None) -> LayerStats:
+    """One layer's numbers. W: the (out, in) base weight; converted to float64 once (a no-op when it
+    already is), the only copy of it this makes."""
     svd = lowrank_svd(B, A, scale)
     S = svd.S
     stats = LayerStats(module, A.shape[0], scale, float(torch.linalg.norm(S)), float(S[0]), S.tolist(),
                        effective_rank(S), stable_rank(S), float(torch.linalg.norm(A)), float(torch.linalg.norm(B)))
     if W is not None:
-        stats.relative_delta = stats.delta_fro / float(torch.linalg.norm(W.double()))
+        W = W.double()
+        stats.relative_delta = stats.delta_fro / float(torch.linalg.norm(W))
         stats.amplification = amplification_factor(svd, W)
         if magnitude is not None:
             base_norm = torch.linalg.vector_norm(W, dim=1)
@@ -166,17 +172,31 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> list[
     """Per adapted layer statistics of the adapter in `folder` (base checkpoint: relative norms too)."""
     adapter = read_adapter(folder)
     modules = sorted(adapter.A, key=natural_key)
-    weights = base_weights(base, modules, bool(adapter.config.get("fan_in_fan_out")))
-    return [layer_stats(m, adapter.A[m], adapter.B[m], adapter.scale(m), weights.get(m), adapter.magnitude.get(m))
-            for m in modules]
+    if base is None:
+        return [layer_stats(m, adapter.A[m], adapter.B[m], adapter.scale(m), None, adapter.magnitude.get(m))
+                for m in modules]
+    checkpoint = BaseCheckpoint(base)  # headers only; raises naming any module it cannot find, before any work
+    keys = checkpoint.locate_all({m: (adapter.B[m].shape[0], adapter.A[m].shape[1]) for m in modules},
+                                 bool(adapter.config.get("fan_in_fan_out")))
+    return [stats_with_base(adapter, m, checkpoint, keys[m]) for m in modules]
+
+
+def stats_with_base(adapter: AdapterTensors, module: str, checkpoint: BaseCheckpoint, key: BaseKey) -> LayerStats:
+    """One layer against its base weight, read here and freed on return: one weight alive at a time."""
+    W = checkpoint.read(key)
+    return layer_stats(module, adapter.A[module], adapter.B[module], adapter.scale(module), W, adapter.magnitude.get(module))
 
 
 def compare_adapters(first: str | Path, second: str | Path) -> dict[str, list[list[float]]]:
-    """phi grids for the modules both adapters adapt."""
+    """phi grids for the modules both adapters adapt (their ranks may differ, their input widths may not)."""
     a, b = read_adapter(first), read_adapter(second)
     shared = sorted(set(a.A) & set(b.A), key=natural_key)
     if not shared:
         raise ValueError(f"{first} and {second} adapt no module in common")
+    for m in shared:
+        if a.A[m].shape[1] != b.A[m].shape[1]:
+            raise ValueError(f"{m}: lora_A is {tuple(a.A[m].shape)} in {first} but {tuple(b.A[m].shape)} in {second}: "
+                             "the adapters were trained on bases of different widths, their subspaces do not compare")
     return {m: subspace_similarity(a.A[m], b.A[m]).tolist() for m in shared}
 
 
@@ -186,22 +206,43 @@ def natural_key(name: str):
 
 
 def format_table(stats: list[LayerStats]) -> str:
-    head = f"{'module':<44} {'r':>3} {'||dW||':>9} {'||dW||/||W||':>12} {'sigma1':>9} {'eff.rank':>8} {'st.rank':>7} {'amplif.':>8}"
+    """One row per layer. ||A||/||B||: how the update's norm is split between the factors (B ~ 0 after
+    init, so large early on); dm: DoRA's mean relative change of the magnitude vector vs W's row norms."""
+    dora = any(s.magnitude_change is not None for s in stats)
+    head = (f"{'module':<44} {'r':>3} {'scale':>6} {'||dW||':>9} {'||dW||/||W||':>12} {'sigma1':>9} {'eff.rank':>8} "
+            f"{'st.rank':>7} {'amplif.':>8} {'||A||/||B||':>11}" + (f" {'dm':>9}" if dora else ""))
     rows = [head, "-" * len(head)]
     for s in stats:
         rel = f"{s.relative_delta:12.3e}" if s.relative_delta is not None else f"{'-':>12}"
         amp = f"{s.amplification:8.2f}" if s.amplification is not None else f"{'-':>8}"
-        rows.append(f"{s.module[-44:]:<44} {s.rank:>3} {s.delta_fro:9.3e} {rel} {s.delta_spectral:9.3e} "
-                    f"{s.effective_rank:8.2f} {s.stable_rank:7.2f} {amp}")
+        balance = f"{s.norm_A / s.norm_B:11.3g}" if s.norm_B > 0 else f"{'inf':>11}"
+        row = (f"{s.module[-44:]:<44} {s.rank:>3} {s.scale:6.3g} {s.delta_fro:9.3e} {rel} {s.delta_spectral:9.3e} "
+               f"{s.effective_rank:8.2f} {s.stable_rank:7.2f} {amp} {balance}")
+        if dora:
+            row += f" {s.magnitude_change['mean']:+9.2e}" if s.magnitude_change is not None else f" {'-':>9}"
+        rows.append(row)
     return "\n".join(rows)
 
 
 def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | None = None) -> Path:
+    """Strict JSON: a non-finite number (a zero base weight's ratio) is written as null, never as NaN,
+    which json.loads in other languages rejects."""
     payload = {"layers": [asdict(s) for s in stats]}
     if comparison is not None:
         payload["subspace_similarity"] = comparison
-    Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+    Path(path).write_text(json.dumps(finite(payload), indent=1, allow_nan=False) + "\n")
     return Path(path)
+
+
+def finite(value):
+    """value with every NaN / inf float replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 # -- `peftcore inspect` -----------------------------------------------------------------------------

@@ -87,6 +87,8 @@ def plot_similarity(comparison: dict[str, list[list[float]]], path: str | Path, 
                           extent=(0.5, len(comparison[module][0]) + 0.5, 0.5, len(comparison[module]) + 0.5))
         layer, kind = split_name(module)
         ax.set_title(f"{kind} L{layer}", fontsize=8), ax.set_xlabel("j"), ax.set_ylabel("i")
+        for axis in (ax.xaxis, ax.yaxis):  # i and j count singular directions: 2.5 is not one
+            axis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="phi")
     return save(fig, path)
 
@@ -148,7 +150,7 @@ def plot_prefix_norms(plt, stats: dict, path: str | Path) -> Path:
         per_token = stats[f"{part}_norms"]  # [layer][token]
         ax.plot(layers, stats[f"{part}_norm_per_layer"], marker="o", color=color, label=f"{part} (mean)")
         ax.fill_between(layers, [min(r) for r in per_token], [max(r) for r in per_token], color=color, alpha=0.2)
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("layer"), ax.set_ylabel("L2 norm per virtual token"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
     ax.set_title(f"prefix: {stats['num_virtual_tokens']} virtual tokens", fontsize=9)
     return save(fig, path)
