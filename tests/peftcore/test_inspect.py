@@ -257,7 +257,7 @@ def test_a_hub_layout_gpt2_base_gives_amplification_of_conv1d_and_tied_lm_head_l
         W = (base_layer.weight.T if isinstance(base_layer, transformers.pytorch_utils.Conv1D) else base_layer.weight).detach().double()
         if name == "lm_head":
             assert base_layer.weight is modules["transformer.wte"].weight
-        dW = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        dW = (layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
         assert s.relative_delta == pytest.approx(float(torch.linalg.norm(dW) / torch.linalg.norm(W)), rel=1e-6), name
         assert s.amplification == pytest.approx(dense_amplification(dW, W, 4), rel=1e-6), name
 
