@@ -122,6 +122,8 @@ def add_job_commands(commands) -> None:
     gen.add_argument("--base", help=base_help)
     gen.add_argument("--instruction", help="the template's {instruction}, when the training data had one")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
+    gen.add_argument("--chat", action="store_true",
+                     help="for chat-trained adapters: the prompt as a user turn in the chat template (--instruction: the system turn)")
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--temperature", type=float, help="0 (default): greedy")
     gen.add_argument("--top-k", type=int)
@@ -171,7 +173,7 @@ def eval_command(args: argparse.Namespace) -> int:
 def generate_command(args: argparse.Namespace) -> int:
     from .inference import run_generate
 
-    print(run_generate(args.adapter, args.prompt, args.base, raw=args.raw, instruction=args.instruction,
+    print(run_generate(args.adapter, args.prompt, args.base, raw=args.raw, instruction=args.instruction, chat=args.chat,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed))
     return 0

@@ -175,6 +175,13 @@ def jinja_segments(messages: list[dict], chat_template: str, where: str = "chat"
     return [(text, trained) for text, trained in segments if text]
 
 
+def chat_prompt(messages: list[dict], template: PromptTemplate) -> str:
+    """The text a chat-trained model continues: the conversation so far plus the assistant's header."""
+    if template.chat_template:
+        return compile_chat_template(template.chat_template, "prompt")(messages, add_generation_prompt=True)
+    return "".join(template.chat_roles[m["role"]] + m["content"] + "\n" for m in messages) + template.chat_roles["assistant"]
+
+
 def last_turn_segments(messages: list[dict], render, where: str) -> list[tuple[str, bool]]:
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt, whole = render(messages[:last], add_generation_prompt=True), render(messages[: last + 1])

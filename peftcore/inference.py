@@ -23,7 +23,7 @@ import torch
 
 from peftcore.models import save_pretrained
 
-from .data import PromptTemplate, collate
+from .data import PromptTemplate, chat_prompt, collate
 from .jobs import generate_texts, one_line
 from .metrics_text import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
 from .multitask import HEADS_CONFIG, MultiTaskModel, read_task_specs
@@ -336,14 +336,23 @@ def multitask_report(result: dict) -> str:
 
 # -- generate ---------------------------------------------------------------------------------
 def run_generate(adapter: Path, prompt: str, base: str | None = None, raw: bool = False, instruction: str | None = None,
-                 **settings) -> str:
+                 chat: bool = False, **settings) -> str:
     loaded = load_adapter_folder(adapter, base, log=lambda *a: None)
     if loaded.labels is not None:
         raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore eval")
-    text = prompt if raw else loaded.template.render({"input": prompt, "instruction": instruction or ""})
+    text = prompt if raw else render_prompt(loaded.template, prompt, instruction, chat)
     options = eval_settings(loaded, **settings)
     options.batch_size = 1
     return generate_texts(loaded.peft_model, loaded.tokenizer, [text], options, loaded.device, seed=settings.get("seed") or 0)[0]
+
+
+def render_prompt(template: PromptTemplate, prompt: str, instruction: str | None, chat: bool) -> str:
+    """The prompt in the format the adapter trained on: the input template, or (chat) one user turn
+    (after a system turn holding `instruction`, if given) in the chat template."""
+    if not chat:
+        return template.render({"input": prompt, "instruction": instruction or ""})
+    system = [{"role": "system", "content": instruction}] if instruction else []
+    return chat_prompt([*system, {"role": "user", "content": prompt}], template)
 
 
 # -- merge ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 text is prompt and which is trained, and bad conversations / templates as file:line errors."""
 import pytest
 
-from peftcore.data import DataError, PromptTemplate, to_example
+from peftcore.data import DataError, PromptTemplate, chat_prompt, to_example
 
 # ChatML, as Qwen2 ships it: the generation prompt is the assistant header
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -45,3 +45,12 @@ def test_raise_exception_in_a_template_names_file_and_line():
 def test_a_template_that_does_not_parse_names_file_and_line():
     with pytest.raises(DataError, match="chat.jsonl:3: the chat template does not parse"):
         segments(TURNS, "{% for m in messages %}")
+
+
+def test_the_generation_prompt_ends_in_the_assistant_header():
+    turn = [{"role": "user", "content": "hi"}]
+    assert chat_prompt(turn, PromptTemplate(chat_template=CHATML)) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_prompt(turn, PromptTemplate()) == "<|user|>\nhi\n<|assistant|>\n"
+    # the default roles render a training record as prompt + answer: the prompt is that record's prompt
+    record = to_example({"messages": [*turn, {"role": "assistant", "content": "yo"}]}, "c:1", PromptTemplate())
+    assert record.prompt == chat_prompt(turn, PromptTemplate())

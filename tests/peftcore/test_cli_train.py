@@ -196,7 +196,8 @@ def test_intent_recipe_trains_minilm_and_reports_accuracy(tmp_path):
     assert "| accuracy % |" in (tmp_path / "eval_report.md").read_text()
 
 
-CHAT_TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<<assistant>> {% endif %}")
 
 
 def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
@@ -218,4 +219,12 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
     assert saved["data"]["template"]["chat_template"] == CHAT_TEMPLATE
     from peftcore.data import PromptTemplate, to_example
     example = to_example(chat[0], "chat.jsonl:1", PromptTemplate(chat_template=CHAT_TEMPLATE))
-    assert example.segments == [("<<user>> question 0\n", False), ("<<assistant>> answer 0\n", True)]
+    assert example.segments == [("<<user>> question 0\n", False), ("<<assistant>> ", False), ("answer 0\n", True)]
+    code, out, err = run("generate", "--adapter", tmp_path / "run" / "adapter", "--chat", "--max-new-tokens", 3,
+                         "question 1")
+    assert code == 0, err
+    loaded = load_adapter_folder(tmp_path / "run" / "adapter", log=lambda *a: None)
+    prompt = loaded.tokenizer.encode("<<user>> question 1\n<<assistant>> ", add_special_tokens=False)
+    ids = torch.tensor([[loaded.tokenizer.bos_token_id, *prompt]])
+    tokens = loaded.peft_model.generate(ids, max_new_tokens=3, eos_token_id=loaded.tokenizer.eos_token_id)
+    assert out.strip() == loaded.tokenizer.decode(tokens[0, ids.shape[1]:]).strip()
