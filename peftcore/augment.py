@@ -6,7 +6,7 @@ to answer the same question asked a little differently.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 OPS = ("word_dropout", "adjacent_swap", "char_noise", "synonym")
@@ -17,7 +17,7 @@ class AugmentConfig:
     copies: int = 0  # augmented copies per record; 0 = off
     ops: tuple[str, ...] = ("word_dropout", "adjacent_swap")
     probability: float = 0.1  # per word (or per character for char_noise)
-    synonyms_file: str | None = None  # lines "word: synonym1, synonym2"
+    synonyms_file: str | None = field(default=None, metadata={"path": True})  # lines "word: synonym1, synonym2"; relative to the recipe
     seed: int = 0
 
     def __post_init__(self):
@@ -91,24 +91,24 @@ def augment_text(text: str, config: AugmentConfig, rng: random.Random, table: di
     return " ".join(words)
 
 
-def augment_records(records: list[tuple[dict, str]], config: AugmentConfig) -> list[tuple[dict, str]]:
+def augment_records(records: list[tuple[dict, str]], config: AugmentConfig, kind: str = "generation") -> list[tuple[dict, str]]:
     """The records plus `copies` perturbed copies of each record's input (chat: the user turns;
-    classification: the text). The records must already be checked (tasks.parse_records does so):
-    perturbing assumes the fields are there and are strings."""
+    classification (`kind`): the text). The records must already be checked (tasks.parse_records
+    does so): perturbing assumes the fields are there and are strings."""
     check_config(config)  # again: the fields may have been changed since construction
     table = load_synonyms(config.synonyms_file) if config.synonyms_file else {}
     rng = random.Random(config.seed)
     out = list(records)
     for copy_index in range(config.copies):
         for record, where in records:
-            out.append((perturb(record, config, rng, table), f"{where} (augmented #{copy_index + 1})"))
+            out.append((perturb(record, config, rng, table, kind), f"{where} (augmented #{copy_index + 1})"))
     return out
 
 
-def perturb(record: dict, config: AugmentConfig, rng: random.Random, table: dict) -> dict:
+def perturb(record: dict, config: AugmentConfig, rng: random.Random, table: dict, kind: str = "generation") -> dict:
     if "messages" in record:
         messages = [dict(m, content=augment_text(m["content"], config, rng, table)) if m.get("role") == "user" else m
                     for m in record["messages"]]
         return {**record, "messages": messages}
-    key = "text" if "text" in record else "input"  # classification records carry "text"
+    key = "text" if kind == "classification" else "input"  # by kind: an input/output record may carry a "text" too
     return {**record, key: augment_text(record.get(key, ""), config, rng, table)}

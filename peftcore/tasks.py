@@ -174,7 +174,7 @@ def parse_records(path: str, template: PromptTemplate, labels: list[str] | None 
     if not records:
         raise DataError(f"{Path(path).name}: no records: the dataset is empty")
     if augment is not None and augment.copies and kind != "qa":  # perturbed contexts would lose their answers
-        copies = augment_records(raw, augment)[len(raw):]
+        copies = augment_records(raw, augment, kind)[len(raw):]
         records += [parse(r, where) for r, where in copies]
     return records
 

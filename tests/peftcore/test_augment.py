@@ -79,3 +79,24 @@ def test_unknown_op_in_a_recipe_is_a_recipe_error_with_copies_0(tmp_path):
                                           '[data.augment]\nops = ["word_dropout", "shufle"]\n')
     with pytest.raises(RecipeError, match=r"recipe.toml: \[data.augment\] unknown augmentation op\(s\) \['shufle'\]"):
         load_recipe(tmp_path / "recipe.toml")
+
+
+def test_the_synonyms_file_is_relative_to_the_recipe_and_must_exist(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text('{"input": "q", "output": "a"}\n')
+    (tmp_path / "syn.txt").write_text("fast: quick\n")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[model]\nbuiltin = "tiny-llama"\n[data]\ntrain = "d.jsonl"\n'
+                      '[data.augment]\ncopies = 1\nops = ["synonym"]\nsynonyms_file = "syn.txt"\n')
+    monkeypatch.chdir(tmp_path.parent)  # not the recipe's folder
+    assert load_recipe(recipe).data.augment.synonyms_file == str(tmp_path / "syn.txt")
+    (tmp_path / "syn.txt").unlink()
+    with pytest.raises(RecipeError, match="syn.txt"):
+        load_recipe(recipe)
+
+
+def test_an_input_output_record_with_a_text_field_has_its_input_perturbed(tmp_path):
+    record = {"input": "alpha beta gamma delta epsilon", "output": "keep", "text": "metadata, not the prompt"}
+    records = parse_records(str(write_jsonl(tmp_path / "d.jsonl", [record])), PromptTemplate(),
+                            augment=AugmentConfig(copies=3, ops=("adjacent_swap",), probability=1.0))
+    assert [r.shown for r in records[1:]] != [record["input"]] * 3
+    assert all(sorted(r.shown.split()) == sorted(record["input"].split()) for r in records[1:])
