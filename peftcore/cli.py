@@ -112,7 +112,7 @@ def add_job_commands(commands) -> None:
     evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval; "
                                          "a multi-task adapter: every [tasks.<name>] eval, one report section each)")
     evaluate.add_argument("--glossary", help="terms file for glossary adherence (default: the recipe's [eval] glossary)")
-    evaluate.add_argument("--output", type=Path, help="markdown report (default: eval_report.md beside the adapter)")
+    evaluate.add_argument("--output", type=Path, help="markdown report (default: report.md beside the adapter)")
     evaluate.add_argument("--max-records", type=int, help="generate for at most this many records")
     evaluate.set_defaults(run=eval_command)
 

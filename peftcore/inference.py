@@ -82,8 +82,8 @@ def run_eval(adapter: Path, base: str | None = None, data: str | None = None, gl
 
 
 def write_reports(result: dict, markdown: str, adapter: Path, output: Path | None, log=print) -> dict:
-    """report.md (default: eval_report.md beside the adapter folder) and the same numbers as report.json."""
-    output = Path(output) if output else Path(adapter).resolve().parent / "eval_report.md"
+    """The markdown report (default: report.md beside the adapter folder) and its numbers as JSON beside it."""
+    output = Path(output) if output else Path(adapter).resolve().parent / "report.md"
     output.write_text(markdown, encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log(f"report written to {output}")

@@ -193,7 +193,7 @@ def test_intent_recipe_trains_minilm_and_reports_accuracy(tmp_path):
     assert "classifier" in config["modules_to_save"]
     code, out, err = run("eval", "--adapter", tmp_path / "adapter")
     assert code == 0, err
-    assert "| accuracy % |" in (tmp_path / "eval_report.md").read_text()
+    assert "| accuracy % |" in (tmp_path / "report.md").read_text()
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
