@@ -28,6 +28,7 @@ from .adapter_io import WEIGHTS_NAME, read_adapter_config
 from .injection import pattern_value
 from .inspect_base import BaseCheckpoint, BaseKey
 from .inspect_prompt import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
+from .train_state import json_safe  # NaN / inf -> null, as metrics.jsonl writes them
 
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT with safe_serialization=False
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -230,19 +231,8 @@ def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | Non
     payload = {"layers": [asdict(s) for s in stats]}
     if comparison is not None:
         payload["subspace_similarity"] = comparison
-    Path(path).write_text(json.dumps(finite(payload), indent=1, allow_nan=False) + "\n")
+    Path(path).write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
     return Path(path)
-
-
-def finite(value):
-    """value with every NaN / inf float replaced by None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 # -- `peftcore inspect` -----------------------------------------------------------------------------
