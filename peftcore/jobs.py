@@ -64,12 +64,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
     tokenizer = load_tokenizer(base_folder)
-    adopted = with_checkpoint_chat_template(recipe, tokenizer)
-    if adopted is not recipe:  # chat records re-rendered in the checkpoint's own format
-        recipe, before_records = adopted, train_records
-        train_records, eval_records = parse_split(recipe, labels)
-        if [r.example for r in train_records] != [r.example for r in before_records]:
-            log("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
+    recipe, train_records, eval_records = adopt_chat_template(recipe, tokenizer, labels, train_records, eval_records, log)
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
     train_rows, eval_rows = tokenize_split(recipe, train_records, eval_records, tokenizer, labels,
                                            output_dir if main else None, log)
@@ -102,6 +97,18 @@ def parse_split(recipe: Recipe, labels: list[str] | None) -> tuple[list[Record],
     train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
     eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
     return train_records, eval_records
+
+
+def adopt_chat_template(recipe: Recipe, tokenizer, labels, train_records, eval_records, log=print):
+    """-> (recipe, train records, eval records): re-parsed in the checkpoint's own chat template when
+    the recipe sets none (parsing stays before the tokenizer loads: bad data fails first)."""
+    adopted = with_checkpoint_chat_template(recipe, tokenizer)
+    if adopted is recipe:
+        return recipe, train_records, eval_records
+    new_train, new_eval = parse_split(adopted, labels)
+    if [r.example for r in new_train] != [r.example for r in train_records]:
+        log("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
+    return adopted, new_train, new_eval
 
 
 def with_checkpoint_chat_template(recipe: Recipe, tokenizer) -> Recipe:
