@@ -103,6 +103,12 @@ class QuantLinear(nn.Module):
 
 
 def quantizable(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
+    if type(module).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] not in skip:
+        # GPT-2 stores its projections (in, out) in Conv1D: quantizing them would need a transposed
+        # QuantLinear the checkpoint writer and HF PEFT's fan_in_fan_out both understand. Until then a
+        # clear refusal beats a "quantized" model with no quantized layer.
+        raise ValueError(f"{name} is a GPT-2 Conv1D layer: quantized bases support Llama-family and BERT "
+                         "linears (nn.Linear); load GPT-2 without quantize")
     return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
 
 

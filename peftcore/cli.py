@@ -135,6 +135,9 @@ def add_job_commands(commands) -> None:
     merge.add_argument("--adapter", type=Path, required=True, help=adapter_help)
     merge.add_argument("--base", help=base_help)
     merge.add_argument("--output", type=Path, required=True, help="folder for config.json, model.safetensors, tokenizer")
+    merge.add_argument("--into", choices=("original", "quantized"), default="original",
+                       help="QLoRA adapters: merge into the base's original weights (default) or into the "
+                            "dequantized weights the adapter trained against")
     merge.set_defaults(run=merge_command)
 
 
@@ -182,7 +185,7 @@ def generate_command(args: argparse.Namespace) -> int:
 def merge_command(args: argparse.Namespace) -> int:
     from .inference import run_merge
 
-    run_merge(args.adapter, args.output, args.base)
+    run_merge(args.adapter, args.output, args.base, into=args.into)
     return 0
 
 

@@ -29,6 +29,7 @@ from .metrics_text import _is_cjk, bleu, chrf, glossary_adherence, load_terms, r
 from .multitask import HEADS_CONFIG, MultiTaskModel, read_task_specs
 from .multitask_heads import TaskSpec, best_spans
 from .peft_model import PeftModel
+from .quantized_merge import format_merge_report
 from .tasks import (RECIPE_FILE, TOKENIZER_FILES, Loaded, Record, TaskError, load_adapter_folder, load_base, pad_id,
                     parse_records, read_adapter_info, resolve_base, set_runtime, tokenize_records)
 from .train import evaluate
@@ -356,12 +357,26 @@ def render_prompt(template: PromptTemplate, prompt: str, instruction: str | None
 
 
 # -- merge ------------------------------------------------------------------------------------
-def run_merge(adapter: Path, output: Path, base: str | None = None, log=print) -> Path:
-    loaded = load_adapter_folder(adapter, base, merge_ready=True, log=log)
+def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = "original", log=print) -> Path:
+    """Fold the adapter into its base. A QLoRA adapter (trained over a quantized base) merges into the
+    base's original weights by default, or with into="quantized" into the dequantized weights it was
+    trained against (the merged model then computes exactly what training saw; the log reports what
+    re-quantizing each merged layer would cost)."""
+    if into not in ("original", "quantized"):
+        raise TaskError(f"--into {into!r}: choose original or quantized")
+    loaded = load_adapter_folder(adapter, base, merge_ready=into == "original", log=log)
     if not isinstance(loaded.peft_model, PeftModel) or loaded.peft_model.is_prompt_learning:
         raise TaskError(f"{adapter} holds a prompt-learning adapter: it adds inputs, not weights, so there is "
                         "nothing to merge; load it with the base instead")
+    quantized = (loaded.info.get("model") or {}).get("quantize")
+    if into == "quantized" and not quantized:
+        raise TaskError(f"--into quantized: {adapter} was not trained over a quantized base (its recipe has no quantize)")
     merged = loaded.peft_model.merge_and_unload()
+    if into == "quantized":
+        log(format_merge_report(loaded.peft_model.merge_report))
+    elif quantized:
+        log(f"the adapter trained over the {quantized} rounding of the base; merged into the original weights "
+            "(--into quantized: into the rounded ones it saw)")
     output = Path(output)
     save_pretrained(merged, output)
     for name in TOKENIZER_FILES:

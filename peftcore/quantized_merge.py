@@ -19,18 +19,30 @@ def densify_quantized_bases(model: nn.Module) -> dict[str, QuantLinear]:
     replaced = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear) and isinstance(module.base_layer, QuantLinear):
-            quantized = module.base_layer
-            weight = quantized.dequantize(quantized.compute_dtype)
-            dense = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
-                              device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                dense.weight.copy_(weight)
-                if quantized.bias is not None:
-                    dense.bias.copy_(quantized.bias)
-            dense.requires_grad_(False)
-            module.base_layer = dense
-            replaced[name] = quantized
+            replaced[name] = module.base_layer
+            module.base_layer = dense_linear(module.base_layer)
     return replaced
+
+
+def densify_all(model: nn.Module) -> nn.Module:
+    """Every QuantLinear left (the layers no adapter targeted) -> its dequantized nn.Linear: the merged
+    model must be a plain dense checkpoint, not one with packed codes under the untargeted layers."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, dense_linear(module))
+    return model
+
+
+@torch.no_grad()
+def dense_linear(quantized: QuantLinear) -> nn.Linear:
+    weight = quantized.dequantize(quantized.compute_dtype)
+    dense = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    dense.weight.copy_(weight)
+    if quantized.bias is not None:
+        dense.bias.copy_(quantized.bias)
+    return dense.requires_grad_(False)
 
 
 @torch.no_grad()

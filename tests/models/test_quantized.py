@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
-from peftcore.models import load_pretrained
+from peftcore.models import GPT2Config, from_config, load_pretrained, save_pretrained
 from peftcore.models.quantized import QuantLinear, quantization_report, quantize_model
 from tests.models import rss
 from tests.tolerances import assert_close
@@ -105,11 +105,26 @@ def test_qlora_trains_only_the_adapter_and_merges_to_a_dense_model(llama, tmp_pa
     with torch.no_grad():
         adapted = pm(ids)
     merged = pm.merge_and_unload()
-    assert not any(isinstance(m, QuantLinear) and n.endswith(("q_proj", "v_proj")) for n, m in merged.named_modules())
+    # dense everywhere, the layers no adapter targeted (k_proj, o_proj, the MLP) included
+    assert not any(isinstance(m, QuantLinear) for m in merged.modules())
     with torch.no_grad():
         assert_close(merged(ids), adapted)
     assert set(pm.merge_report) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
     assert all(0 < err < 0.2 for err in pm.merge_report.values())
+    save_pretrained(merged, tmp_path / "merged")  # a plain checkpoint: transformers finds every weight
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, adapted)
+
+
+def test_gpt2_conv1d_layers_refuse_quantization_by_name(tmp_path):
+    model = from_config(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn is a GPT-2 Conv1D layer"):
+        quantize_model(model, "nf4")
+    save_pretrained(from_config(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)), tmp_path)
+    with pytest.raises(ValueError, match="GPT-2 Conv1D layer: quantized bases support Llama-family and BERT"):
+        load_pretrained(tmp_path, quantize="nf4")
 
 
 # ~110 MB of fp32 linear weights and a small vocabulary, so the linears dominate the checkpoint.

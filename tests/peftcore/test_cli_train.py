@@ -125,6 +125,28 @@ def test_merge_output_loads_in_transformers_with_equal_logits(trained, tmp_path)
         torch.testing.assert_close(hf(ids).logits, loaded.peft_model(ids), atol=2e-5, rtol=1e-4)
 
 
+def test_a_qlora_adapter_merges_into_original_or_quantized_weights(tmp_path):
+    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 2, *FAST, "--set", "model.quantize=nf4",
+                       "--set", "train.learning_rate=5e-2", "--set", "eval.samples=0")
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    loaded = load_adapter_folder(adapter, log=lambda *a: None)  # the nf4 base + the adapter: what training saw
+    ids = torch.tensor([[loaded.tokenizer.bos_token_id, *loaded.tokenizer.encode("Restore points", add_special_tokens=False)]])
+    with torch.no_grad():
+        trained = loaded.peft_model(ids)
+    logits, logs = {}, {}
+    for into in ("original", "quantized"):
+        code, logs[into], err = run("merge", "--adapter", adapter, "--output", tmp_path / into, "--into", into)
+        assert code == 0, err
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / into).eval()
+        with torch.no_grad():
+            logits[into] = hf(ids).logits
+    assert "trained over the nf4 rounding of the base; merged into the original weights" in logs["original"]
+    assert "re-quantizing them would add a relative error of" in logs["quantized"]
+    torch.testing.assert_close(logits["quantized"], trained, atol=2e-5, rtol=1e-4)  # exactly what training saw
+    assert not torch.allclose(logits["original"], trained, atol=1e-3)  # the nf4 rounding is gone there
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     args = ["--max-steps", 4, "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0",
             "--set", "data.max_length=64", "--set", "train.batch_size=4", "--set", "eval.samples=0"]
