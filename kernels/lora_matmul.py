@@ -110,7 +110,7 @@ if dispatch.HAS_TRITON:
     ):
         num_m, num_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
         pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: rm * K passes 2**31 at M*K >= 2**31
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, R_PAD)
         rk = tl.arange(0, BLOCK_K)
@@ -160,7 +160,7 @@ if dispatch.HAS_TRITON:
         """One program per (BLOCK_M, BLOCK_K) tile of dX, looping over N (see LoraMatmulFunction)."""
         num_k = (K + BLOCK_K - 1) // BLOCK_K
         pid_m, pid_k = _grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, num_k, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rr = tl.arange(0, R_PAD)
         rn = tl.arange(0, BLOCK_N)
