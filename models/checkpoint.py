@@ -58,8 +58,9 @@ def from_config(config, dtype: torch.dtype | None = None, device=None) -> nn.Mod
             known = sorted({c.config_class.__name__ for c in ARCHITECTURES.values()})
             raise TypeError(f"from_config got a {type(config).__name__}; expected a config.json dict or one of {', '.join(known)}")
         cls = model_class_for(config.to_hf())  # the architecture a config names (BERT: encoder or classifier)
-    model = cls(config)
-    return model.to(device=device, dtype=dtype)
+    model = cls(config).to(device=device, dtype=dtype)
+    model.init_buffers()  # derived tables (RoPE frequencies) in fp32 whatever dtype the weights take
+    return model
 
 
 def checkpoint_files(path: Path) -> list[Path]:

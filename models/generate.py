@@ -11,8 +11,11 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus to -inf. logits: (B, V)."""
-    if top_k is not None and top_k < logits.shape[-1]:
+    """Set logits outside the top-k / nucleus to -inf. logits: (B, V). As transformers: top_k 0 (or
+    None) is off, and the top token always survives (top_p = 0 is greedy sampling)."""
+    if top_k is not None and top_k < 0 or top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_k must be >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
+    if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -20,6 +23,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token once the mass before it already reaches top_p: the top token always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[:, 0] = False  # top_p = 0: the mass before the top token (0) already "reaches" it
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -58,6 +62,7 @@ def generate(
     cache=None,
 ) -> torch.Tensor:
     """-> (B, T + new) token ids. Rows that hit EOS are padded (pad_token_id, else EOS) after it.
+    eos_token_id None: the model config's eos_token_id, as transformers' generate; [] never stops.
 
     `cache` may arrive pre-filled (prefix tuning) and `inputs_embeds` may be longer than
     `input_ids` (prompt tuning); the mask is extended with ones in front to cover both.
@@ -70,6 +75,8 @@ def generate(
     prefill_len = T if inputs_embeds is None else inputs_embeds.shape[1]
     mask = full_mask(attention_mask, cache.seq_len + prefill_len)
     positions = positions_from_mask(mask)
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "config", None), "eos_token_id", None)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), dtype=torch.long, device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -72,8 +72,11 @@ class LlamaConfig:
 
     def to_hf(self) -> dict:
         d = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
-        rope = d.pop("rope_scaling") or {"rope_type": "default"}
-        d["rope_parameters"] = {**rope, "rope_theta": d.pop("rope_theta")}
+        rope = d["rope_scaling"] or {"rope_type": "default"}
+        d["rope_parameters"] = {**rope, "rope_theta": d["rope_theta"]}
+        # rope_theta / rope_scaling stay top-level too: transformers 4.x reads only those (and would
+        # silently fall back to theta 10000), 5.x reads rope_parameters
+        d["rope_scaling"] = self.rope_scaling
         if self.model_type == "qwen2":
             d.pop("attention_bias")
         d["architectures"] = [HF_ARCHITECTURE[self.model_type]]

@@ -5,7 +5,9 @@ Every model is a tiny random transformers model saved with `save_pretrained` and
 weights (norm scales and biases too) are perturbed away from their init: a Qwen2 whose biases are
 still zero would pass even if we dropped them.
 """
+import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import transformers
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peftcore.models import generate, load_pretrained, save_pretrained
+from peftcore.models import from_config, generate, load_pretrained, save_pretrained
 from peftcore.models.generate import positions_from_mask
 from peftcore.models.llama import LlamaConfig, rope_inverse_frequencies
 from tests.tolerances import assert_close
@@ -201,6 +203,33 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(pairs):
     greedy = generate(model, ids, max_new_tokens=10)
     assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_k=1), greedy)
     assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_p=1e-6), greedy)
+    assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_p=0.0), greedy)  # as transformers: top token kept
+
+
+def test_top_k_zero_is_off_and_bad_filters_are_errors(pairs):
+    model = pairs("qwen2_bias").ours
+    ids = torch.randint(3, VOCAB, (2, 5))
+    assert torch.equal(sample(model, ids, seed=4, temperature=1.0, top_k=0), sample(model, ids, seed=4, temperature=1.0))
+    for bad in ({"top_k": -1}, {"top_p": 1.5}, {"top_p": -0.1}):
+        with pytest.raises(ValueError, match="top_k must be >= 0 and top_p in \\[0, 1\\]"):
+            sample(model, ids, seed=4, temperature=1.0, **bad)
+
+
+def test_generate_stops_at_the_configs_eos_unless_told_otherwise(pairs):
+    """transformers' generate stops at config.eos_token_id when the call names none; so does ours."""
+    pair = pairs("qwen2_bias")
+    ids = torch.randint(3, VOCAB, (1, 5))
+    free = generate(pair.ours, ids, max_new_tokens=8, eos_token_id=[])  # [] never stops
+    eos = int(free[0, 5 + 2])
+    config_eos = pair.ours.config.eos_token_id
+    try:
+        pair.ours.config.eos_token_id = pair.hf.config.eos_token_id = pair.hf.generation_config.eos_token_id = eos
+        ours = generate(pair.ours, ids, max_new_tokens=8)
+        theirs = pair.hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    finally:
+        pair.ours.config.eos_token_id = pair.hf.config.eos_token_id = pair.hf.generation_config.eos_token_id = config_eos
+    first = free[0, 5:].tolist().index(eos)
+    assert ours.shape[1] == 5 + first + 1 and torch.equal(ours, theirs[:, : ours.shape[1]])
 
 
 # ---- invariants (hypothesis) ----------------------------------------------------------------
@@ -271,6 +300,10 @@ def test_save_load_round_trip_is_exact_and_transformers_reads_it(pairs, name, se
             save_pretrained(model, folder)
             again = load_pretrained(folder)
             theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+            config = json.loads((Path(folder) / "config.json").read_text())
+        # transformers 5 reads rope_parameters; 4.x reads only the top-level keys (else theta 10000)
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == model.config.rope_theta
+        assert config["rope_scaling"] == model.config.rope_scaling
         state, reloaded = model.state_dict(), again.state_dict()
         assert state.keys() == reloaded.keys()
         assert all(torch.equal(state[k], reloaded[k]) for k in state)
@@ -280,3 +313,10 @@ def test_save_load_round_trip_is_exact_and_transformers_reads_it(pairs, name, se
         assert_close(theirs(x).logits, expected)
     finally:
         model.load_state_dict(snapshot)
+
+
+def test_from_config_keeps_rope_frequencies_fp32_in_a_bf16_model():
+    model = from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                    num_attention_heads=2, rope_theta=5e5), dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.model.inv_freq, rope_inverse_frequencies(model.config), rtol=0, atol=0)
