@@ -65,6 +65,16 @@ def test_nf4_bit_exact_hypothesis(rows, cols, dtype, double_quant, log_scale, se
     assert_nf4_equal((torch.randn(rows, cols, generator=gen) * 10**log_scale).to(dtype), double_quant)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_bit_exact_past_the_chunk_size(double_quant):
+    """Tensors above quant.NF4_CHUNK elements are quantized chunk by chunk (bounded scratch memory):
+    the seams must not show (600 x 512 = 307,200 elements; 513 x 513 ends mid-block)."""
+    for shape in ((600, 512), (513, 513)):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+        assert w.numel() > Q.NF4_CHUNK
+        assert_nf4_equal(w, double_quant)
+
+
 def test_nf4_zero_block_and_constant_absmaxes():
     """A block of zeros (absmax 0) and all-equal absmaxes (double-quant scale 0) still match."""
     w = torch.randn(3, 70)

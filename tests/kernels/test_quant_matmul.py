@@ -124,6 +124,20 @@ def test_kernels_dequantize_bit_exact(qm, launches, fmt, dtype):
     assert [name for name, _ in launches] == ["_qmm_kernel", "_qmm_t_kernel"]
 
 
+@pytest.mark.parametrize("name, quantize, N, K", [
+    ("int4 group 64", lambda w: Q.int4_quantize(w, 64), 20, 128),
+    ("int4 group 128 (the default)", lambda w: Q.int4_quantize(w, 128), 20, 256),
+    # 80 x 256 = 320 blocks of 64: two second-level scales (256 blocks each), the second one partial
+    ("nf4 double quant past 256 blocks", lambda w: Q.nf4_quantize(w, double_quant=True), 80, 256),
+])
+def test_kernels_read_larger_groups_and_second_level_scales_exactly(qm, launches, name, quantize, N, K):
+    qweight = quantize(torch.randn(N, K, generator=torch.Generator().manual_seed(N + K)))
+    expected = qm.dequantize(qweight, torch.float32)
+    forward = qm.kernels.forward(torch.eye(K), qweight, None, None, None, 0.0)
+    transposed = qm.kernels.transposed(torch.eye(N), qweight, None, None, 0.0)
+    assert torch.equal(forward, expected.t()) and torch.equal(transposed, expected), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M, splits", [(1, 2), (16, 2), (17, 1)])

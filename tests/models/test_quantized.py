@@ -76,16 +76,19 @@ def test_int4_group_that_does_not_divide_in_features_is_a_clear_error(llama):
         load_pretrained(folder, quantize="fp8")
 
 
-def test_qlora_logits_equal_transformers_with_bnb_rounded_weights_and_hf_peft(llama, tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_qlora_logits_equal_transformers_with_bnb_rounded_weights_and_hf_peft(llama, tmp_path, use_dora):
     """The reference: transformers' model whose quantized linears hold bitsandbytes' NF4 rounding,
-    with HF PEFT applying the same adapter file. Ours: NF4 loading + our LoRA on top."""
+    with HF PEFT applying the same adapter file. Ours: NF4 loading + our LoRA (or DoRA, whose column
+    norms then come from the dequantized weight) on top."""
     folder, hf = llama
     reference = copy.deepcopy(hf)
     with torch.no_grad():
         for name, module in reference.named_modules():
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
                 module.weight.copy_(bnb_rounded(module.weight))
-    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                            use_dora=use_dora)).eval()
     theirs.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(load_pretrained(folder, quantize="nf4"), tmp_path)
     ids = torch.randint(0, 50, (2, 9))
