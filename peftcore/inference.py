@@ -274,7 +274,7 @@ def load_multitask(adapter: Path, config: dict, info: dict, base: str | None, lo
         raise TaskError(f"{adapter}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
     base_name = "builtin:tiny-llama" if base_name == "builtin" else base_name  # --base builtin, as load_adapter_folder
     base_folder = resolve_base(base_name, log=log)
-    section = SimpleNamespace(**{"group_size": None, "threads": 0, "device": "auto", **info["model"]})
+    section = SimpleNamespace(**{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})
     device = set_runtime(section)
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer.json").is_file() else base_folder)
     model = MultiTaskModel.from_pretrained(load_base(base_folder, section, None, device=device), adapter)

@@ -68,6 +68,7 @@ class ModelSection:
     dtype: str = "float32"
     quantize: str | None = None  # "nf4" | "int4" | "int8": a quantized base (QLoRA)
     group_size: int | None = None
+    double_quant: bool = False  # nf4: quantize the absmax scales too (8-bit, blocks of 256), as QLoRA
     device: str = "auto"  # "auto": cuda when available
     threads: int = 0  # CPU threads; 0 keeps PyTorch's default
 
@@ -79,6 +80,8 @@ class ModelSection:
             raise ValueError(f"task = {self.task!r}; choose from {', '.join(TASKS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype = {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.double_quant and self.quantize != "nf4":
+            raise ValueError(f"double_quant applies to quantize = \"nf4\", not {self.quantize!r}")
 
     @property
     def base_name(self) -> str:

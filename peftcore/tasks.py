@@ -79,7 +79,8 @@ def load_base(folder: Path, model_section, labels: list[str] | None, device=None
     dtype = DTYPES[model_section.dtype]
     kwargs = {}
     if quantize and model_section.quantize:
-        kwargs = {"quantize": model_section.quantize, "group_size": model_section.group_size}
+        kwargs = {"quantize": model_section.quantize, "group_size": model_section.group_size,
+                  "double_quant": model_section.double_quant}
     if model_section.task != "SEQ_CLS":
         return load_pretrained(folder, dtype=dtype, device=device, **kwargs)
     from peftcore.models import BertConfig, BertForSequenceClassification
@@ -278,7 +279,7 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
         from dataclasses import asdict
 
         info = {"model": {"task": "SEQ_CLS" if config.get("task_type") == "SEQ_CLS" else "CAUSAL_LM", "dtype": "float32",
-                          "quantize": None, "group_size": None, "device": "auto", "threads": 0},
+                          "quantize": None, "group_size": None, "double_quant": False, "device": "auto", "threads": 0},
                 "data": {"template": asdict(PromptTemplate()), "max_length": 512}, "eval": {}}
     return config, info
 
@@ -297,7 +298,7 @@ def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool 
     if base == "builtin":
         base_name = "builtin:tiny-llama"
     base_folder = resolve_base(base_name, log=log)
-    model_section = SimpleNamespace(**{"group_size": None, "threads": 0, "device": "auto", **info["model"]})
+    model_section = SimpleNamespace(**{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})
     device = set_runtime(model_section)
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_folder)
     model = load_base(base_folder, model_section, info.get("labels"), device=device, quantize=not merge_ready)

@@ -250,3 +250,14 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
     ids = torch.tensor([[loaded.tokenizer.bos_token_id, *prompt]])
     tokens = loaded.peft_model.generate(ids, max_new_tokens=3, eos_token_id=loaded.tokenizer.eos_token_id)
     assert out.strip() == loaded.tokenizer.decode(tokens[0, ids.shape[1]:]).strip()
+
+
+def test_double_quant_reaches_the_loaded_base(tmp_path):
+    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 1, *FAST, "--set", "model.quantize=nf4",
+                       "--set", "model.double_quant=true", "--set", "eval.samples=0")
+    assert code == 0, err
+    loaded = load_adapter_folder(tmp_path / "run" / "adapter", log=lambda *a: None)  # as eval / generate load it
+    layers = [m for m in loaded.peft_model.modules() if type(m).__name__ == "QuantLinear"]
+    assert layers and all(m.double_quant for m in layers)
+    code, _, err = run("train", "--output-dir", tmp_path / "bad", "--set", "model.double_quant=true")
+    assert code == 2 and 'double_quant applies to quantize = "nf4", not None' in err
