@@ -1,6 +1,7 @@
 """y = x W'^T (+ bias) (+ s * (x A^T) B^T) with W' a frozen NF4 / int4 / int8 weight: QLoRA's linear.
 
-The four parts every kernel module has (jit kernels, launcher, torch reference, autograd Function), the Triton half in quant_matmul_kernels.py:
+The four parts every kernel module has (jit kernels, launcher, torch reference, autograd Function);
+the Triton half lives in quant_matmul_kernels.py:
   kernels     quant_matmul_kernels: forward (tiled GEMM; split-K for M <= 16) and transposed
               (dX = dY W') kernels, both dequantizing W' tile by tile, with an optional LoRA epilogue.
   launcher    quant_matmul(x, qweight, bias=None, lora=None): checks, then QuantMatmulFunction,
