@@ -243,3 +243,34 @@ def test_loading_costs_about_one_copy_of_the_checkpoint(tmp_path):
     ours_growth, naive_growth = rss.growth_bytes(ours) / size, rss.growth_bytes(naive) / size
     print(f"RSS growth / checkpoint size: load_pretrained {ours_growth:.2f}x, build + load_file {naive_growth:.2f}x")
     assert ours_growth < 1.3, f"load_pretrained grew RSS by {ours_growth:.2f}x the checkpoint (naive: {naive_growth:.2f}x)"
+
+
+TINY_LLAMA = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "llama", **TINY_LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+     "rope_type 'yarn' is not supported; supported: 'default', 'llama3'"),
+    ({"model_type": "llama", **TINY_LLAMA, "hidden_act": "gelu"},
+     r"hidden_act 'gelu' is not supported \(Llama-family models use 'silu'\)"),
+    ({"model_type": "qwen2", **TINY_LLAMA, "use_sliding_window": True}, "Qwen2 use_sliding_window=True is not supported"),
+    ({"model_type": "gpt2", "vocab_size": 40, "n_embd": 18, "n_layer": 1, "n_head": 4, "n_positions": 16},
+     "n_embd 18 is not divisible by n_head 4"),
+    ({"model_type": "bert", "vocab_size": 40, "hidden_size": 18, "num_hidden_layers": 1, "num_attention_heads": 4,
+      "intermediate_size": 24}, "hidden_size 18 is not a multiple of num_attention_heads 4"),
+], ids=["rope_type", "hidden_act", "qwen2_sliding_window", "gpt2_heads", "bert_heads"])
+def test_unsupported_or_inconsistent_configs_are_one_line_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        from_config(config)
+
+
+def test_a_mask_that_does_not_cover_the_input_and_a_negative_temperature_are_errors():
+    from peftcore.models import generate
+
+    model = from_config({"model_type": "llama", **TINY_LLAMA})
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask covers 4 positions but cache \\+ input hold 5"):
+        model(ids, attention_mask=torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1.0"):
+        generate(model, ids, 2, temperature=-1.0)

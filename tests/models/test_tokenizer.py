@@ -160,3 +160,28 @@ def test_missing_tokenizer_json_names_folder_and_contents(tmp_path):
     assert "tokenizer_config.json, vocab.txt" in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"padding_side": "middle"}, "padding_side must be 'right' or 'left', got 'middle'"),
+    ({"return_tensors": "np"}, "return_tensors must be 'pt' or None, got 'np'"),
+    ({"padding": "max_length"}, "padding='max_length' needs max_length"),
+    ({"padding": "shortest"}, "padding must be True, False, 'longest' or 'max_length', got 'shortest'"),
+])
+def test_bad_batch_encode_options_are_one_line_errors(minilm, kwargs, message):
+    ours, _ = minilm
+    with pytest.raises(ValueError, match=message):
+        ours(["hi", "hello there"], **kwargs)
+
+
+def test_padding_without_a_pad_token_says_how_to_set_one(bpe_folder, tmp_path):
+    folder = tmp_path / "nopad"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text((bpe_folder / name).read_text())
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.pad_token_id is None
+    with pytest.raises(ValueError, match="this tokenizer has no pad token; set one first"):
+        tokenizer(["a", "a longer one"])
+    tokenizer.pad_token = tokenizer.eos_token  # what the message suggests works
+    assert tokenizer(["a", "a longer one"])["attention_mask"][0].tolist()[-1] == 0
