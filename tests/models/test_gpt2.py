@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 import transformers
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from peftcore.models import generate, load_pretrained, save_pretrained
@@ -187,3 +189,51 @@ def test_gradient_checkpointing_gives_same_gradients():
     model.transformer.gradient_checkpointing = True
     for a, b in zip(grads(), plain):
         assert_close(a, b)
+
+
+# ---- invariants (hypothesis), as for the Llama family --------------------------------------------
+tokens = st.integers(0, VOCAB - 1)
+
+
+@given(data=st.data())
+@torch.no_grad()
+def test_future_tokens_never_change_past_logits(model, data):
+    length = data.draw(st.integers(2, 12), label="length")
+    cut = data.draw(st.integers(1, length - 1), label="cut")
+    ids = torch.tensor([data.draw(st.lists(tokens, min_size=length, max_size=length), label="ids")])
+    changed = ids.clone()
+    changed[0, cut:] = torch.tensor(data.draw(st.lists(tokens, min_size=length - cut, max_size=length - cut)))
+    assert_close(model(changed)[:, :cut], model(ids)[:, :cut])
+
+
+@given(data=st.data())
+@torch.no_grad()
+def test_incremental_decoding_equals_full_forward(model, data):
+    """Learned absolute positions: each chunk's position_ids continue from the mask, as generate does."""
+    length = data.draw(st.integers(2, 12), label="length")
+    real = data.draw(st.integers(1, length), label="real tokens in row 2")
+    ids = torch.tensor([data.draw(st.lists(tokens, min_size=length, max_size=length), label="ids")] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, : length - real] = 0
+    positions = positions_from_mask(mask)
+    full = model(ids, attention_mask=mask, position_ids=positions)
+    cache, pieces, start = model.new_cache(), [], 0
+    while start < length:
+        end = start + data.draw(st.integers(1, length - start), label="chunk")
+        pieces.append(model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end], cache=cache))
+        start = end
+    assert_close(torch.cat(pieces, dim=1)[mask.bool()], full[mask.bool()])
+
+
+@given(rows=st.lists(st.lists(tokens, min_size=1, max_size=10), min_size=1, max_size=3), pad_id=tokens,
+       extra=st.integers(0, 3))
+@torch.no_grad()
+def test_left_padded_row_equals_the_row_unpadded(model, rows, pad_id, extra):
+    total = max(map(len, rows)) + extra
+    ids = torch.full((len(rows), total), pad_id)
+    mask = torch.zeros(len(rows), total, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, total - len(row):], mask[i, total - len(row):] = torch.tensor(row), 1
+    batch = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    for i, row in enumerate(rows):
+        assert_close(batch[i, total - len(row):], model(torch.tensor([row]))[0])
