@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from peftcore.models import generate, load_pretrained, save_pretrained
 from peftcore.models.generate import positions_from_mask
 from peftcore.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from tests.models.invariants import check_padded_rows_equal_alone
 from tests.tolerances import assert_close
 
 VOCAB, PAD, EOS = 101, 0, 100
@@ -229,11 +230,4 @@ def test_incremental_decoding_equals_full_forward(model, data):
        extra=st.integers(0, 3))
 @torch.no_grad()
 def test_left_padded_row_equals_the_row_unpadded(model, rows, pad_id, extra):
-    total = max(map(len, rows)) + extra
-    ids = torch.full((len(rows), total), pad_id)
-    mask = torch.zeros(len(rows), total, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, total - len(row):], mask[i, total - len(row):] = torch.tensor(row), 1
-    batch = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-    for i, row in enumerate(rows):
-        assert_close(batch[i, total - len(row):], model(torch.tensor([row]))[0])
+    check_padded_rows_equal_alone(model, rows, pad_id, extra)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from peftcore.models import from_config, generate, load_pretrained, save_pretrained
 from peftcore.models.generate import positions_from_mask
 from peftcore.models.llama import LlamaConfig, rope_inverse_frequencies
+from tests.models.invariants import check_padded_rows_equal_alone
 from tests.tolerances import assert_close
 
 VOCAB = 101
@@ -276,15 +277,7 @@ def test_left_padded_row_equals_the_row_unpadded(pairs, name, data):
     model = pairs(name).ours
     rows = data.draw(st.lists(st.lists(tokens, min_size=1, max_size=10), min_size=1, max_size=3), label="rows")
     pad_id = data.draw(tokens, label="pad id")  # whatever sits in pad slots must not matter
-    total = max(map(len, rows)) + data.draw(st.integers(0, 3), label="extra padding")
-    ids = torch.full((len(rows), total), pad_id)
-    mask = torch.zeros(len(rows), total, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, total - len(row):], mask[i, total - len(row):] = torch.tensor(row), 1
-    batch = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-    for i, row in enumerate(rows):
-        alone = model(torch.tensor([row]))
-        assert_close(batch[i, total - len(row):], alone[0])
+    check_padded_rows_equal_alone(model, rows, pad_id, data.draw(st.integers(0, 3), label="extra padding"))
 
 
 @given(name=family_names, seed=st.integers(0, 2**16), ids=st.lists(tokens, min_size=1, max_size=8))
