@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -63,8 +64,11 @@ def test_train_writes_adapter_metrics_and_data_report(trained):
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert {"adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "peftcore_recipe.json"} <= \
         {p.name for p in adapter.iterdir()}
-    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() and r["tokens_per_s"] > 0 for r in records)
+    evals = [r for r in records if "eval_loss" in r]  # eval_every=2 of 3 steps: steps 2 and 3 (the last)
+    assert [r["step"] for r in evals] == [2, 3] and all(r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
     report = json.loads((folder / "data_report.json").read_text())
     assert report["records"] == 240 and report["max_length"] == 96
     summary = json.loads((folder / "summary.json").read_text())
