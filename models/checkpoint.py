@@ -162,8 +162,10 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
                 tensor = tensor.to(dtype)
             tensor = tensor.to(device) if device is not None else tensor
             if key in quantized:
-                check_shape(ckpt_key, tensor, torch.empty(quantized[key].out_features, quantized[key].in_features, device="meta"), file)
-                quantized[key].load_dense_weight(tensor)
+                layer = quantized[key]
+                stored = (layer.in_features, layer.out_features) if layer.from_conv1d else (layer.out_features, layer.in_features)
+                check_shape(ckpt_key, tensor, torch.empty(stored, device="meta"), file)
+                layer.load_dense_weight(tensor.T if layer.from_conv1d else tensor)
                 del tensor
                 release_freed_memory()
             else:
@@ -200,6 +202,7 @@ _LIBC = _load_libc()
 
 def quantize_on_meta(model: nn.Module, method: str, group_size, double_quant: bool, dtype) -> dict[str, nn.Module]:
     """Swap linears for empty QuantLinears (filled while loading). -> {"<name>.weight": layer}."""
+    from .layers import Conv1D
     from .quantized import SKIP_BY_DEFAULT, QuantLinear, quantizable
 
     layers = {}
@@ -209,6 +212,7 @@ def quantize_on_meta(model: nn.Module, method: str, group_size, double_quant: bo
         with torch.device("meta"):
             layer = QuantLinear(module.in_features, module.out_features, method, module.bias is not None,
                                 group_size, double_quant, dtype or torch.float32)
+        layer.from_conv1d = isinstance(module, Conv1D)  # GPT-2: the checkpoint holds (in, out)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         layers[f"{name}.weight"] = layer

@@ -11,6 +11,8 @@ from torch import nn
 
 from peftcore.kernels import quant
 
+from .layers import Conv1D
+
 METHODS = ("nf4", "int4", "int8")
 DEFAULT_GROUP_SIZE = 128
 SKIP_BY_DEFAULT = ("lm_head", "score", "classifier")  # heads stay dense, as in QLoRA / bitsandbytes
@@ -25,6 +27,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.method = in_features, out_features, method
         self.group_size = group_size or DEFAULT_GROUP_SIZE if method == "int4" else None
         self.double_quant = double_quant
+        # GPT-2's Conv1D stores (in, out): its QuantLinear holds the (out, in) transpose like every
+        # other, and a dense copy (merge, save) goes back to a Conv1D so checkpoints keep their layout
+        self.from_conv1d = False
         self.compute_dtype = dtype  # what dequantize() and forward produce when inputs do not say
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         if method == "int4":
@@ -38,6 +43,21 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
+
+    @classmethod
+    def from_conv1d(cls, conv: Conv1D, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
+        w = conv.weight  # (in, out)
+        layer = cls(conv.in_features, conv.out_features, method, True, group_size, double_quant, w.dtype, w.device)
+        layer.from_conv1d = True
+        layer.load_dense_weight(w.detach().T)
+        layer.bias.data.copy_(conv.bias.detach())
+        return layer
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
+        """An nn.Linear or a GPT-2 Conv1D, quantized."""
+        convert = cls.from_conv1d if isinstance(module, Conv1D) else cls.from_linear
+        return convert(module, method, group_size, double_quant)
 
     # -- storage --------------------------------------------------------------------------------
     def load_dense_weight(self, weight: torch.Tensor) -> None:
@@ -103,22 +123,17 @@ class QuantLinear(nn.Module):
 
 
 def quantizable(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
-    if type(module).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] not in skip:
-        # GPT-2 stores its projections (in, out) in Conv1D: quantizing them would need a transposed
-        # QuantLinear the checkpoint writer and HF PEFT's fan_in_fan_out both understand. Until then a
-        # clear refusal beats a "quantized" model with no quantized layer.
-        raise ValueError(f"{name} is a GPT-2 Conv1D layer: quantized bases support Llama-family and BERT "
-                         "linears (nn.Linear); load GPT-2 without quantize")
-    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+    return isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in skip
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", group_size: int | None = None,
                    double_quant: bool = False, skip: tuple[str, ...] = SKIP_BY_DEFAULT) -> nn.Module:
-    """Swap every nn.Linear (but the heads in `skip`) for a QuantLinear, in place; returns the model."""
+    """Swap every nn.Linear and GPT-2 Conv1D (but the heads in `skip`) for a QuantLinear, in place;
+    returns the model."""
     for name, module in list(model.named_modules()):
         if quantizable(name, module, skip):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, method, group_size, double_quant))
+            setattr(model.get_submodule(parent), child, QuantLinear.from_dense(module, method, group_size, double_quant))
     return model
 
 

@@ -79,7 +79,6 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -90,6 +89,12 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the row norm used when merging, to undo it
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """The base stores (in, out) (GPT-2's Conv1D). A property: merging a quantized GPT-2 layer swaps
+        the base for its dense Conv1D, and the orientation must follow."""
+        return isinstance(self.base_layer, Conv1D)
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
 
 from .lora import LoraLinear
@@ -35,8 +36,14 @@ def densify_all(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def dense_linear(quantized: QuantLinear) -> nn.Linear:
+def dense_linear(quantized: QuantLinear) -> nn.Module:
+    """nn.Linear, or a Conv1D for a GPT-2 layer (its checkpoint layout, and HF PEFT's fan_in_fan_out)."""
     weight = quantized.dequantize(quantized.compute_dtype)
+    if quantized.from_conv1d:
+        conv = Conv1D(quantized.out_features, quantized.in_features).to(device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight.T)
+        conv.bias.copy_(quantized.bias)
+        return conv.requires_grad_(False)
     dense = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
                       device=weight.device, dtype=weight.dtype)
     dense.weight.copy_(weight)
@@ -50,8 +57,9 @@ def requantization_report(model: nn.Module, replaced: dict[str, QuantLinear]) ->
     """Per merged layer: relative Frobenius error of quantizing its merged weight again."""
     report = {}
     for name, quantized in replaced.items():
-        merged = model.get_submodule(name).weight.float()
-        probe = QuantLinear.from_linear(model.get_submodule(name), quantized.method, quantized.group_size, quantized.double_quant)
+        module = model.get_submodule(name)
+        merged = (module.weight.T if quantized.from_conv1d else module.weight).float()  # (out, in)
+        probe = QuantLinear.from_dense(module, quantized.method, quantized.group_size, quantized.double_quant)
         error = torch.linalg.norm(probe.dequantize(torch.float32) - merged) / torch.linalg.norm(merged).clamp_min(1e-30)
         report[name] = float(error)
     return report

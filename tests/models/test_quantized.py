@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
-from peftcore.models import GPT2Config, from_config, load_pretrained, save_pretrained
+from peftcore.models import load_pretrained, save_pretrained
 from peftcore.models.quantized import QuantLinear, quantization_report, quantize_model
 from tests.models import rss
 from tests.tolerances import assert_close
@@ -121,13 +121,52 @@ def test_qlora_trains_only_the_adapter_and_merges_to_a_dense_model(llama, tmp_pa
         assert_close(reloaded(ids).logits, adapted)
 
 
-def test_gpt2_conv1d_layers_refuse_quantization_by_name(tmp_path):
-    model = from_config(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn is a GPT-2 Conv1D layer"):
-        quantize_model(model, "nf4")
-    save_pretrained(from_config(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)), tmp_path)
-    with pytest.raises(ValueError, match="GPT-2 Conv1D layer: quantized bases support Llama-family and BERT"):
-        load_pretrained(tmp_path, quantize="nf4")
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+def test_gpt2_conv1d_layers_quantize_and_take_hf_peft_adapters(gpt2, tmp_path):
+    """GPT-2 stores its projections (in, out) in Conv1D: they quantize as the (out, in) transpose,
+    equal bitsandbytes' NF4 of that transpose, take an HF PEFT adapter (fan_in_fan_out=True), and merge
+    back into Conv1D layers that transformers loads."""
+    folder, hf = gpt2
+    model = load_pretrained(folder, quantize="nf4")
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids), quantize_model(load_pretrained(folder), "nf4")(ids))  # load-time == in memory
+    reference = copy.deepcopy(hf)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, transformers.pytorch_utils.Conv1D):
+                module.weight.copy_(bnb_rounded(module.weight.T.contiguous()).T)
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                                            init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = PeftModel.from_pretrained(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert_close(ours(ids), expected)
+    merged = ours.merge_and_unload()
+    assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+    assert set(ours.merge_report) == {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}
+    assert all(0 < err < 0.2 for err in ours.merge_report.values())
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == type(merged.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    save_pretrained(merged, tmp_path / "merged")
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, expected)
 
 
 # ~110 MB of fp32 linear weights and a small vocabulary, so the linears dominate the checkpoint.
