@@ -5,7 +5,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .data import Example, TokenizedExample
+from .data import TokenizedExample
 
 HISTOGRAM_BINS = 8
 
@@ -26,11 +26,11 @@ def data_report(records: list, tokenized: list[TokenizedExample], max_length: in
     pairs = Counter()
     empty = []
     for record in records:
-        ex, said, blank = read_record(record)
+        ex = record.example
         by_prompt[ex.prompt].add(ex.response)
-        shown.setdefault(ex.prompt, said)  # the user's own input: the prompt's first 60 characters are the template's
+        shown.setdefault(ex.prompt, record.shown)  # the user's own input: the prompt's first 60 characters are the template's
         pairs[(ex.prompt, ex.response)] += 1
-        if blank:
+        if any(not text.strip() for text in record.texts):
             empty.append(ex.where)
     return {
         "records": len(records),
@@ -43,12 +43,6 @@ def data_report(records: list, tokenized: list[TokenizedExample], max_length: in
         "exact_duplicates": sum(count - 1 for count in pairs.values()),
         "conflicting_outputs": [shown[p][:60] for p, responses in by_prompt.items() if len(responses) > 1],
     }
-
-
-def read_record(record) -> tuple[Example, str, bool]:
-    """-> (its example, its input as the user wrote it, whether a field the user wrote is blank)."""
-    texts = record.texts or (record.shown, record.example.response)  # a Record built without its fields
-    return record.example, record.shown, any(not text.strip() for text in texts)
 
 
 def format_report(report: dict) -> str:

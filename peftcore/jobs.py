@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from peftcore.models.tokenizer import read_chat_template, read_json
+
 from .data import pack
 from .data_report import data_report, format_report, write_report
 from .multitask import MultiTaskModel, parts_of
@@ -59,12 +61,13 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     check_fresh(output_dir, resume)
     # 1. the data, parsed and checked before anything loads
     labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
-    train_records, eval_records = parse_split(recipe, labels)
+    recipe = with_checkpoint_chat_template(recipe, log)
+    train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
+    eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
     # 2. base + tokenizer; 3. tokens and the data report
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
     tokenizer = load_tokenizer(base_folder)
-    recipe, train_records, eval_records = adopt_chat_template(recipe, tokenizer, labels, train_records, eval_records, log)
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
     train_rows, eval_rows = tokenize_split(recipe, train_records, eval_records, tokenizer, labels,
                                            output_dir if main else None, log)
@@ -93,33 +96,24 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     return summary
 
 
-def parse_split(recipe: Recipe, labels: list[str] | None) -> tuple[list[Record], list[Record]]:
-    train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
-    eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
-    return train_records, eval_records
-
-
-def adopt_chat_template(recipe: Recipe, tokenizer, labels, train_records, eval_records, log=print):
-    """-> (recipe, train records, eval records): re-parsed in the checkpoint's own chat template when
-    the recipe sets none (parsing stays before the tokenizer loads: bad data fails first)."""
-    adopted = with_checkpoint_chat_template(recipe, tokenizer)
-    if adopted is recipe:
-        return recipe, train_records, eval_records
-    new_train, new_eval = parse_split(adopted, labels)
-    if [r.example for r in new_train] != [r.example for r in train_records]:
-        log("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
-    return adopted, new_train, new_eval
-
-
-def with_checkpoint_chat_template(recipe: Recipe, tokenizer) -> Recipe:
-    """The checkpoint's own chat template (tokenizer_config.json / chat_template.jinja) renders chat
-    records unless the recipe sets one: the adapter then learns the format the model was tuned on.
-    The same recipe object comes back when nothing changes."""
+def with_checkpoint_chat_template(recipe: Recipe, log=print) -> Recipe:
+    """The base checkpoint's own chat template (chat_template.jinja / tokenizer_config.json) renders
+    chat records unless the recipe sets one: the adapter then learns the format the model was tuned
+    on. Read from the tokenizer files before any record is parsed, so records are parsed once. The
+    built-in model ships none (peftcore.builtin), and a base that does not resolve is left to fail
+    where it always does, after the data checks."""
     template = recipe.data.template
-    if template.chat_template or not getattr(tokenizer, "chat_template", None):
+    if template.chat_template or recipe.model.builtin:
         return recipe
-    template = replace(template, chat_template=tokenizer.chat_template)
-    return replace(recipe, data=replace(recipe.data, template=template))
+    try:
+        folder = resolve_base(recipe.model.base_name, log=lambda *a: None)  # a path or a pip package: a lookup
+    except TaskError:
+        return recipe
+    chat_template = read_chat_template(folder, read_json(folder / "tokenizer_config.json"))
+    if not chat_template:
+        return recipe
+    log("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
+    return replace(recipe, data=replace(recipe.data, template=replace(template, chat_template=chat_template)))
 
 
 def tokenize_split(recipe: Recipe, train_records: list[Record], eval_records: list[Record], tokenizer,
@@ -237,15 +231,12 @@ def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, 
     log = log if main else (lambda *args, **kwargs: None)
     check_fresh(output_dir, resume)
     # 1. every task's data, parsed and checked before anything loads
+    recipe = with_checkpoint_chat_template(recipe, log)
     tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
     # 2. base + tokenizer; 3. rows per task and their data reports
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
     tokenizer = load_tokenizer(base_folder)
-    adopted = with_checkpoint_chat_template(recipe, tokenizer)
-    if adopted is not recipe:  # generation tasks' chat records re-rendered in the checkpoint's format
-        recipe = adopted
-        tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
     train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log)
     # 4. the shared backbone and the heads; 5. before (the untrained heads on the base)
