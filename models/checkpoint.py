@@ -163,9 +163,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
             tensor = tensor.to(device) if device is not None else tensor
             if key in quantized:
                 layer = quantized[key]
-                stored = (layer.in_features, layer.out_features) if layer.from_conv1d else (layer.out_features, layer.in_features)
+                stored = (layer.in_features, layer.out_features) if layer.conv1d_layout else (layer.out_features, layer.in_features)
                 check_shape(ckpt_key, tensor, torch.empty(stored, device="meta"), file)
-                layer.load_dense_weight(tensor.T if layer.from_conv1d else tensor)
+                layer.load_dense_weight(tensor.T if layer.conv1d_layout else tensor)
                 del tensor
                 release_freed_memory()
             else:
@@ -212,7 +212,7 @@ def quantize_on_meta(model: nn.Module, method: str, group_size, double_quant: bo
         with torch.device("meta"):
             layer = QuantLinear(module.in_features, module.out_features, method, module.bias is not None,
                                 group_size, double_quant, dtype or torch.float32)
-        layer.from_conv1d = isinstance(module, Conv1D)  # GPT-2: the checkpoint holds (in, out)
+        layer.conv1d_layout = isinstance(module, Conv1D)  # GPT-2: the checkpoint holds (in, out)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         layers[f"{name}.weight"] = layer

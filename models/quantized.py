@@ -29,35 +29,23 @@ class QuantLinear(nn.Module):
         self.double_quant = double_quant
         # GPT-2's Conv1D stores (in, out): its QuantLinear holds the (out, in) transpose like every
         # other, and a dense copy (merge, save) goes back to a Conv1D so checkpoints keep their layout
-        self.from_conv1d = False
+        self.conv1d_layout = False
         self.compute_dtype = dtype  # what dequantize() and forward produce when inputs do not say
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         if method == "int4":
             quant.check_groups(in_features, self.group_size)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
-        w = linear.weight
+    def from_linear(cls, linear: nn.Module, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
+        """An nn.Linear, or a GPT-2 Conv1D (its (in, out) weight quantized as the (out, in) transpose), quantized."""
+        conv1d = isinstance(linear, Conv1D)
+        w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, method, linear.bias is not None, group_size, double_quant, w.dtype, w.device)
-        layer.load_dense_weight(w.detach())
+        layer.conv1d_layout = conv1d
+        layer.load_dense_weight(w.T if conv1d else w)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
-
-    @classmethod
-    def from_conv1d(cls, conv: Conv1D, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
-        w = conv.weight  # (in, out)
-        layer = cls(conv.in_features, conv.out_features, method, True, group_size, double_quant, w.dtype, w.device)
-        layer.from_conv1d = True
-        layer.load_dense_weight(w.detach().T)
-        layer.bias.data.copy_(conv.bias.detach())
-        return layer
-
-    @classmethod
-    def from_dense(cls, module: nn.Module, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
-        """An nn.Linear or a GPT-2 Conv1D, quantized."""
-        convert = cls.from_conv1d if isinstance(module, Conv1D) else cls.from_linear
-        return convert(module, method, group_size, double_quant)
 
     # -- storage --------------------------------------------------------------------------------
     def load_dense_weight(self, weight: torch.Tensor) -> None:
@@ -133,7 +121,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", group_size: int | None
     for name, module in list(model.named_modules()):
         if quantizable(name, module, skip):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_dense(module, method, group_size, double_quant))
+            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, method, group_size, double_quant))
     return model
 
 

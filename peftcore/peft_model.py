@@ -197,13 +197,13 @@ class PeftModel(nn.Module):
 
         A quantized base comes back dense (dequantized, then merged); `self.merge_report` holds,
         per layer, the error re-quantizing the merged weight would add (peftcore.quantized_merge)."""
-        from .quantized_merge import densify_all, densify_quantized_bases, requantization_report
+        from .quantized_merge import densify, requantization_report
 
-        replaced = densify_quantized_bases(self.model)
+        merged = densify(self.model)
         if not any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):
             self.merge_adapter()
-        model = densify_all(self.unload())
-        self.merge_report = requantization_report(model, replaced)
+        model = self.unload()
+        self.merge_report = requantization_report(model, merged)
         return model
 
     def unload(self) -> nn.Module:

@@ -15,31 +15,26 @@ from peftcore.models.quantized import QuantLinear
 from .lora import LoraLinear
 
 
-def densify_quantized_bases(model: nn.Module) -> dict[str, QuantLinear]:
-    """Give every LoRA layer over a QuantLinear a dense nn.Linear base instead. -> {name: the QuantLinear}."""
-    replaced = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) and isinstance(module.base_layer, QuantLinear):
-            replaced[name] = module.base_layer
-            module.base_layer = dense_linear(module.base_layer)
-    return replaced
-
-
-def densify_all(model: nn.Module) -> nn.Module:
-    """Every QuantLinear left (the layers no adapter targeted) -> its dequantized nn.Linear: the merged
-    model must be a plain dense checkpoint, not one with packed codes under the untargeted layers."""
+def densify(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every QuantLinear -> its dequantized dense layer, LoRA bases and the layers no adapter targeted
+    alike (the merged model must be a plain checkpoint, not packed codes). -> {name: the QuantLinear}
+    for the LoRA bases, keyed by the LoRA layer's name: the layers a merge changes."""
+    merged = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, dense_linear(module))
-    return model
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, dense_linear(module))
+            if isinstance(owner, LoraLinear):
+                merged[parent] = module
+    return merged
 
 
 @torch.no_grad()
 def dense_linear(quantized: QuantLinear) -> nn.Module:
     """nn.Linear, or a Conv1D for a GPT-2 layer (its checkpoint layout, and HF PEFT's fan_in_fan_out)."""
     weight = quantized.dequantize(quantized.compute_dtype)
-    if quantized.from_conv1d:
+    if quantized.conv1d_layout:
         conv = Conv1D(quantized.out_features, quantized.in_features).to(device=weight.device, dtype=weight.dtype)
         conv.weight.copy_(weight.T)
         conv.bias.copy_(quantized.bias)
@@ -58,8 +53,8 @@ def requantization_report(model: nn.Module, replaced: dict[str, QuantLinear]) ->
     report = {}
     for name, quantized in replaced.items():
         module = model.get_submodule(name)
-        merged = (module.weight.T if quantized.from_conv1d else module.weight).float()  # (out, in)
-        probe = QuantLinear.from_dense(module, quantized.method, quantized.group_size, quantized.double_quant)
+        merged = (module.weight.T if quantized.conv1d_layout else module.weight).float()  # (out, in)
+        probe = QuantLinear.from_linear(module, quantized.method, quantized.group_size, quantized.double_quant)
         error = torch.linalg.norm(probe.dequantize(torch.float32) - merged) / torch.linalg.norm(merged).clamp_min(1e-30)
         report[name] = float(error)
     return report
