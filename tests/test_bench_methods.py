@@ -1,6 +1,8 @@
 """bench/bench_methods.py: one method's measurement (what each child process runs), in process, and the table."""
+import pytest
 
 
+@pytest.mark.slow
 def test_two_methods_two_steps_give_finite_rows(load_bench):
     bench = load_bench("bench_methods")
     args = bench.parse_args(["--quick", "--methods", "lora,prompt", "--steps", "2"])

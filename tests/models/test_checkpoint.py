@@ -235,6 +235,7 @@ else:  # what a user would write without care: a built model plus a loaded state
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.slow
 def test_loading_costs_about_one_copy_of_the_checkpoint(tmp_path):
     rss.save_random_llama(BIG, tmp_path)
     size = (tmp_path / "model.safetensors").stat().st_size

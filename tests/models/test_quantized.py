@@ -174,6 +174,7 @@ BIG = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_l
            num_attention_heads=8, num_key_value_heads=8)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.slow
 def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
     """QLoRA's point: dense weights never all sit in memory. Measured growth ~0.35x of the fp32
     checkpoint: the NF4 model (0.14x), one dense tensor with its chunked quantization scratch

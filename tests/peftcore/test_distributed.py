@@ -144,6 +144,7 @@ def test_rank_share_splits_every_batch_into_disjoint_contiguous_parts():
 
 
 @pytest.mark.parametrize("strategy, tolerance", [("ddp", 1e-5), ("fsdp", 1e-4)])
+@pytest.mark.slow
 def test_two_ranks_train_exactly_like_one_process_with_the_global_batch(launched, tmp_path, strategy, tolerance):
     reference = single_process(tmp_path, "single")
     parallel = launched / strategy
@@ -166,6 +167,7 @@ def test_two_ranks_train_exactly_like_one_process_with_the_global_batch(launched
     torch.testing.assert_close(loaded(ids), expected(ids), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.slow
 def test_multitask_training_under_ddp_and_fsdp_equals_one_process_with_the_global_batch(launched, tmp_path):
     """Per-task normalisation with global counts: 2 ranks x batch b == 1 process x batch 2b, per task.
     DDP runs with find_unused_parameters for a model with heads (a task's batch runs one head)."""
@@ -178,6 +180,7 @@ def test_multitask_training_under_ddp_and_fsdp_equals_one_process_with_the_globa
             assert_same_tensors(launched / run / "checkpoint" / name, reference / "checkpoint" / name, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_every_rank_resumes_from_the_checkpoint_with_its_own_rng_state(launched):
     """Dropout 0.1: ranks draw different masks; an exact resume needs each rank's own RNG state back."""
     full, part = losses(launched / "dropout_full"), losses(launched / "dropout_part")
@@ -187,6 +190,7 @@ def test_every_rank_resumes_from_the_checkpoint_with_its_own_rng_state(launched)
                         launched / "dropout_part" / "checkpoint" / "trainable.safetensors", atol=1e-7)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_world_size_is_a_clear_error(launched, tmp_path):
     import shutil
 
@@ -202,6 +206,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_failing_rank_makes_the_other_exit_with_an_error_instead_of_hanging(tmp_path):
     env = {**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD)}
     logs = [tmp_path / f"rank{r}.log" for r in range(WORLD)]
