@@ -16,7 +16,14 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A checkpoint's JSON (maybe saved by a Windows editor, with a byte-order mark); a broken one is
+    an error at its file:line:column, not a decoder traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
 
 
 def token_content(value) -> str | None:
@@ -38,7 +45,7 @@ def read_chat_template(folder: Path, config: dict) -> str | None:
     """The default template: chat_template.jinja (transformers >= 4.43) or the tokenizer_config entry."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return jinja.read_text(encoding="utf-8-sig")  # a byte-order mark would start every rendered prompt
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t["name"]: t["template"] for t in template}

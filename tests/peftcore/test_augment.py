@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from peftcore.augment import AugmentConfig
+from peftcore.augment import AugmentConfig, load_synonyms
 from peftcore.data import DataError, PromptTemplate, read_records
 from peftcore.recipe import RecipeError, load_recipe
 from peftcore.tasks import parse_records
@@ -100,3 +100,17 @@ def test_an_input_output_record_with_a_text_field_has_its_input_perturbed(tmp_pa
                             augment=AugmentConfig(copies=3, ops=("adjacent_swap",), probability=1.0))
     assert [r.shown for r in records[1:]] != [record["input"]] * 3
     assert all(sorted(r.shown.split()) == sorted(record["input"].split()) for r in records[1:])
+
+
+def test_a_synonyms_file_with_a_bom_keeps_its_first_word(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark; read as text it would glue onto the first word."""
+    path = tmp_path / "syn.txt"
+    path.write_bytes(b"\xef\xbb\xbffast: quick\n")
+    assert load_synonyms(path) == {"fast": ["quick"]}
+
+
+def test_a_synonyms_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "syn.txt"
+    path.write_bytes(b"fast: quick\nnew: fr\xe9sh\n")
+    with pytest.raises(ValueError, match=r"^syn\.txt:2: not valid UTF-8 \(byte 0xe9 at column 8\)"):
+        load_synonyms(path)

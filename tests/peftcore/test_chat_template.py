@@ -1,5 +1,7 @@
 """Chat records under a checkpoint's own jinja chat template (peftcore.data.jinja_segments): which
 text is prompt and which is trained, and bad conversations / templates as file:line errors."""
+from datetime import date
+
 import pytest
 
 from peftcore.data import DataError, PromptTemplate, chat_prompt, to_example
@@ -13,6 +15,15 @@ STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 
 DROPS_THINKING = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
                   "A: {{ m['content'].split('</think>')[-1] }}\n{% else %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n"
                   "{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+
+# what checkpoints ship: the date through strftime_now, {% continue %} / {% break %}, raise_exception,
+# and tojson that leaves markup alone (jinja's own would write "<" as "\u003c")
+REALISTIC = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% else %}"
+             "{% set system = 'be helpful' %}{% endif %}<|system|>{{ system }} (today: {{ strftime_now('%Y-%m-%d') }})\n"
+             "{% for m in messages %}{% if m['role'] == 'system' %}{% if not loop.first %}"
+             "{{ raise_exception('the system message must come first') }}{% endif %}{% continue %}{% endif %}"
+             "{% if m['content'] == '/end' %}{% break %}{% endif %}<|{{ m['role'] }}|>{{ m['content'] | tojson }}\n"
+             "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 TURNS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
@@ -42,9 +53,9 @@ def test_raise_exception_in_a_template_names_file_and_line():
         segments([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], STRICT)
 
 
-def test_a_template_that_does_not_parse_names_file_and_line():
-    with pytest.raises(DataError, match="chat.jsonl:3: the chat template does not parse"):
-        segments(TURNS, "{% for m in messages %}")
+def test_a_template_that_does_not_parse_names_file_line_and_its_own_line():
+    with pytest.raises(DataError, match=r"^chat.jsonl:3: the chat template does not parse \(its line 2\): Unexpected end"):
+        segments(TURNS, "{% for m in messages %}\n{{ m.content }}")
 
 
 def test_the_generation_prompt_ends_in_the_assistant_header():
@@ -54,3 +65,23 @@ def test_the_generation_prompt_ends_in_the_assistant_header():
     # the default roles render a training record as prompt + answer: the prompt is that record's prompt
     record = to_example({"messages": [*turn, {"role": "assistant", "content": "yo"}]}, "c:1", PromptTemplate())
     assert record.prompt == chat_prompt(turn, PromptTemplate())
+
+
+def test_a_realistic_checkpoint_template_renders_with_its_helpers():
+    before = date.today().isoformat()
+    got = segments([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<b>hello</b>"}], REALISTIC)
+    today = {before, date.today().isoformat()}  # the test may cross midnight
+    prompt = "".join(text for text, trained in got if not trained)
+    assert any(prompt == f'<|system|>be helpful (today: {day})\n<|user|>"hi"\n<|assistant|>' for day in today), prompt
+    assert [text for text, trained in got if trained] == ['"<b>hello</b>"\n']
+    stopped = chat_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                           {"role": "user", "content": "/end"}, {"role": "user", "content": "unseen"}],
+                          PromptTemplate(chat_template=REALISTIC))
+    assert stopped.endswith('\n<|user|>"a"\n<|assistant|>') and "unseen" not in stopped
+
+
+def test_raise_exception_in_a_realistic_template_names_file_and_line():
+    turns = [{"role": "user", "content": "q"}, {"role": "system", "content": "late"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(DataError, match="^chat.jsonl:3: the chat template refuses this conversation: "
+                                        "the system message must come first$"):
+        segments(turns, REALISTIC)

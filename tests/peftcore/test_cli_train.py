@@ -153,7 +153,7 @@ def test_a_qlora_adapter_merges_into_original_or_quantized_weights(tmp_path):
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     args = ["--max-steps", 4, "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0",
-            "--set", "data.max_length=64", "--set", "train.batch_size=4", "--set", "eval.samples=0"]
+            "--set", "data.max_length=96", "--set", "train.batch_size=4", "--set", "eval.samples=0"]
     assert run("train", "--output-dir", tmp_path / "full", *args)[0] == 0
     import peftcore.train as train_module
 

@@ -160,3 +160,45 @@ def test_augmentation_is_seeded_and_touches_inputs_only(tmp_path):
     syn.write_text("no colon here\n")
     with pytest.raises(ValueError, match="syn.txt:1"):
         load_synonyms(syn)
+
+
+@pytest.mark.parametrize("name, raw, line", [
+    ("d.jsonl", b'{"input": "a", "output": "b"}\n{"input": "caf\xe9", "output": "b"}\n', 2),
+    ("d.json", b'[\n  {"input": "a", "output": "b"},\n\n  {"input": "x", "output": "\xff"}\n]\n', 4),
+])
+def test_invalid_utf8_names_file_and_line(tmp_path, name, raw, line):
+    (tmp_path / name).write_bytes(raw)
+    with pytest.raises(DataError, match=rf"^{name}:{line}: not valid UTF-8 \(byte 0x(e9|ff) at column \d+\)") as excinfo:
+        read_records(tmp_path / name)
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("d.jsonl", '{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\n'),
+    ("d.json", '[{"input": "a", "output": "b"},\n {"input": "c", "output": "d"}]'),
+])
+def test_a_utf8_bom_is_accepted(tmp_path, name, text):
+    """Windows editors save UTF-8 with a byte-order mark: the data is still the same data."""
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    records = read_records(tmp_path / name)
+    assert [(r["input"], where) for r, where in records] == [("a", f"{name}:1"), ("c", f"{name}:2")]
+
+
+def test_max_length_that_cuts_every_output_is_refused(tmp_path):
+    lines = [json.dumps({"input": "question " * 3, "output": "answer"}) for _ in range(3)]
+    records = parse_records(str(write_jsonl(tmp_path / "d.jsonl", lines)), PromptTemplate())
+    prompt = 1 + len(PromptTemplate().render({"input": "question " * 3}))  # BOS + the rendered prompt
+    with pytest.raises(DataError, match=rf"^d.jsonl: all 3 records are cut at max_length 20 before their output: "
+                                        rf"no token would train; raise \[data\] max_length to at least {prompt + 1}") as excinfo:
+        tokenize_records(records, CharTokenizer(), 20)
+    assert "\n" not in str(excinfo.value)
+    rows = tokenize_records(records, CharTokenizer(), prompt + 1)  # the limit it names: one token trains
+    assert all(sum(lab != IGNORE_INDEX for lab in row.labels) == 1 for row in rows)
+
+
+def test_max_length_that_cuts_some_outputs_is_only_reported(tmp_path):
+    lines = [json.dumps({"input": "q", "output": "a"}), json.dumps({"input": "long " * 20, "output": "b"})]
+    records = parse_records(str(write_jsonl(tmp_path / "d.jsonl", lines)), PromptTemplate())
+    rows = tokenize_records(records, CharTokenizer(), 40)
+    assert [row.truncated for row in rows] == [False, True]
+    assert data_report(records, rows, 40)["truncated"] == ["d.jsonl:2"]
