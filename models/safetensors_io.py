@@ -7,6 +7,7 @@ straight into its final storage with `readinto` costs one copy plus the header.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -21,8 +22,17 @@ DTYPES = {
 }
 
 
+# Bytes per element of every whole-byte dtype the format defines: the header checks need the size of
+# dtypes peftcore cannot make tensors of too (inspect-model describes an FP8 checkpoint it cannot load).
+ITEM_SIZES = {**{name: dtype.itemsize for name, dtype in DTYPES.items()},
+              "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """-> ({name: {"dtype", "shape", "data_offsets"}}, byte offset where tensor data starts)."""
+    """-> ({name: {"dtype", "shape", "data_offsets"}}, byte offset where tensor data starts).
+
+    Every entry is checked against the format and the file's size, so a reader of the header alone
+    (inspect-model) sees a truncated or hand-damaged file as such, and every later read can trust it."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         size = os.fstat(f.fileno()).st_size
@@ -33,8 +43,47 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is a JSON {json_kind(header)}, not an object)")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        check_entry(path, name, info, size - 8 - n)
     return header, 8 + n
+
+
+def json_kind(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def int_list(value) -> bool:
+    return isinstance(value, list) and all(type(x) is int for x in value)  # bool is not a dimension
+
+
+def entry_problem(info) -> str | None:
+    """What is wrong with one tensor's header entry by itself (None: nothing)."""
+    if not isinstance(info, dict):
+        return f"has a header entry of {type(info).__name__}, not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ITEM_SIZES:
+        return f"has dtype {dtype!r}, which is not a safetensors dtype ({', '.join(ITEM_SIZES)})"
+    if not int_list(shape) or any(d < 0 for d in shape):
+        return f"has shape {shape!r}; a shape is a list of integers >= 0"
+    if not int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        return f"has data_offsets {offsets!r}; expected [start, end] with 0 <= start <= end"
+    need = math.prod(shape) * ITEM_SIZES[dtype]
+    if offsets[1] - offsets[0] != need:
+        return f"spans {offsets[1] - offsets[0]} bytes but its shape and dtype need {need}"
+    return None
+
+
+def check_entry(path: Path, name: str, info, data_size: int) -> None:
+    """One entry against the format, then its data range against the bytes the file holds."""
+    problem = entry_problem(info)
+    if problem:
+        raise ValueError(f"{path}: tensor {name!r} {problem}")
+    start, end = info["data_offsets"]
+    if end > data_size:
+        raise ValueError(f"{path} is truncated: tensor {name!r} needs {end - start} bytes, found {max(0, data_size - start)}")
 
 
 def read_exactly(f, buffer: memoryview, path: Path, name: str) -> None:
@@ -59,10 +108,7 @@ def iter_tensors(path: Path, names: list[str] | None = None):
             start, end = info["data_offsets"]
             if info["dtype"] not in DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which peftcore does not read")
-            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-            if end - start != tensor.numel() * tensor.element_size():
-                raise ValueError(f"{path}: tensor {name!r} spans {end - start} bytes but its shape and dtype need "
-                                 f"{tensor.numel() * tensor.element_size()}")
+            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])  # its span: checked by read_header
             f.seek(data_start + start)
             if end > start:
                 read_exactly(f, memoryview(tensor.view(-1).view(torch.uint8).numpy()), path, name)

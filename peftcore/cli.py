@@ -1,6 +1,6 @@
 """The `peftcore` command: train, eval, generate, merge, inspect, inspect-model.
 
-    peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume] [--set section.key=value ...]
+    peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--set section.key=value ...]
     peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
     peftcore generate --adapter DIR [--base PATH] "prompt text"
     peftcore merge --adapter DIR [--base PATH] --output OUT
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except input_errors() as e:  # a bad recipe, data line or adapter folder: the user's to fix, no traceback
         print(f"peftcore {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, NotImplementedError) as e:  # CheckpointError is a ValueError; bad folders, JSON, headers
+    except failures() as e:
         print(f"peftcore {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
 
@@ -87,19 +87,36 @@ def input_errors() -> tuple[type[Exception], ...]:
     from .builtin import BuiltinError
     from .data import DataError
     from .recipe import RecipeError
+    from .run_folder import RunFolderError
     from .tasks import TaskError
 
-    return RecipeError, DataError, TaskError, BuiltinError
+    return RecipeError, DataError, TaskError, BuiltinError, RunFolderError
+
+
+def failures() -> tuple[type[Exception], ...]:
+    """What failed for a reason the message says (bad folders, JSON, headers, a full disk, a NaN run, a
+    rank that died): one line, no traceback. CheckpointError is a ValueError."""
+    from .distributed import DistributedError
+    from .train import TrainingError
+
+    return OSError, ValueError, NotImplementedError, TrainingError, DistributedError
 
 
 # ---- train / eval / generate / merge -------------------------------------------------------------
 
 def add_job_commands(commands) -> None:
     train = commands.add_parser("train", help="fine-tune from a TOML recipe (none: the built-in default job)")
-    train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_lora.toml, embedded)")
-    train.add_argument("--output-dir", type=Path, help="where the run goes (default: runs/<timestamp>)")
+    train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_lora.toml, "
+                                                             "embedded; with --resume: the run's own recipe.json)")
+    train.add_argument("--output-dir", type=Path, help="where the run goes, an empty or new folder (default: runs/<timestamp>)")
     train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output-dir (default: the latest in runs/)")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir (default: the latest in runs/) with the recipe it was "
+                            "trained with (its recipe.json); a CONFIG or --set given must match it, but for max_steps")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start a new run in an --output-dir that holds one: deletes that run's checkpoint/, best/, "
+                            "adapter/, metrics and summary (other files stay)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value (a TOML literal, else a string); repeatable")
     train.set_defaults(run=train_command)
@@ -142,27 +159,41 @@ def add_job_commands(commands) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .jobs import default_output_dir, run_train
-    from .recipe import load_recipe
+    from .jobs import default_output_dir
+    from .run_folder import recipe_for
 
     from . import distributed
 
     overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
-    recipe = load_recipe(args.config, overrides)
     distributed.setup()  # under torchrun: join the group before the model loads (CUDA: pick this rank's GPU)
-    # every rank writes into rank 0's run folder (their clocks could name different ones)
-    output_dir = distributed.broadcast_object(args.output_dir or default_output_dir(args.resume))
-    if distributed.is_main():
-        print(f"recipe: {args.config or recipe.source}; run folder: {output_dir}")
     try:
-        run_train(recipe, output_dir, resume=args.resume)
-    except KeyboardInterrupt:
-        hint = (f"; continue with: peftcore train {args.config or ''} --resume --output-dir {output_dir}".replace("  ", " ")
-                if (output_dir / "checkpoint").is_dir() else " before the first checkpoint ([train] checkpoint_every)")
-        print(f"peftcore train: interrupted{hint}", file=sys.stderr)
-        return 130
+        # every rank writes into rank 0's run folder (their clocks could name different ones)
+        output_dir = distributed.broadcast_object(args.output_dir or default_output_dir(args.resume))
+        recipe = recipe_for(args.config, output_dir if args.resume else None, overrides)
+        if distributed.is_main():
+            print(f"recipe: {args.config or recipe.source}; run folder: {output_dir}")
+        return train_until_done(args, recipe, output_dir)
+    except RuntimeError as e:  # under torchrun: a collective that failed because another rank died
+        failure = distributed.peer_failure(e)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         distributed.teardown()
+
+
+def train_until_done(args: argparse.Namespace, recipe, output_dir: Path) -> int:
+    """run_train; Ctrl-C -> how to continue (from the last checkpoint, if one was written)."""
+    from .jobs import run_train
+
+    try:
+        run_train(recipe, output_dir, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        hint = (f"; continue with: peftcore train --resume --output-dir {output_dir}"  # it reads the run's recipe
+                if (output_dir / "checkpoint").is_dir() else
+                " before the first checkpoint ([train] checkpoint_every); start again with --overwrite")
+        print(f"peftcore train: interrupted{hint}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -64,12 +64,14 @@ ddp and fsdp behave alike.
 Failure: `setup()` gives the process group a timeout (PEFTCORE_DIST_TIMEOUT_S, default 600 s), so a
 rank that dies makes the others fail in their next collective instead of waiting forever (gloo sees
 the closed connection at once; NCCL's watchdog aborts after the timeout; torchrun also stops the
-remaining workers when one exits with an error).
+remaining workers when one exits with an error). `peer_failure` turns the survivors' collective
+error (a gloo traceback that never says another process died) into one line that does.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -85,6 +87,22 @@ DEFAULT_TIMEOUT_S = 600.0
 
 class DistributedError(RuntimeError):
     """The ranks disagree (different base weights, a checkpoint of another world size, ...)."""
+
+
+# How a collective says the other end went away: torch's DistError types (NCCL, timeouts), and gloo's
+# plain RuntimeError, which names gloo's source file and the closed or reset connection.
+PEER_LOST = ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe")
+
+
+def peer_failure(error: BaseException) -> DistributedError | None:
+    """For an error a collective raised on this rank because another rank died (killed, out of memory,
+    its own exception): one line that says so. None for any other error, or outside a process group."""
+    if world_size() == 1 or not (isinstance(error, dist.DistError) or any(m in str(error) for m in PEER_LOST)):
+        return None
+    where = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0]  # without gloo's "[pair.cc:537]"
+    return DistributedError(f"rank {rank()}: a collective operation failed ({where[:200]}): another process of "
+                            "this launch most likely died (killed, out of memory, or its own error): see its output "
+                            "and the launcher's")
 
 
 # -- the process group ------------------------------------------------------------------------------

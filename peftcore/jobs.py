@@ -25,6 +25,7 @@ import torch
 
 from peftcore.models.tokenizer import read_chat_template, read_json
 
+from . import run_folder
 from .data import pack
 from .data_report import data_report, format_report, write_report
 from .multitask import MultiTaskModel, parts_of
@@ -34,7 +35,7 @@ from .recipe import Recipe, TaskSection
 from .tasks import (Loaded, Record, adapter_config, load_adapter_folder, load_base, pad_id, parse_records,
                     TaskError, read_labels, resolve_base, save_adapter_folder, set_runtime, tokenize_records)
 from .train import evaluate, train
-from .train_state import set_seed
+from .train_state import replace_atomically, set_seed
 
 ADAPTER_DIR = "adapter"
 
@@ -49,19 +50,19 @@ def default_output_dir(resume: bool) -> Path:
     return runs / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print) -> dict:
+def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print, overwrite: bool = False) -> dict:
+    """overwrite: start afresh in a folder that holds a run (run_folder.prepare); resume: continue it."""
     from . import distributed
     from peftcore.models import load_tokenizer
 
     if recipe.tasks:
-        return run_multitask_train(recipe, output_dir, resume, log)
+        return run_multitask_train(recipe, output_dir, resume, log, overwrite)
     started, output_dir = time.perf_counter(), Path(output_dir)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
     log = log if main else (lambda *args, **kwargs: None)
-    check_fresh(output_dir, resume)
+    recipe = start_run(recipe, output_dir, resume, overwrite, log)
     # 1. the data, parsed and checked before anything loads
     labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
-    recipe = with_checkpoint_chat_template(recipe, log)
     train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
     eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
     # 2. base + tokenizer; 3. tokens and the data report
@@ -75,7 +76,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     peft_model = build_adapted(recipe, base_folder, device, labels, log)
     info = {**recipe.to_dict(), "labels": labels}
     if main:
-        write_json(output_dir / "recipe.json", info)
+        write_recipe(output_dir, info)
     before = score(peft_model.disable_adapter, peft_model, eval_rows, batch, pad, "before: ", log)
     # 6. train
     state = train(peft_model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
@@ -94,6 +95,23 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print)
     log(f"adapter saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'}; "
         f"try: peftcore eval --adapter {adapter})")
     return summary
+
+
+def start_run(recipe: Recipe, output_dir: Path, resume: bool, overwrite: bool, log=print) -> Recipe:
+    """The run folder checked (occupied: refused; resumed: a whole checkpoint, the run's recipe), then the
+    recipe as the run uses it: the checkpoint's chat template filled in. Nothing loads before this."""
+    run_folder.prepare(output_dir, resume, overwrite)
+    recipe = with_checkpoint_chat_template(recipe, log)
+    if resume:
+        run_folder.check_same_recipe(recipe, output_dir)
+    return recipe
+
+
+def write_recipe(output_dir: Path, info: dict) -> None:
+    """A resumed run keeps the recipe.json it started with (the one later resumes compare against)."""
+    path = output_dir / run_folder.RECIPE_FILE
+    if not path.exists():
+        write_json(path, info)
 
 
 def with_checkpoint_chat_template(recipe: Recipe, log=print) -> Recipe:
@@ -177,17 +195,12 @@ def write_summary(output_dir: Path, state, before: dict, after: dict, adapter: P
     return summary
 
 
-def check_fresh(output_dir: Path, resume: bool) -> None:
-    if not resume and (output_dir / "checkpoint").exists():
-        raise FileExistsError(f"{output_dir} holds a run already: pass --resume to continue it, or another --output-dir")
-
-
 def keep_chosen_adapter(output_dir: Path) -> tuple[Path, Path]:
     """Copy the best evaluation's adapter (else the last step's) to output_dir/adapter. -> (chosen, copy)."""
     chosen = output_dir / "best" if (output_dir / "best").is_dir() else output_dir / "checkpoint" / "adapter"
     adapter = output_dir / ADAPTER_DIR
-    shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(chosen, adapter)
+    # a resumed run replaces the adapter/ of its earlier finish: whole, or (disk full) not at all
+    replace_atomically(lambda tmp: shutil.copytree(chosen, tmp, dirs_exist_ok=True), adapter)
     return chosen, adapter
 
 
@@ -220,7 +233,7 @@ def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
     return TaskData(spec, train_records, eval_records)
 
 
-def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print) -> dict:
+def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print, overwrite: bool = False) -> dict:
     """`peftcore train` for a recipe with [tasks.<name>] tables: one LoRA backbone, a head per task."""
     from peftcore.models import load_tokenizer
 
@@ -229,9 +242,8 @@ def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, 
     started, output_dir = time.perf_counter(), Path(output_dir)
     main = distributed.is_main()
     log = log if main else (lambda *args, **kwargs: None)
-    check_fresh(output_dir, resume)
+    recipe = start_run(recipe, output_dir, resume, overwrite, log)
     # 1. every task's data, parsed and checked before anything loads
-    recipe = with_checkpoint_chat_template(recipe, log)
     tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
     # 2. base + tokenizer; 3. rows per task and their data reports
     device = set_runtime(recipe.model)
@@ -243,7 +255,7 @@ def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, 
     model = build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()}, log)
     info = {**recipe.to_dict(), "labels": None}
     if main:
-        write_json(output_dir / "recipe.json", info)
+        write_recipe(output_dir, info)
     describe = functools.partial(describe_tasks, tasks=tasks)
     before = score(model.backbone.disable_adapter, model, eval_rows, batch, pad, "before: ", log,
                    describe=describe, task_weights=model.task_weights)

@@ -30,7 +30,7 @@ from .config import LoraConfig
 from .data import PromptTemplate
 from .multitask_heads import KINDS, POOLINGS, check_task_name
 from .prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from .train import TrainConfig
+from .train import COUNT, NON_NEGATIVE, OFF_OR_EVERY, POSITIVE, PROBABILITY_BELOW_1, TrainConfig, check_limits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +54,16 @@ ADAPTER_DEFAULTS = {
     "p-tuning": {"num_virtual_tokens": 20},
     "prefix": {"num_virtual_tokens": 20},
 }
+
+# Numbers a recipe refuses by key before the model loads (the configs check theirs too): values that
+# fail late, in torch's words, or make a job that silently trains nothing. The library's TrainConfig
+# takes learning_rate 0 (a step that only computes gradients); a recipe with it would train nothing.
+ADAPTER_LIMITS = {"lora_alpha": POSITIVE, "lora_dropout": PROBABILITY_BELOW_1, "encoder_dropout": PROBABILITY_BELOW_1,
+                  "encoder_hidden_size": COUNT, "encoder_num_layers": COUNT}
+EVAL_LIMITS = {"samples": OFF_OR_EVERY, "max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT,
+               "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_records": COUNT, "batch_size": COUNT}
+SECTION_LIMITS = {"model": {"group_size": COUNT, "threads": OFF_OR_EVERY}, "eval": EVAL_LIMITS,
+                  "train": {"learning_rate": POSITIVE}}
 
 
 class RecipeError(ValueError):
@@ -300,6 +310,7 @@ class Validator:
             if f.metadata.get("path") and values[name] is not None:
                 values[name] = self.path(values[name], keys + (name,))
         try:
+            check_limits(values, SECTION_LIMITS.get(".".join(keys), {}))
             return cls(**values)
         except (ValueError, TypeError) as e:
             self.fail(keys, f"[{'.'.join(keys)}] {e}")
@@ -376,6 +387,7 @@ class Validator:
         section = AdapterSection(method, options)
         filled_later = {"tokenizer_name_or_path": "(the base's)"} if method == "prompt" else {}
         try:
+            check_limits(options, ADAPTER_LIMITS)
             section.config(**filled_later)  # the config's own checks (r > 0, bias, init values, ...)
         except (ValueError, TypeError) as e:
             self.fail(keys, f"[adapter] {e}")

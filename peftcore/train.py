@@ -46,11 +46,36 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN / inf for too many steps in a row)."""
 
 
+# (test, what the value must be): limits of settings whose impossible values would fail late (after
+# the model loads, in torch's words), crash mid-run (log_every 0 divides by zero) or silently train
+# nothing. None always passes: it means "unset".
+POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+COUNT = (lambda v: v >= 1, ">= 1")
+OFF_OR_EVERY = (lambda v: v >= 0, ">= 0 (0: off)")
+PROBABILITY_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+TRAIN_LIMITS = {
+    "learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
+    "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT, "warmup_steps": (OFF_OR_EVERY[0], ">= 0"),
+    "eval_every": OFF_OR_EVERY, "log_every": COUNT, "checkpoint_every": OFF_OR_EVERY, "patience": OFF_OR_EVERY,
+    "threshold": NON_NEGATIVE, "max_bad_steps": COUNT, "inspect_every": OFF_OR_EVERY,
+}
+
+
+def check_limits(values: dict, limits: dict) -> None:
+    """ValueError naming the first of `limits` ({name: (test, what it must be)}) that `values` break."""
+    for name, (ok, must) in limits.items():
+        value = values.get(name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {must}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int = 100
@@ -77,8 +102,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from no, bf16, fp16")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
+        check_limits(vars(self), TRAIN_LIMITS)
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}; choose from {', '.join(distributed.STRATEGIES)}")
         bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}

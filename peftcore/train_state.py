@@ -10,18 +10,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from peftcore.models import safetensors_io
 
+CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
+# What a failed write raises: OSError (ENOSPC, EIO, a quota), safetensors' own error type, and torch.save's
+# RuntimeError ("PytorchStreamWriter failed writing file", "unexpected pos": its words for a full disk).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+class SaveError(OSError):
+    """A checkpoint (or best adapter) that could not be written; the previous one is left whole."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back (truncated, overwritten, not ours)."""
 
 
 @dataclass
@@ -97,16 +112,29 @@ def rng_of_rank(rng: dict, rank: int) -> dict:
 
 
 def replace_atomically(build, target: Path) -> None:
-    """Write into `<target>.tmp`, then rename: a crash mid-write never leaves a half checkpoint."""
+    """Write into `<target>.tmp`, then rename: a crash or a full disk mid-write never leaves a half
+    checkpoint, and the previous one stays whole until the new one is."""
+    old = recover_replaced(target)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    old = recover_replaced(target)
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+    except WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial copy: its space back
+        raise save_failed(target, e) from e
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_failed(target: Path, error: Exception) -> SaveError:
+    if target.exists():
+        then = f"the previous {target.name}/ there is intact: free disk space, then continue with --resume"
+    else:
+        then = f"no earlier {target.name}/ was saved: free disk space and start the run again"
+    return SaveError(f"could not save {target} ({error}); {then}")
 
 
 def recover_replaced(target: Path) -> Path:
@@ -116,6 +144,28 @@ def recover_replaced(target: Path) -> Path:
     if old.exists() and not target.exists():
         os.replace(old, target)
     return old
+
+
+def damaged(path: Path, why) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"{path} is damaged ({why}): this checkpoint cannot be resumed; start over "
+                                  "with --overwrite, or in another --output-dir")
+
+
+def resumable_state(output_dir: Path) -> Path:
+    """output_dir's checkpoint trainer_state.pt, checked (cheaply: no tensor is read) to be there and
+    whole, so that a run that cannot resume fails before its model loads."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    recover_replaced(folder)
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {folder} (train without --resume first)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip, its directory last: a truncated file has none
+        raise damaged(path, "truncated, or not written by torch.save")
+    try:
+        safetensors_io.read_header(folder / TRAINABLE_FILE)  # checks every tensor's bytes are in the file
+    except (OSError, ValueError) as e:
+        raise damaged(folder / TRAINABLE_FILE, e) from None
+    return path
 
 
 class Checkpointer:
@@ -133,7 +183,7 @@ class Checkpointer:
 
     @property
     def folder(self) -> Path:
-        return self.output_dir / "checkpoint"
+        return self.output_dir / CHECKPOINT_DIR
 
     def save(self, state: TrainState, optimizer, scheduler) -> None:
         """Every rank calls this (the RNG states are gathered); rank 0 writes."""
@@ -162,11 +212,11 @@ class Checkpointer:
             replace_atomically(self.save_adapter, self.output_dir / "best")
 
     def load(self, optimizer, scheduler) -> TrainState:
-        recover_replaced(self.folder)
-        path = self.folder / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.folder} (train without --resume first)")
-        payload = torch.load(path, weights_only=True)
+        path = resumable_state(self.output_dir)
+        try:
+            payload = torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:  # the zip, or a pickle in it
+            raise damaged(path, e) from None
         saved_world = payload["state"].get("world_size", 1)
         if saved_world != self.world_size:
             raise ValueError(
@@ -196,6 +246,14 @@ def json_safe(value):
     return value
 
 
+def metrics_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
+
+
 class MetricsLog:
     """metrics.jsonl, one line per logged step; curve.png (train and eval loss) and, when adapter
     statistics were logged, adapter_norms.png (||dW|| / ||W|| per layer vs step) if matplotlib exists."""
@@ -208,11 +266,24 @@ class MetricsLog:
         if resume_step is None or not self.path.is_file():
             self.path.write_text("")
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step]
+        kept = [line for line, record in self.logged() if record["step"] <= resume_step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+    def logged(self) -> list[tuple[str, dict]]:
+        """(line, record) of each logged step. A torn last line (the run was killed mid-write) is dropped:
+        its step comes after the checkpoint and is logged again. A bad line before it is an error."""
+        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), start=1) if line.strip()]
+        out = []
+        for i, (n, line) in enumerate(lines):
+            record = metrics_record(line)
+            if record is None and i < len(lines) - 1:
+                raise ValueError(f"{self.path}:{n}: not a metrics record (a JSON object with an integer \"step\"); only a "
+                                 f"torn last line is skipped: fix or delete line {n}, or start over with --overwrite")
+            if record is not None:
+                out.append((line, record))
+        return out
 
     def write(self, record: dict) -> None:
         """NaN / inf (a skipped step's loss) are written as null: bare NaN is not JSON (jq, browsers refuse it)."""

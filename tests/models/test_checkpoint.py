@@ -1,5 +1,6 @@
 """Checkpoint folders: every error names what is wrong, sharded files, dtype casting, peak RAM."""
 import json
+import re
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ from peftcore.models import CheckpointError, from_config, load_pretrained, save_
 from peftcore.models.checkpoint import read_config
 from peftcore.models.families import DEFAULT_ARCHITECTURE
 from peftcore.models.llama import LlamaConfig
-from peftcore.models.safetensors_io import iter_tensors, read_exactly
+from peftcore.models.safetensors_io import iter_tensors, read_exactly, read_header
 from tests.models import rss
 
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -145,6 +146,62 @@ def test_header_span_that_disagrees_with_the_shape(folder):
     file.write_bytes(raw[:8] + text + raw[8 + n:])
     with pytest.raises(ValueError, match=r"'model\.norm\.weight' spans 128 bytes but its shape and dtype need 64"):
         load_pretrained(folder)
+
+
+def write_raw(path, header, data: bytes = b"") -> None:
+    """A safetensors file written by hand: 8-byte little-endian header length, JSON header, data."""
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+BAD_HEADERS = [  # (header, data, what the error says)
+    ([entry()], bytes(8), r"m\.safetensors is not a safetensors file \(its header is a JSON list, not an object\)"),
+    ({"w": [1, 2]}, bytes(8), r"m\.safetensors: tensor 'w' has a header entry of list, not an object"),
+    ({"w": entry(shape=(-1, 2))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \[-1, 2\]; a shape is a list of integers >= 0"),
+    ({"w": entry(shape=(2.5,))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \[2\.5\]; a shape is a list"),
+    ({"w": entry(shape=("2",))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \['2'\]; a shape is a list"),
+    ({"w": entry(shape=(True,))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \[True\]; a shape is a list"),
+    ({"w": entry(dtype="F17")}, bytes(8), r"m\.safetensors: tensor 'w' has dtype 'F17', which is not a safetensors dtype"),
+    ({"w": entry(offsets=(8, 0))}, bytes(8), r"m\.safetensors: tensor 'w' has data_offsets \[8, 0\]; expected \[start, end\]"),
+    ({"w": entry(offsets=(0,))}, bytes(8), r"m\.safetensors: tensor 'w' has data_offsets \[0\]; expected \[start, end\]"),
+    ({"w": entry(offsets=(0, 4))}, bytes(8), r"m\.safetensors: tensor 'w' spans 4 bytes but its shape and dtype need 8"),
+    ({"w": entry(), "v": entry(offsets=(8, 16))}, bytes(12),
+     r"m\.safetensors is truncated: tensor 'v' needs 8 bytes, found 4"),
+]
+
+
+@pytest.mark.parametrize("header, data, message", BAD_HEADERS, ids=[
+    "list header", "list entry", "negative dim", "float dim", "string dim", "bool dim", "unknown dtype", "reversed offsets",
+    "one offset", "span vs shape", "data past the end"])
+def test_a_bad_header_is_refused_naming_the_file_the_tensor_and_the_problem(tmp_path, header, data, message):
+    write_raw(tmp_path / "m.safetensors", header, data)
+    with pytest.raises(ValueError, match=message) as e:
+        read_header(tmp_path / "m.safetensors")
+    assert "\n" not in str(e.value)
+
+
+def test_a_truncated_file_is_refused_by_its_header_alone(folder):
+    """The headers-only reader (inspect-model) sees the truncation too, not just a full load."""
+    file = folder / "model.safetensors"
+    header, _ = read_header(file)
+    last = max(header, key=lambda k: header[k]["data_offsets"][1])
+    file.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"is truncated: tensor '{re.escape(last)}' needs \d+ bytes, found \d+"):
+        read_header(file)
+
+
+def test_a_good_hand_written_file_reads_back(tmp_path):
+    """The checks above refuse only what is wrong: the same writer makes a file both readers accept."""
+    write_raw(tmp_path / "m.safetensors", {"__metadata__": {"format": "pt"}, "w": entry(), "e": entry(shape=(0, 3), offsets=(8, 8))},
+              torch.tensor([1.0, 2.0]).numpy().tobytes())
+    assert set(read_header(tmp_path / "m.safetensors")[0]) == {"w", "e"}
+    got = dict(iter_tensors(tmp_path / "m.safetensors"))
+    assert got["w"].tolist() == [1.0, 2.0] and got["e"].shape == (0, 3)
+    assert load_file(tmp_path / "m.safetensors")["w"].tolist() == [1.0, 2.0]  # the safetensors package agrees
 
 
 class Trickle:

@@ -127,6 +127,40 @@ def test_mismatched_keys_and_dtypes_are_reported(capsys, tied_llama):
             "1 mis-shaped (file vs model): model.layers.0.self_attn.k_proj.weight (8, 32) vs (16, 32)") in out
 
 
+def edit_header(file: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header) -> header`; the data stays."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    text = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def set_entry(key: str, **changes):
+    return lambda header: {**header, key: {**header[key], **changes}}
+
+
+NORM = "model.norm.weight"  # 32 floats
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"model\.safetensors is truncated: tensor '[\w.]+' needs \d+ bytes, found \d+"),
+    (lambda h: list(h.values()), r"model\.safetensors is not a safetensors file \(its header is a JSON list, not an object\)"),
+    (set_entry(NORM, shape=[-32]), rf"model\.safetensors: tensor '{NORM}' has shape \[-32\]; a shape is a list of integers >= 0"),
+    (set_entry(NORM, shape=[32.0]), rf"model\.safetensors: tensor '{NORM}' has shape \[32\.0\]; a shape is a list"),
+    (set_entry(NORM, dtype="F33"), rf"model\.safetensors: tensor '{NORM}' has dtype 'F33', which is not a safetensors dtype"),
+    (set_entry(NORM, shape=[16]), rf"model\.safetensors: tensor '{NORM}' spans 128 bytes but its shape and dtype need 64"),
+], ids=["truncated", "list header", "negative dim", "float dim", "unknown dtype", "span vs shape"])
+def test_a_damaged_weights_file_is_one_error_line_not_all_keys_match(capsys, tied_llama, damage, message):
+    file = tied_llama[1] / "model.safetensors"
+    if damage == "truncate":
+        file.write_bytes(file.read_bytes()[:-10])
+    else:
+        edit_header(file, damage)
+    code, out, err = inspect(capsys, tied_llama[1])
+    assert code == 1 and "match the model" not in out and "Traceback" not in err
+    assert re.fullmatch(r"peftcore inspect-model: error: \S+/" + message + ".*", err.strip())
+
+
 def test_sharded_checkpoint(capsys, tmp_path):
     transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, sliding_window=16)).save_pretrained(
         tmp_path, max_shard_size="20KB"

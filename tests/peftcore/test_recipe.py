@@ -183,3 +183,56 @@ def test_a_section_error_names_the_overrides_inside_it(folder):
     message = error(folder, MINIMAL, ["train.lr_schedule=cosin", "eval.samples=1"])
     assert message == ("recipe.toml (with --set train.lr_schedule=cosin): [train] lr_schedule='cosin'; "
                        "choose from constant, linear, cosine")
+
+
+# Values that cannot train, or would train nothing without saying so: each refused when the recipe
+# loads (before any model), naming the section and the key.
+OUT_OF_RANGE = [
+    ("train", "learning_rate = -1e-3", "learning_rate must be a finite number > 0, got -0.001"),
+    ("train", "learning_rate = 0", "learning_rate must be a finite number > 0, got 0.0"),
+    ("train", "learning_rate = nan", "learning_rate must be a finite number > 0, got nan"),
+    ("train", "weight_decay = -0.1", "weight_decay must be a finite number >= 0, got -0.1"),
+    ("train", "max_grad_norm = -1", "max_grad_norm must be a finite number >= 0 (0: no clipping), got -1.0"),
+    ("train", "warmup_steps = -5", "warmup_steps must be >= 0, got -5"),
+    ("train", "max_steps = 0", "max_steps must be >= 1, got 0"),
+    ("train", "batch_size = 0", "batch_size must be >= 1, got 0"),
+    ("train", "grad_accum = -2", "grad_accum must be >= 1, got -2"),
+    ("train", "log_every = 0", "log_every must be >= 1, got 0"),
+    ("train", "eval_every = -1", "eval_every must be >= 0 (0: off), got -1"),
+    ("train", "checkpoint_every = -1", "checkpoint_every must be >= 0 (0: off), got -1"),
+    ("train", "patience = -1", "patience must be >= 0 (0: off), got -1"),
+    ("train", "threshold = -0.5", "threshold must be a finite number >= 0, got -0.5"),
+    ("train", "max_bad_steps = 0", "max_bad_steps must be >= 1, got 0"),
+    ("train", "inspect_every = -3", "inspect_every must be >= 0 (0: off), got -3"),
+    ("adapter", "lora_alpha = 0", "lora_alpha must be a finite number > 0, got 0.0"),
+    ("adapter", "lora_dropout = 1.0", "lora_dropout must be in [0, 1), got 1.0"),
+    ("adapter", "lora_dropout = -0.1", "lora_dropout must be in [0, 1), got -0.1"),
+    ("adapter", 'method = "p-tuning"\nencoder_dropout = 2', "encoder_dropout must be in [0, 1), got 2.0"),
+    ("eval", "temperature = -1", "temperature must be a finite number >= 0, got -1.0"),
+    ("eval", "top_k = 0", "top_k must be >= 1, got 0"),
+    ("eval", "top_p = 1.5", "top_p must be in (0, 1], got 1.5"),
+    ("eval", "max_new_tokens = 0", "max_new_tokens must be >= 1, got 0"),
+    ("eval", "batch_size = 0", "batch_size must be >= 1, got 0"),
+    ("eval", "samples = -1", "samples must be >= 0 (0: off), got -1"),
+    ("eval", "max_records = 0", "max_records must be >= 1, got 0"),
+    ("model", "group_size = 0", "group_size must be >= 1, got 0"),
+    ("model", "threads = -1", "threads must be >= 0 (0: off), got -1"),
+]
+
+
+@pytest.mark.parametrize("section, line, message", OUT_OF_RANGE, ids=[f"{s} {line.splitlines()[-1]}" for s, line, _ in OUT_OF_RANGE])
+def test_impossible_numbers_are_refused_naming_the_key(folder, section, line, message):
+    text = MINIMAL.replace("[model]\n", f"[model]\n{line}\n") if section == "model" else MINIMAL + f"[{section}]\n{line}\n"
+    assert error(folder, text) == f"recipe.toml: [{section}] {message}"
+
+
+def test_an_impossible_override_names_the_set(folder):
+    assert error(folder, MINIMAL, ["train.learning_rate=-3e-4"]) == \
+        "recipe.toml (with --set train.learning_rate=-3e-4): [train] learning_rate must be a finite number > 0, got -0.0003"
+
+
+def test_the_edges_of_each_range_are_accepted(folder):
+    text = MINIMAL + ("[train]\nwarmup_steps = 0\nweight_decay = 0\nmax_grad_norm = 0\neval_every = 0\npatience = 0\n"
+                      "[adapter]\nlora_dropout = 0\n[eval]\ntemperature = 0\ntop_p = 1\nsamples = 0\n")
+    recipe = load_recipe(write(folder, text))
+    assert (recipe.train.max_grad_norm, recipe.eval.top_p, recipe.adapter.config().lora_dropout) == (0.0, 1.0, 0.0)

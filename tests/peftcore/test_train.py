@@ -189,6 +189,16 @@ def test_fp16_without_cuda_is_a_clear_error(tmp_path):
         train(tiny_peft_model(), rows(), [], quiet(max_steps=1, mixed_precision="fp16"), tmp_path)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"learning_rate": -1e-3}, "learning_rate must be a finite number >= 0, got -0.001"),
+    ({"log_every": 0}, "log_every must be >= 1, got 0"),  # would divide by zero at the first step
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be a finite number >= 0 \(0: no clipping\), got -1.0"),
+])
+def test_a_config_that_cannot_train_is_refused_before_any_step(setting, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**setting)
+
+
 def test_a_crash_between_the_checkpoint_renames_resumes_from_the_last_complete_one(tmp_path, monkeypatch):
     """replace_atomically renames checkpoint -> checkpoint.old, then checkpoint.tmp -> checkpoint: a
     crash between the two leaves only .old (step 2 here), which --resume finds and continues from."""
