@@ -149,7 +149,7 @@ def load_models(cfg: dict, r: int, device: torch.device, dtype: torch.dtype):
         dense.to(dtype).save_pretrained(folder)
         del dense
         ours = load_pretrained(folder, dtype=dtype, device=device, quantize="nf4")
-        ours = peftcore.get_peft_model(ours, peftcore.LoraConfig(**lora_kw)).train()
+        ours = peftcore.get_peft_model(ours, peftcore.LoraConfig(**lora_kw), autocast_adapter_dtype=False).train()
         bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                      bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False)
         device_map = {"": torch.cuda.current_device()} if device.type == "cuda" else "cpu"
@@ -160,8 +160,8 @@ def load_models(cfg: dict, r: int, device: torch.device, dtype: torch.dtype):
             hf = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config,
                                                                    torch_dtype=dtype, device_map=device_map)
         # Like for like: no prepare_model_for_kbit_training (it upcasts norms and embeddings to fp32), and
-        # adapters kept in the compute dtype as ours are (PEFT's default autocast_adapter_dtype=True would
-        # hold bf16 adapters in fp32, a dtype choice rather than an implementation difference).
+        # adapters kept in the compute dtype on both sides (both libraries' default autocast_adapter_dtype=True
+        # holds bf16 adapters in fp32, a dtype choice rather than an implementation difference).
         hf = peft.get_peft_model(hf, peft.LoraConfig(**lora_kw), autocast_adapter_dtype=False).train()
     return ours, hf
 

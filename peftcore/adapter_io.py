@@ -6,10 +6,12 @@ On disk a key carries no adapter name: in memory `...q_proj.lora_A.default.weigh
 becomes `...score.weight`. The adapter named "default" lives in the folder, any other in
 `<folder>/<name>/`. The file holds the same keys PEFT writes: besides the adapter, the biases
 bias="all" / "lora_only" trains, and the base table of a targeted `embed_tokens` / `lm_head`.
+Older PEFT saves hold `adapter_model.bin` (a pickle) instead: read (`adapter_weights`), never written.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .lora import LORA_LAYERS
 from .modules_to_save import ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT's save_pretrained(..., safe_serialization=False)
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names that make it save the embedding tables
 TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")  # our models' input embeddings
 
@@ -74,7 +77,10 @@ def bias_keys(state: dict, peft_model: nn.Module, bias: str) -> list[str]:
 
 
 def embedding_is_targeted(config: LoraConfig, model: nn.Module) -> bool:
-    """PEFT saves the token embedding / output head when target_modules names `embed_tokens` or `lm_head`."""
+    """PEFT saves the token embedding / output head when target_modules names `embed_tokens` or `lm_head`:
+    for a regex, when it matches such a module's name in `model`, the user's model (PEFT 0.21.2's
+    get_peft_model_state_dict matches names of `get_base_model()`, without `base_model.model.`, so an
+    anchored `^embed_tokens` counts)."""
     targets = config.target_modules
     if isinstance(targets, str):
         return any(
@@ -86,7 +92,7 @@ def embedding_is_targeted(config: LoraConfig, model: nn.Module) -> bool:
 
 def embedding_keys(state: dict, peft_model: nn.Module, config: LoraConfig) -> list[str]:
     """Base weights of an adapted token embedding or output head, saved when `embedding_is_targeted`."""
-    if not embedding_is_targeted(config, peft_model):
+    if not embedding_is_targeted(config, getattr(peft_model, "model", peft_model)):
         return []
     layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)}
     wanted = [
@@ -145,16 +151,61 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: expected an adapter saved by peftcore or HF PEFT")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): expected the adapter_config.json PEFT writes") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
+    return config
 
 
-def config_from_dict(d: dict):
-    """Dispatch on peft_type; a method peftcore does not know is a clear error."""
+def config_from_dict(d: dict, source: str = CONFIG_NAME):
+    """Dispatch on peft_type; a method peftcore does not know is a clear error. `source`: the file, for errors."""
     peft_type = d.get("peft_type")
     if peft_type not in CONFIG_CLASSES:
         known = ", ".join(CONFIG_CLASSES)
         raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; peftcore supports {known}")
-    return CONFIG_CLASSES[peft_type].from_dict(d)
+    return CONFIG_CLASSES[peft_type].from_dict(d, source)
+
+
+def load_config(folder: str | Path):
+    return config_from_dict(read_adapter_config(folder), str(Path(folder) / CONFIG_NAME))
+
+
+def adapter_weights(folder: str | Path):
+    """-> (the weights file, {key: shape}, its (key, tensor) pairs): adapter_model.safetensors, else the
+    adapter_model.bin of a PEFT save with safe_serialization=False. Every adapter read goes through here.
+    Shapes come first so that a load checks every key before it copies anything; safetensors tensors are
+    then read one at a time, not all at once."""
+    path = Path(folder) / WEIGHTS_NAME
+    if path.is_file():
+        header, _ = safetensors_io.read_header(path)
+        return path, {k: tuple(v["shape"]) for k, v in header.items()}, safetensors_io.iter_tensors(path)
+    path = Path(folder) / LEGACY_WEIGHTS_NAME
+    if path.is_file():
+        tensors = read_bin(path)
+        return path, {k: tuple(v.shape) for k, v in tensors.items()}, tensors.items()
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {folder}: expected the adapter's weights")
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle, which can run any code when loaded: torch.load with weights_only=True rebuilds tensors and plain
+    containers only and refuses every other global (a class, os.system) before calling it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only raises for a global it will not rebuild
+        why = next((line.strip() for line in str(e).splitlines() if "nsupported" in line), "a non-tensor object")
+        raise ValueError(f"{path} holds more than tensors ({why}), so peftcore does not load it: it runs no code "
+                         "from an adapter file. If you trust the file, re-save the adapter as safetensors with "
+                         "HF PEFT") from None
+    except Exception as e:  # truncated or not torch.save output: EOFError, KeyError, RuntimeError, ...
+        raise ValueError(f"{path} is not a torch.save file ({type(e).__name__}: {e}); re-save the adapter") from None
+    tensors_only = isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+    if not tensors_only:
+        raise ValueError(f"{path} holds more than tensors (a {type(state).__name__}, not {{key: tensor}}): "
+                         "re-save the adapter")
+    return state
 
 
 def load_map(peft_model: nn.Module, adapter_name: str, state: dict) -> tuple[dict[str, str], set[str]]:
@@ -173,27 +224,24 @@ def load_adapter_weights(peft_model: nn.Module, folder: str | Path, adapter_name
     Besides the adapter's own tensors a PEFT file may hold base tensors (biases for bias="all" /
     "lora_only", a targeted embedding table): those load into the base model, as in PEFT.
     """
-    path = Path(folder) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (peftcore reads safetensors adapters only)")
+    path, shapes, tensors = adapter_weights(folder)
     state = peft_model.state_dict(keep_vars=True)
     to_memory, required = load_map(peft_model, adapter_name, state)
-    header, _ = safetensors_io.read_header(path)
-    check_fits(path, header, state, to_memory, required, adapter_name)
+    check_fits(path, shapes, state, to_memory, required, adapter_name)
     with torch.no_grad():
-        for key, tensor in safetensors_io.iter_tensors(path):
+        for key, tensor in tensors:
             state[to_memory[key]].copy_(tensor)
 
 
-def check_fits(path: Path, header: dict, state: dict, to_memory: dict, required: set, adapter_name: str) -> None:
+def check_fits(path: Path, shapes: dict, state: dict, to_memory: dict, required: set, adapter_name: str) -> None:
     """Every key of the file names a tensor of the model with its shape; every adapter tensor is there."""
-    for key, info in header.items():
+    for key, shape in shapes.items():
         if key not in to_memory:
             raise AdapterLoadError(f"{path.name}: key {key} fits no parameter of the model (another base model?)")
-        shape, expected = tuple(info["shape"]), tuple(state[to_memory[key]].shape)
+        expected = tuple(state[to_memory[key]].shape)
         if shape != expected:
             raise AdapterLoadError(f"{path.name}: {key} has shape {shape} but the model expects {expected}")
-    missing = sorted(strip_adapter_name(k, adapter_name) for k in required - {to_memory[k] for k in header})
+    missing = sorted(strip_adapter_name(k, adapter_name) for k in required - {to_memory[k] for k in shapes})
     if missing:
         raise AdapterLoadError(f"{path.name} lacks {len(missing)} adapter tensor(s), e.g. {', '.join(missing[:4])}")
 
@@ -231,10 +279,8 @@ def load_prompt_adapter(encoder: nn.Module, folder: str | Path) -> None:
             raise AdapterLoadError(f"{ENCODER_WEIGHTS_NAME} does not fit this encoder (first mismatch: {(bad or sorted(set(state) - set(wanted)))[0]})")
         encoder.load_state_dict(state)
         return
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (peftcore reads safetensors adapters only)")
-    tensors = dict(safetensors_io.iter_tensors(path))
+    path, _, tensors = adapter_weights(folder)
+    tensors = dict(tensors)
     if "prompt_embeddings" not in tensors:
         raise AdapterLoadError(f"{path.name} holds no prompt_embeddings (found: {', '.join(sorted(tensors))})")
     load_prompt_embeddings(encoder, tensors["prompt_embeddings"], path.name)

@@ -1,8 +1,9 @@
 """Adapter configs: HF PEFT's field names, defaults and adapter_config.json format.
 
-Readers tolerate keys they do not know (newer PEFT versions add fields): a key that only names a
-PEFT feature we do not implement is ignored while it holds PEFT's default, and warned about when it
-does not, because then the adapter would behave differently here.
+Readers tolerate keys they do not know (newer PEFT versions add fields) while those keys are off (None,
+False, empty, or PEFT's default). A PEFT option we do not implement that is on is refused when it changes what
+the adapter computes and warned about when it only shaped the adapter's initialisation; an unknown key
+that is on is refused, since we cannot tell which of the two it is.
 """
 from __future__ import annotations
 
@@ -29,14 +30,34 @@ class PeftType(str, enum.Enum):
     PREFIX_TUNING = "PREFIX_TUNING"
 
 
-# PEFT fields for features peftcore does not implement, with the value that means "off".
-PEFT_FIELDS_OFF = {
-    "megatron_config": None, "megatron_core": "megatron.core",
-    "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
-    "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-    "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
-    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
-    "ensure_weight_tying": False, "tokenizer_kwargs": None, "num_transformer_submodules": None,
+# PEFT 0.21.2 LoraConfig fields peftcore does not implement: (the value that means "off", what the
+# option does, from PEFT's LoraConfig docstring). Set to anything else, a REFUSED option changes what the
+# adapter computes, or the model it applies to: loaded as plain LoRA it gives other outputs (the reliability
+# issue saw them off by 110%), so it is an error.
+REFUSED_PEFT_FIELDS = {
+    "alora_invocation_tokens": (None, "Activated LoRA (the adapter acts only from its invocation tokens on)"),
+    "use_qalora": (False, "QALoRA (lora_A sees the input pooled in groups)"),
+    "layer_replication": (None, "layer replication (base layers repeated into a deeper model)"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts)"),
+    "trainable_token_indices": (None, "trainable token rows of the embedding beside LoRA"),
+    "monteclora_config": (None, "MonteCLoRA (Monte Carlo perturbations of the LoRA weights)"),
+    "use_bdlora": (None, "BD-LoRA (block-diagonal lora_A or lora_B)"),
+    "arrow_config": (None, "Arrow routing among LoRA experts"),
+    "kasa_config": (None, "KaSA (a truncated base SVD and a learned diagonal between A and B)"),
+    "velora_config": (None, "VeLoRA (compressed activations in lora_A's backward: other gradients)"),
+    "ensure_weight_tying": (False, "one adapter shared by tied embedding and output layers"),
+}
+# INERT options only shape how PEFT builds the adapter (an initialisation that the loaded weights overwrite, a
+# framework peftcore models are not built with): the saved weights compute the same without them. Each
+# init config is used by PEFT only with its init_lora_weights scheme ("loftq", "eva", ...), and that
+# scheme peftcore refuses on its own (lora_init.check_scheme), so a config beside another scheme is inert.
+INERT_PEFT_FIELDS = {
+    "loftq_config": ({}, "LoftQ's initialisation"), "eva_config": (None, "EVA's initialisation"),
+    "corda_config": (None, "CorDA's initialisation"), "lora_ga_config": (None, "LoRA-GA's initialisation"),
+    "megatron_config": (None, "Megatron parallel layers, which peftcore models do not have"),
+    "megatron_core": ("megatron.core", "the Megatron module PEFT imports"),
+    "qalora_group_size": (16, "QALoRA's pooling, used only with use_qalora=True"),
+    "tokenizer_kwargs": (None, "the tokenizer of a TEXT prompt initialisation"),
 }
 IGNORED_KEYS = {"peft_version", "auto_mapping"}  # metadata: the class PEFT wrapped, nothing that changes the adapter
 
@@ -62,13 +83,14 @@ class PeftConfig:
         return {**d, "peft_type": self.peft_type.value, "peft_version": PEFT_FORMAT_VERSION}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PeftConfig":
+    def from_dict(cls, d: dict, source: str = CONFIG_NAME) -> "PeftConfig":
+        """`source`: the file `d` was read from, named in errors about its keys."""
         d = dict(d)
         peft_type = d.pop("peft_type", None)
         if peft_type is not None and peft_type != cls.peft_type.value:
             raise ValueError(f"adapter_config.json is for {peft_type}, not {cls.peft_type.value}")
         names = {f.name for f in fields(cls)}
-        warn_unknown(cls.__name__, {k: v for k, v in d.items() if k not in names})
+        check_extra_keys(source, {k: v for k, v in d.items() if k not in names})
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, folder: str | Path) -> None:
@@ -76,14 +98,31 @@ class PeftConfig:
         (Path(folder) / CONFIG_NAME).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def warn_unknown(where: str, extra: dict) -> None:
+def is_off(value) -> bool:
+    """None, False or empty: how PEFT writes an option that is not in use (its defaults, bar a few)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
+def check_extra_keys(source: str, extra: dict) -> None:
+    """Keys of a saved config that are not our fields: refused where they may change the math, else ignored."""
     for key, value in extra.items():
-        if key in IGNORED_KEYS or (key in PEFT_FIELDS_OFF and value == PEFT_FIELDS_OFF[key]):
+        if key in IGNORED_KEYS:
             continue
-        if key in PEFT_FIELDS_OFF:
-            warnings.warn(f"{where}: {key}={value!r} asks for a PEFT feature peftcore does not implement; ignored")
-        else:
-            warnings.warn(f"{where}: unknown key {key!r} in adapter_config.json ignored (written by a newer PEFT?)")
+        if key in REFUSED_PEFT_FIELDS or key in INERT_PEFT_FIELDS:
+            off, what = REFUSED_PEFT_FIELDS.get(key) or INERT_PEFT_FIELDS[key]
+            if value == off:
+                continue
+            if key in REFUSED_PEFT_FIELDS:
+                raise ValueError(f"{source}: {key}={value!r} asks for {what}, which peftcore does not implement: "
+                                 f"the adapter would compute something else here. Load it with HF PEFT, or retrain "
+                                 f"without {key}")
+            warnings.warn(f"{source}: {key}={value!r} ignored: it configures {what}, not what the saved weights "
+                          "compute")
+        elif not is_off(value):
+            # A newer PEFT's option: we cannot know its default, nor whether it changes the math.
+            raise ValueError(f"{source}: unknown key {key}={value!r} (an option of a newer PEFT?): peftcore cannot "
+                             f"tell whether it changes what the adapter computes. If it does not, delete the key "
+                             f"from {source}; if it does, load the adapter with HF PEFT")
 
 
 @dataclass
@@ -119,8 +158,20 @@ class LoraConfig(PeftConfig):
             raise ValueError("layers_to_transform / layers_pattern cannot be used when target_modules is a str (a regex)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
+        check_alphas(self.lora_alpha, self.alpha_pattern)
         if self.use_dora and self.lora_bias:
             raise ValueError("lora_bias=True is not supported together with use_dora=True (as in HF PEFT)")
+
+
+def check_alphas(lora_alpha: float, alpha_pattern: dict) -> None:
+    """A zero alpha scales the update by zero (scaling = alpha / r): an adapter that trains and changes nothing."""
+    if lora_alpha == 0:
+        raise ValueError("lora_alpha=0 scales every LoRA update by zero (scaling = lora_alpha / r), so the adapter "
+                         "would change nothing: set a nonzero lora_alpha (PEFT's default is 8)")
+    for key, alpha in alpha_pattern.items():
+        if alpha == 0:
+            raise ValueError(f"alpha_pattern[{key!r}]={alpha!r} scales those modules' LoRA update by zero: "
+                             "give them a nonzero alpha, or leave them out of target_modules")
 
 
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {PeftType.LORA.value: LoraConfig}

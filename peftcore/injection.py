@@ -9,6 +9,7 @@ Matching follows HF PEFT so a config means the same in both libraries:
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -104,8 +105,10 @@ def candidate_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in walk_unwrapped(model) if name and is_adaptable(m)})
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Module]:
-    """Wrap every targeted module (or add the adapter to an existing LoRA layer). -> {name: lora layer}."""
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
+                autocast_adapter_dtype: bool = True) -> dict[str, nn.Module]:
+    """Wrap every targeted module (or add the adapter to an existing LoRA layer). -> {name: lora layer}.
+    autocast_adapter_dtype: float32 adapters on half-precision layers (lora.adapter_dtype)."""
     if config.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     if config.target_modules == "all-linear":
@@ -117,7 +120,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict
         layer = module if isinstance(module, LORA_LAYERS) else wrap(module, name)
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
-        layer.add_adapter(adapter_name, config, r, alpha)
+        layer.add_adapter(adapter_name, config, r, alpha, autocast_adapter_dtype)
+        warn_if_unmergeable(name, layer, config)
         if layer is not module:
             set_submodule(model, name, layer)
         wrapped[name] = layer
@@ -127,6 +131,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict
             f"Candidates: {', '.join(candidate_names(model))}"
         )
     return wrapped
+
+
+def warn_if_unmergeable(name: str, layer: nn.Module, config: LoraConfig) -> None:
+    """PEFT's update_layer warning: lora_B's bias runs in the forward, but merging needs a base bias to add it to."""
+    if config.lora_bias and getattr(layer.base_layer, "bias", None) is None:
+        warnings.warn(f"lora_bias=True but {name} ({type(layer.base_layer).__name__}) has no bias: the adapter works, "
+                      "but it cannot be merged into this layer")
 
 
 def wrap(module: nn.Module, name: str) -> nn.Module:

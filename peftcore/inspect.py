@@ -22,15 +22,12 @@ from pathlib import Path
 
 import torch
 
-from peftcore.models import safetensors_io
-
-from .adapter_io import WEIGHTS_NAME, read_adapter_config
+from .adapter_io import adapter_weights, read_adapter_config
 from .injection import pattern_value
 from .inspect_base import BaseCheckpoint, BaseKey
 from .inspect_prompt import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
 from .train_state import json_safe  # NaN / inf -> null, as metrics.jsonl writes them
 
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT with safe_serialization=False
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
@@ -130,7 +127,8 @@ def read_adapter(folder: str | Path) -> AdapterTensors:
         raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} has no LoRA factors; "
                          "prompt methods: inspect_prompt_adapter()")
     A, B, magnitude = {}, {}, {}
-    for key, tensor in adapter_tensors(Path(folder)):
+    _, _, tensors = adapter_weights(folder)  # safetensors, or an older PEFT save's adapter_model.bin
+    for key, tensor in tensors:
         match = LORA_KEY.match(key)
         if match:
             target = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": magnitude}[match["part"]]
@@ -138,16 +136,6 @@ def read_adapter(folder: str | Path) -> AdapterTensors:
     if not A:
         raise ValueError(f"{folder}: no lora_A / lora_B tensors (embedding adapters are not inspected yet)")
     return AdapterTensors(config, A, B, magnitude)
-
-
-def adapter_tensors(folder: Path):
-    """(key, tensor) of the adapter's weights file. Older HF PEFT saves (safe_serialization=False) have only
-    adapter_model.bin: a pickle, so read with weights_only=True, which refuses anything but tensors."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return safetensors_io.iter_tensors(folder / WEIGHTS_NAME)
-    if (folder / LEGACY_WEIGHTS_NAME).is_file():
-        return torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True).items()
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {folder}: expected the adapter's weights")
 
 
 def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: torch.Tensor | None,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from peftcore.models import safetensors_io
 
-from .adapter_io import WEIGHTS_NAME, read_adapter_config
+from .adapter_io import adapter_weights, read_adapter_config
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 PROMPT_KEY = "prompt_embeddings"  # HF PEFT's one tensor for every prompt-learning method
@@ -32,12 +32,10 @@ def read_prompt_adapter(folder: str | Path) -> tuple[dict, torch.Tensor]:
     config = read_adapter_config(folder)
     if not is_prompt_adapter(config):
         raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not a prompt method ({', '.join(PROMPT_TYPES)})")
-    path = Path(folder) / WEIGHTS_NAME
-    header, _ = safetensors_io.read_header(path)
-    if PROMPT_KEY not in header:
-        raise ValueError(f"{path}: no {PROMPT_KEY} tensor (found: {', '.join(sorted(header)) or 'nothing'})")
-    (_, prompts), = safetensors_io.iter_tensors(path, [PROMPT_KEY])
-    return config, prompts.float()
+    path, shapes, tensors = adapter_weights(folder)
+    if PROMPT_KEY not in shapes:
+        raise ValueError(f"{path}: no {PROMPT_KEY} tensor (found: {', '.join(sorted(shapes)) or 'nothing'})")
+    return config, next(t for k, t in tensors if k == PROMPT_KEY).float()
 
 
 def base_input_embeddings(base: str | Path) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,21 @@ from .lora_function import SPARSE_DROPOUT_MAX_P, LoraLinearFunction
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# PEFT's cast_adapter_dtype (tuners_utils, 0.21.2) upcasts these to float32: fp16 / bf16 and the float8 kinds.
+FLOAT8_NAMES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+UPCAST_DTYPES = {torch.float16, torch.bfloat16} | {getattr(torch, n) for n in FLOAT8_NAMES if hasattr(torch, n)}
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast: bool = True) -> torch.dtype:
+    """The dtype a new adapter's weights take on a base of `base_dtype`. As in PEFT (autocast_adapter_dtype=True),
+    float32 on a half-precision base: bf16 keeps 8 significant bits, so an optimizer step below ~2^-9 of a
+    weight rounds away (test_peft_parity_faults: a 0.1% step leaves a bf16 adapter unchanged). autocast=False
+    keeps the base dtype (PEFT's autocast_adapter_dtype=False)."""
+    if not base_dtype.is_floating_point:
+        return torch.float32
+    return torch.float32 if autocast and base_dtype in UPCAST_DTYPES else base_dtype
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
@@ -58,7 +74,10 @@ def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -
     """
     acc = torch.promote_types(W.dtype, torch.float32)
     W_sq = torch.linalg.vector_norm(W, dim=1, dtype=acc).square()
-    WAt = (W @ A.to(W.dtype).T).to(acc)  # (out, r)
+    # in the wider dtype of the two: fp32 adapters on a bf16 W take W's fp32 copy (as PEFT's DoRA forward
+    # does), since rounding A to bf16 would put a 2^-9 relative error in the cross term
+    wide = torch.promote_types(W.dtype, A.dtype)
+    WAt = (W.to(wide) @ A.to(wide).T).to(acc)  # (out, r)
     A_, B_ = A.to(acc), B.to(acc)
     cross = (B_ * WAt).sum(dim=1)
     lora_sq = ((B_ @ (A_ @ A_.T)) * B_).sum(dim=1)
@@ -97,9 +116,10 @@ class LoraLinear(nn.Module):
         return isinstance(self.base_layer, Conv1D)
 
     # -- adapters -------------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float, autocast_dtype: bool = True) -> None:
+        """`autocast_dtype`: float32 weights on a half-precision base (adapter_dtype)."""
         weight = base_weight(self.base_layer)
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(weight.dtype, autocast_dtype)
         kw = dict(device=weight.device, dtype=dtype)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
@@ -136,7 +156,8 @@ class LoraLinear(nn.Module):
         """One plain LoRA adapter over the base, on a Triton device: base + adapter run as one kernel.
 
         CPU tensors take the torch path (unless TRITON_INTERPRET=1), as do DoRA, lora_bias, mixed
-        batches, merged or disabled adapters and dtype mixes; the kernels compute the same thing.
+        batches, merged or disabled adapters and dtype mixes (fp32 adapters on a bf16 / fp16 base, the
+        default: the kernels take one dtype throughout); the kernels compute the same thing.
         """
         if adapter_names is not None or self.disable_adapters or self.merged_adapters or not dispatch.use_triton(x):
             return False
@@ -162,8 +183,8 @@ class LoraLinear(nn.Module):
         """The torch path's fast case (CPU, or CUDA without Triton): base(x) + LoRA as one
         LoraLinearFunction, or None where that does not apply: it needs one
         active plain-LoRA adapter (no DoRA, no lora_bias) on a frozen nn.Linear / Conv1D / quantized
-        linear without hooks, one dtype throughout, no autocast, and dropout p = 0 or
-        1e-6 <= p <= SPARSE_DROPOUT_MAX_P (below 1e-6 the sum of the sampled gaps could overflow int64)."""
+        linear without hooks, one dtype throughout (fp32 adapters on a half base: apply_adapters), no autocast,
+        and dropout p = 0 or 1e-6 <= p <= SPARSE_DROPOUT_MAX_P (below 1e-6 the sum of the sampled gaps could overflow int64)."""
         active = [name for name in self.active_adapters if name in self.lora_A]
         frozen = frozen_base(self.base_layer)
         if len(active) != 1 or frozen is None:
@@ -181,31 +202,34 @@ class LoraLinear(nn.Module):
         return LoraLinearFunction.apply(x, W, bias, A, B, self.scaling[name], p, dequantize)
 
     def add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """out + this adapter's term, in the wider of the two dtypes (apply_adapters casts back once, as PEFT's
+        lora.Linear.forward: x goes to the adapter's dtype, the sum back to the base's)."""
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dropout = self.lora_dropout[name]
         x_lora = dropout(x.to(A.weight.dtype))
         if name in self.lora_magnitude_vector:
-            return out + self.dora_delta(x, x_lora, out, name)
+            return out + self.dora_delta(x_lora, out, name)
         h = A(x_lora)  # (..., r)
         if B.bias is None and out.dtype == h.dtype:
             # out + s * h B^T as one GEMM with beta=1: no separate scale and add passes over (M, N)
             flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.T, alpha=s)
             return flat.view(out.shape)
-        return out + (B(h) * s).to(out.dtype)
+        return out + B(h) * s
 
-    def dora_delta(self, x: torch.Tensor, x_lora: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+    def dora_delta(self, x_lora: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
         """What DoRA adds to base(x): (mag - 1) * W x + mag * s * B A x, with mag = m / ||W + sBA||."""
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         W = base_weight(self.base_layer)
         norm = dora_row_norm(W, A, B.detach(), s).detach()
-        mag = (self.lora_magnitude_vector[name].weight / norm).to(out.dtype)  # (out,)
-        if x_lora is x or not self.training:
+        mag = self.lora_magnitude_vector[name].weight / norm  # (out,), the adapter's dtype
+        # PEFT's test: whether dropout ran, not `x_lora is x` (x_lora is a copy whenever the adapter's dtype differs)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
             base_no_bias = out if bias is None else out - bias
-        else:  # dropout active: PEFT re-runs the base GEMM on the dropped input
-            base_no_bias = F.linear(x_lora.to(W.dtype), W)
+        else:  # dropout active: PEFT re-runs the base GEMM on the dropped input (in the adapter's dtype)
+            base_no_bias = F.linear(x_lora, W.to(x_lora.dtype))
         lora = F.linear(F.linear(x_lora, A), B) * s
-        return (mag - 1) * base_no_bias + mag * lora.to(out.dtype)
+        return (mag - 1) * base_no_bias + mag * lora
 
     # -- merging (the Adapter protocol) ---------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -218,10 +242,20 @@ class LoraLinear(nn.Module):
         factor = self.lora_magnitude_vector[name].weight.detach() / self._merge_norms[name]
         return factor[None, :] if self.fan_in_fan_out else factor[:, None]
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
+    def check_mergeable(self, names: list[str]) -> None:
+        """Raise before anything is merged (PeftModel checks every layer first: no half-merged model)."""
         if hasattr(self.base_layer, "dequantize"):
             raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
-        for name in merge_weights(self, adapter_names or self.active_adapters, self.lora_A):
+        pending = [n for n in names if n in self.lora_B and n not in self.merged_adapters]
+        biased = [n for n in pending if self.lora_B[n].bias is not None]
+        if biased and getattr(self.base_layer, "bias", None) is None:  # PEFT raises the same RuntimeError
+            raise RuntimeError(f"cannot merge adapter {biased[0]!r}: it has lora_bias=True but the base "
+                               f"{type(self.base_layer).__name__} has no bias to add it to; use the adapter unmerged")
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names or self.active_adapters
+        self.check_mergeable(names)
+        for name in merge_weights(self, names, self.lora_A):
             if self.lora_B[name].bias is not None:
                 self.base_layer.bias.data += self.lora_B[name].bias.detach() * self.scaling[name]
 
@@ -246,6 +280,7 @@ class LoraEmbedding(nn.Module):
     def __init__(self, base_layer: nn.Embedding):
         super().__init__()
         self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim  # PEFT's names
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
@@ -256,13 +291,14 @@ class LoraEmbedding(nn.Module):
         self.disable_adapters = False
         self._merge_norms: dict[str, torch.Tensor] = {}
 
-    def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float, autocast_dtype: bool = True) -> None:
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported on embedding layers (as in HF PEFT)")
         weight = self.base_layer.weight
         vocab, dim = weight.shape
-        A = torch.empty(r, vocab, dtype=weight.dtype, device=weight.device)
-        B = torch.empty(dim, r, dtype=weight.dtype, device=weight.device)
+        dtype = adapter_dtype(weight.dtype, autocast_dtype)
+        A = torch.empty(r, vocab, dtype=dtype, device=weight.device)
+        B = torch.empty(dim, r, dtype=dtype, device=weight.device)
         if config.init_lora_weights is False:
             nn.init.normal_(A), nn.init.normal_(B)
         else:  # HF PEFT swaps the roles for embeddings: A zeros, B normal
@@ -272,7 +308,7 @@ class LoraEmbedding(nn.Module):
         self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, config.use_rslora)
         if config.use_dora:
             with torch.no_grad():
-                self.lora_magnitude_vector[name] = Magnitude(self.dora_norm(weight, name).to(weight.dtype))
+                self.lora_magnitude_vector[name] = Magnitude(self.dora_norm(weight, name).to(dtype))
         self.active_adapters = [name]
 
     def dora_norm(self, E: torch.Tensor, name: str) -> torch.Tensor:
@@ -294,9 +330,9 @@ class LoraEmbedding(nn.Module):
         after_A = F.embedding(ids, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type)
         lora = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
         if name not in self.lora_magnitude_vector:
-            return out + lora.to(out.dtype)
+            return out + lora  # in the adapter's dtype if wider: apply_adapters casts back
         mag = self.lora_magnitude_vector[name].weight / self.dora_norm(base.weight, name).detach()
-        return (mag * (out + lora)).to(out.dtype)
+        return mag * (out + lora)
 
     def forward(self, ids: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         return apply_adapters(self, self.base_layer(ids), ids, adapter_names, self.lora_embedding_A)
@@ -307,6 +343,9 @@ class LoraEmbedding(nn.Module):
 
     def dora_factor(self, name: str) -> torch.Tensor:
         return (self.lora_magnitude_vector[name].weight.detach() / self._merge_norms[name])[None, :]
+
+    def check_mergeable(self, names: list[str]) -> None:
+        """An embedding always takes its adapters (no lora_bias, no quantized tables)."""
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
         merge_weights(self, adapter_names or self.active_adapters, self.lora_embedding_A)
@@ -329,7 +368,8 @@ def delete_from(layer, name: str, containers) -> None:
 
 def apply_adapters(layer, out: torch.Tensor, x: torch.Tensor, adapter_names, known) -> torch.Tensor:
     """The base output plus the active adapters (or one adapter per row); merged or disabled: as is.
-    Shared by LoraLinear and LoraEmbedding; `known` holds the adapters this layer has."""
+    Shared by LoraLinear and LoraEmbedding; `known` holds the adapters this layer has. The sum is taken
+    in the adapters' dtype (fp32 adapters on a bf16 base) and cast to the base's once, as in PEFT."""
     if layer.disable_adapters or layer.merged_adapters:
         if layer.disable_adapters and layer.merged_adapters:
             raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
@@ -338,10 +378,11 @@ def apply_adapters(layer, out: torch.Tensor, x: torch.Tensor, adapter_names, kno
         return out
     if adapter_names is not None:
         return mixed_rows(out, x, adapter_names, known, layer.add_lora)
+    dtype = out.dtype
     for name in layer.active_adapters:
         if name in known:
             out = layer.add_lora(out, x, name)
-    return out
+    return out.to(dtype)
 
 
 # -- merge bookkeeping shared by LoraLinear and LoraEmbedding -------------------------------------
@@ -358,8 +399,9 @@ def merge_weights(layer, names: list[str], known) -> list[str]:
     the forward computes it). Shared by LoraLinear and LoraEmbedding. -> the names merged."""
     merged_now = []
     for name in names:
-        if name in layer.merged_adapters:
-            raise ValueError(f"adapter {name!r} is already merged into {type(layer.base_layer).__name__}")
+        if name in layer.merged_adapters:  # PEFT's check_adapters_to_merge warns and skips it too
+            warnings.warn(f"adapter {name!r} is already merged into {type(layer.base_layer).__name__}: nothing to do")
+            continue
         if name not in known:
             continue
         W = layer.base_layer.weight.detach()
@@ -404,7 +446,7 @@ def mixed_rows(out: torch.Tensor, x: torch.Tensor, adapter_names: list[str], kno
         if name == "__base__" or name not in known:
             continue
         rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-        out = out.index_copy(0, rows, add(out.index_select(0, rows), x.index_select(0, rows), name))
+        out = out.index_copy(0, rows, add(out.index_select(0, rows), x.index_select(0, rows), name).to(out.dtype))
     return out
 
 

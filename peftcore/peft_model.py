@@ -51,7 +51,12 @@ class LoraModel(nn.Module):
 
 
 class PeftModel(nn.Module):
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default"):
+    """`autocast_adapter_dtype` (here, in add_adapter, from_pretrained, load_adapter), as in PEFT: LoRA weights
+    on a float16 / bfloat16 base are kept in float32 (False: in the base's dtype). Prompt encoders are
+    float32 either way, as PEFT builds them."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         prompt_learning = isinstance(config, PromptLearningConfig)
         self.base_model = model if prompt_learning else LoraModel(model)
@@ -62,7 +67,7 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype)
 
     # -- adapters -------------------------------------------------------------------------------
     @property
@@ -85,7 +90,7 @@ class PeftModel(nn.Module):
     def adapter_layers(self):
         return [m for m in self.model.modules() if isinstance(m, (*LORA_LAYERS, ModulesToSave))]
 
-    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Inject a new, inactive adapter (the first one, made in __init__, is the active one)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
@@ -96,14 +101,24 @@ class PeftModel(nn.Module):
         if self.is_prompt_learning:
             self.add_prompt_adapter(adapter_name, config)
             return
+        self.check_one_bias(adapter_name, config)
         if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
             config.modules_to_save = list(config.modules_to_save or [])
             config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
-        inject_lora(self.model, config, adapter_name)
+        inject_lora(self.model, config, adapter_name, autocast_adapter_dtype)
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)  # as in PEFT, a new adapter waits for set_adapter() to run
+
+    def check_one_bias(self, adapter_name: str, config: LoraConfig) -> None:
+        """As PEFT's BaseTuner._check_new_adapter_config: one adapter at most trains base biases (two would
+        train, and each save, the same bias tensors)."""
+        other = next((n for n, c in self.peft_config.items() if c.bias != "none"), None)
+        if config.bias != "none" and other is not None:
+            raise ValueError(f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {other!r} trains "
+                             f"biases already (bias={self.peft_config[other].bias!r}): only one adapter may train "
+                             "biases, as in HF PEFT; set bias='none' for one of them")
 
     def add_prompt_adapter(self, adapter_name: str, config: PromptLearningConfig, loading: bool = False) -> None:
         fill_from_model(config, self.model)
@@ -125,10 +140,16 @@ class PeftModel(nn.Module):
             return
         for layer in self.adapter_layers():
             layer.active_adapters = [adapter_name]
-            for name in getattr(layer, "r", None) or getattr(layer, "modules_to_save", {}):
+            for name in adapters_of(layer):
                 for p in layer.adapter_params(name):
                     p.requires_grad_(name == adapter_name and not config.inference_mode)
         self.set_bias_trainable(config)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every tensor adapter `adapter_name` trains (LoRA factors, magnitudes, modules_to_save copies, prompts)."""
+        if self.is_prompt_learning:
+            return list(self.prompt_encoder[adapter_name].parameters())
+        return [p for layer in self.adapter_layers() for p in layer.adapter_params(adapter_name)]
 
     def set_bias_trainable(self, config: LoraConfig) -> None:
         trainable = not config.inference_mode
@@ -158,7 +179,11 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the block (merged adapters are unmerged first, as in PEFT)."""
+        """Run the base model alone inside the block (merged adapters are unmerged first, as in PEFT).
+
+        LoRA: as in PEFT, no adapter trains inside (a step there would move weights that took no part in the
+        output); on exit each trains as before. PEFT re-enables all of them on exit, even adapters loaded for
+        inference; we restore what was set. Prompt encoders keep requires_grad, as in PEFT."""
         if self.is_prompt_learning:
             self.prompt_disabled = True
             try:
@@ -169,13 +194,18 @@ class PeftModel(nn.Module):
         if any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):
             self.unmerge_adapter()
         layers = self.adapter_layers()
+        training = [p for name in self.peft_config for p in self.adapter_parameters(name) if p.requires_grad]
         for layer in layers:
             layer.disable_adapters = True
+        for p in training:
+            p.requires_grad_(False)
         try:
             yield
         finally:
             for layer in layers:
                 layer.disable_adapters = False
+            for p in training:
+                p.requires_grad_(True)
 
     # -- merging --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
@@ -183,9 +213,11 @@ class PeftModel(nn.Module):
             raise TypeError("prompt methods add inputs, not weights: there is nothing to merge")
         names = adapter_names or [self.active_adapter]
         self.check_known(names)
-        for layer in self.adapter_layers():
-            if isinstance(layer, LORA_LAYERS):
-                layer.merge(names)
+        layers = [layer for layer in self.adapter_layers() if isinstance(layer, LORA_LAYERS)]
+        for layer in layers:  # every layer first: a refusal in the last one must not leave the others merged
+            layer.check_mergeable(names)
+        for layer in layers:
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         for layer in self.adapter_layers():
@@ -295,25 +327,29 @@ class PeftModel(nn.Module):
                 adapter_io.save_adapter(self, folder, name, self.peft_config[name])
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False) -> "PeftModel":
+    def from_pretrained(cls, model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False,
+                        autocast_adapter_dtype: bool = True) -> "PeftModel":
         config = prepare_loaded_config(folder, is_trainable)
         if isinstance(config, PromptLearningConfig):
             peft_model = cls(model, replace(config, prompt_tuning_init="RANDOM") if hasattr(config, "prompt_tuning_init") else config, adapter_name)
             peft_model.peft_config[adapter_name] = config
             adapter_io.load_prompt_adapter(peft_model.prompt_encoder[adapter_name], folder)
         else:
-            peft_model = cls(model, config, adapter_name)
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
             adapter_io.load_adapter_weights(peft_model, folder, adapter_name, peft_model.peft_config[adapter_name])
         return peft_model if is_trainable else peft_model.eval()  # PEFT: loaded for inference, dropout off
 
-    def load_adapter(self, folder, adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(self, folder, adapter_name: str, is_trainable: bool = False,
+                     autocast_adapter_dtype: bool = True) -> None:
+        """Load an adapter beside the others; it does not become the active one (PEFT's behaviour), but with
+        is_trainable it trains (as in PEFT), the others keeping their requires_grad."""
         config = prepare_loaded_config(folder, is_trainable)
         if isinstance(config, PromptLearningConfig) and self.is_prompt_learning:
             if adapter_name in self.peft_config:
                 raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
             self.add_prompt_adapter(adapter_name, config, loading=True)
         else:
-            self.add_adapter(adapter_name, config)  # loading does not switch adapters (PEFT's behaviour)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype)
         try:
             if self.is_prompt_learning:
                 adapter_io.load_prompt_adapter(self.prompt_encoder[adapter_name], folder)
@@ -322,14 +358,19 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
             raise
-        if not is_trainable:
+        if is_trainable:  # add_adapter froze it, as every adapter but the active one
+            for p in self.adapter_parameters(adapter_name):
+                p.requires_grad_(True)
+            if not self.is_prompt_learning:
+                self.set_bias_trainable(config)
+        else:
             self.eval()
 
 
 def prepare_loaded_config(folder, is_trainable: bool) -> PeftConfig:
     """The saved config, set for inference or training. A reparameterised prompt (P-tuning, a prefix
     projection) can only resume training when its encoder weights were saved too."""
-    config = adapter_io.config_from_dict(adapter_io.read_adapter_config(folder))
+    config = adapter_io.load_config(folder)
     reparameterized = getattr(config, "encoder_reparameterization_type", None) is not None or getattr(config, "prefix_projection", False)
     if is_trainable and reparameterized and not adapter_io.has_encoder_weights(folder):
         raise ValueError(
@@ -340,5 +381,11 @@ def prepare_loaded_config(folder, is_trainable: bool) -> PeftConfig:
     return config
 
 
-def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    return PeftModel(model, config, adapter_name)
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    return PeftModel(model, config, adapter_name, autocast_adapter_dtype)
+
+
+def adapters_of(layer: nn.Module):
+    """The adapter names a LoRA layer or modules_to_save wrapper holds."""
+    return getattr(layer, "r", None) or getattr(layer, "modules_to_save", {})

@@ -176,3 +176,26 @@ def test_nearest_tokens_chunk_by_chunk_equal_one_pass_over_the_vocabulary():
     full = torch.nn.functional.normalize(prompts, dim=-1) @ torch.nn.functional.normalize(vocab.float(), dim=-1).T
     torch.testing.assert_close(cosine, full.topk(6, dim=-1).values)
     torch.testing.assert_close(norms, vocab.float().norm(dim=-1))
+
+
+def test_a_bin_prompt_adapter_reads_like_its_safetensors_twin(tmp_path):
+    """PEFT's safe_serialization=False writes adapter_model.bin: inspect reads it through the one adapter
+    reader (torch.load with weights_only=True), with the same prompts as the safetensors file."""
+    import shutil
+
+    import torch
+
+    from peftcore.adapter_io import WEIGHTS_NAME
+    from peftcore.inspect_prompt import PROMPT_KEY, read_prompt_adapter
+    from peftcore.models import safetensors_io
+
+    safe = tmp_path / "safe"
+    safe.mkdir()
+    (safe / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": 4}')
+    prompts = torch.randn(3, 4)
+    safetensors_io.write({PROMPT_KEY: prompts}, safe / WEIGHTS_NAME)
+    legacy = tmp_path / "bin"
+    shutil.copytree(safe, legacy)
+    (legacy / WEIGHTS_NAME).unlink()
+    torch.save({PROMPT_KEY: prompts}, legacy / "adapter_model.bin")
+    torch.testing.assert_close(read_prompt_adapter(legacy)[1], read_prompt_adapter(safe)[1], atol=0, rtol=0)

@@ -175,7 +175,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     losses = lambda p: [json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
     code, _, err = run("train", "--output-dir", tmp_path / "part", *args)
-    assert code == 1 and "holds a run already: pass --resume" in err
+    assert code == 2 and f"{tmp_path / 'part'} is not empty (" in err and "pass --resume to continue" in err
 
 
 def test_a_bad_data_line_exits_2_before_any_model_loads(tmp_path, monkeypatch):

@@ -151,3 +151,14 @@ def test_errors(tmp_path):
 def test_an_unknown_task_type_is_a_clear_error_for_prompt_methods_too():
     with pytest.raises(ValueError, match="task_type 'TOKEN_CLS' is not supported; supported: CAUSAL_LM"):
         PromptTuningConfig(num_virtual_tokens=3, task_type="TOKEN_CLS")
+
+
+@pytest.mark.parametrize("is_trainable", [True, False])
+def test_load_adapter_trains_a_loaded_prompt_when_asked(tmp_path, is_trainable):
+    """PEFT 0.21.2 refuses is_trainable for prompt adapters; ours resumes them, so the flag must hold here too."""
+    get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3)).save_pretrained(tmp_path)
+    pm = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    pm.load_adapter(tmp_path, "other", is_trainable=is_trainable)
+    trained = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
+    assert trained == (["prompt_encoder.other.embedding.weight"] if is_trainable else [])
+    assert pm.active_adapter == "default"
