@@ -324,7 +324,7 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
     config = read_json_object(config_file)
     info_file = adapter_dir / RECIPE_FILE
     if info_file.is_file():
-        info = read_json_object(info_file)
+        info = check_adapter_info(read_json_object(info_file), info_file)
     else:  # an adapter from elsewhere (HF PEFT): defaults
         from dataclasses import asdict
 
@@ -332,6 +332,19 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
                           "quantize": None, "group_size": None, "double_quant": False, "device": "auto", "threads": 0},
                 "data": {"template": asdict(PromptTemplate()), "max_length": 512}, "eval": {}}
     return config, info
+
+
+def check_adapter_info(info: dict, path: Path) -> dict:
+    """The sections a loaded adapter reads (model.task, data.template): a hand-edited or foreign file is
+    an error naming it, not a KeyError later."""
+    model, data = info.get("model"), info.get("data")
+    missing = [name for name, ok in (("model.task", isinstance(model, dict) and "task" in model),
+                                     ("data.template", isinstance(data, dict) and isinstance(data.get("template"), dict)))
+               if not ok]
+    if missing:
+        raise TaskError(f"{path}: no {', '.join(missing)}: not a recipe record written by `peftcore train`; "
+                        f"delete {path.name} to load the folder as a plain (HF PEFT) adapter")
+    return info
 
 
 def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool = False, log=print) -> Loaded:

@@ -158,3 +158,11 @@ def test_an_adapter_config_that_is_not_utf8_names_the_file(tmp_path):
     with pytest.raises(TaskError, match=r"adapter_config\.json:2: not valid UTF-8") as excinfo:
         read_adapter_info(folder)
     one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("recipe", ['{}', '{"model": {"task": "CAUSAL_LM"}}', '{"model": [], "data": {"template": {}}}'])
+def test_a_recipe_record_without_the_sections_a_load_reads_names_the_file(tmp_path, recipe):
+    folder = adapter_folder(tmp_path, '{"peft_type": "LORA"}', recipe)
+    with pytest.raises(TaskError, match=r"peftcore_recipe\.json: no (model\.task|data\.template)") as excinfo:
+        read_adapter_info(folder)
+    assert "delete peftcore_recipe.json" in one_line_error(excinfo)
