@@ -10,6 +10,7 @@ import os
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every kernel module takes, on either path
 
 try:  # triton is a Linux-only dependency; elsewhere every call takes the torch reference
     import triton  # noqa: F401
@@ -30,8 +31,3 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     on_cpu = all(t.device.type == "cpu" for t in tensors)
     return on_cuda or (INTERPRET and on_cpu)
-
-
-def dot_upcast() -> bool:
-    """The interpreter's tl.dot multiplies bf16 bit patterns as integers (triton #11584): upcast there."""
-    return INTERPRET

@@ -32,71 +32,41 @@ import torch.nn.functional as F
 from . import dispatch
 
 R_MAX = 128  # the (BLOCK_M, r_pad) fp32 accumulator lives in registers beside the output tile
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)  # tl.dot's minimum is 16
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)  # tl.dot's minimum is 16
 
 if dispatch.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    # The kernels avoid triton.language's own @jit helpers (tl.cdiv, tl.zeros, tl.sum, ...; hence
-    # tl.full and (a + b - 1) // b): those are decorated when triton is imported, so when
-    # TRITON_INTERPRET=1 is set later (a test that reloads this module) they stay compiled-mode
-    # functions that the interpreter refuses to call (checked on triton 3.9).
-    # INTERP_BF16 (interpreting, bf16 operands) works around the interpreter's two bf16 faults.
-    @triton.jit
-    def _dot(a, b, acc, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
-        """acc + a @ b. The interpreter multiplies bf16 bit patterns as integers (triton #11584): upcast."""
-        if INTERP_BF16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+    # dot, cast (INTERPRET_BF16: the interpreter's bf16 faults), grouped_tile and the rules these
+    # kernels follow under the interpreter: _triton.py
+    from ._triton import cast, dot, grouped_tile, interpret_bf16, is_hopper, m_bucket, r_pad, tile_grid
 
     @triton.jit
-    def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-        """fp32 x to dtype, rounding to nearest even as GPUs do. The interpreter's fp32 -> bf16 cast
-        truncates (interpreter._convert_float without a rounding mode: up to 1 ulp, always toward
-        zero), so the CPU run would not show the GPU's numbers; round the fp32 bits by hand there."""
-        if INTERP_BF16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)  # now exactly a bf16 value: the truncating cast is exact
-        return x.to(dtype)
-
-    @triton.jit
-    def _dot_lowrank_left(x32, b, acc, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    def _dot_lowrank_left(x32, b, acc, INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr):
         """acc + x32 @ b: x32 an fp32 rank-r intermediate (s h or s dY B), b in the compute dtype.
         An fp16/bf16 dot needs x32 in b's dtype; rounding it once (as torch's bf16 path rounds h and
         dY B) made errors relative to the sum of |terms|, which broke the fp16 tolerance on cancelling
         dA entries (hypothesis, 300 examples). As hi + lo it keeps ~2x the mantissa bits, at the
         price of one more small (r-deep) dot, outside the main loops except for dB's owner programs."""
         if b.dtype == tl.float32:
-            acc = _dot(x32, b, acc, INTERP_BF16, PRECISION)
+            acc = dot(x32, b, acc, INTERPRET_BF16, PRECISION)
         else:
-            hi = _cast(x32, b.dtype, INTERP_BF16)
-            lo = _cast(x32 - hi.to(tl.float32), b.dtype, INTERP_BF16)
-            acc = _dot(lo, b, _dot(hi, b, acc, INTERP_BF16, PRECISION), INTERP_BF16, PRECISION)
+            hi = cast(x32, b.dtype, INTERPRET_BF16)
+            lo = cast(x32 - hi.to(tl.float32), b.dtype, INTERPRET_BF16)
+            acc = dot(lo, b, dot(hi, b, acc, INTERPRET_BF16, PRECISION), INTERPRET_BF16, PRECISION)
         return acc
 
     @triton.jit
-    def _dot_lowrank_right(a, x32, acc, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    def _dot_lowrank_right(a, x32, acc, INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr):
         """acc + a @ x32, x32 fp32 split as in _dot_lowrank_left."""
         if a.dtype == tl.float32:
-            acc = _dot(a, x32, acc, INTERP_BF16, PRECISION)
+            acc = dot(a, x32, acc, INTERPRET_BF16, PRECISION)
         else:
-            hi = _cast(x32, a.dtype, INTERP_BF16)
-            lo = _cast(x32 - hi.to(tl.float32), a.dtype, INTERP_BF16)
-            acc = _dot(a, lo, _dot(a, hi, acc, INTERP_BF16, PRECISION), INTERP_BF16, PRECISION)
+            hi = cast(x32, a.dtype, INTERPRET_BF16)
+            lo = cast(x32 - hi.to(tl.float32), a.dtype, INTERPRET_BF16)
+            acc = dot(a, lo, dot(a, hi, acc, INTERPRET_BF16, PRECISION), INTERPRET_BF16, PRECISION)
         return acc
-
-    @triton.jit
-    def _grouped_tile(pid, num_rows, num_cols, GROUP_M: tl.constexpr):
-        """(row block, col block) of program `pid`, walking GROUP_M row blocks per column so the
-        column operand's tiles are reused from L2 (the ordering of Triton's matmul tutorial)."""
-        width = GROUP_M * num_cols
-        first = (pid // width) * GROUP_M
-        size = tl.minimum(num_rows - first, GROUP_M)
-        return first + (pid % width) % size, (pid % width) // size
 
     @triton.jit
     def _lora_fwd_kernel(
@@ -105,11 +75,11 @@ if dispatch.HAS_TRITON:
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
         stride_ym, stride_yn, M_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_H: tl.constexpr, R_PAD: tl.constexpr,
-        INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+        INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         num_m, num_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
-        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: rm * K passes 2**31 at M*K >= 2**31
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, R_PAD)
@@ -126,11 +96,11 @@ if dispatch.HAS_TRITON:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(x, w, acc, INTERP_BF16, PRECISION)
+            acc = dot(x, w, acc, INTERPRET_BF16, PRECISION)
             if HAS_MASK:  # zero the dropped inputs; the 1/(1-p) is applied once to h, in fp32
                 keep = tl.load(keep_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
                 x = tl.where(keep != 0, x, 0.0)
-            acc_h = _dot(x, a, acc_h, INTERP_BF16, PRECISION)
+            acc_h = dot(x, a, acc_h, INTERPRET_BF16, PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
             a_ptrs += BLOCK_K * stride_ak
@@ -141,11 +111,11 @@ if dispatch.HAS_TRITON:
                 tl.store(h_ptr + rm[:, None] * r + rr[None, :], h, mask=m_ok[:, None] & r_ok[None, :])
         b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # (R, BN): B^T
-        acc = _dot_lowrank_left(h * scaling, b, acc, INTERP_BF16, PRECISION)  # s on (BM, R), not (BM, BN)
+        acc = _dot_lowrank_left(h * scaling, b, acc, INTERPRET_BF16, PRECISION)  # s on (BM, R), not (BM, BN)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-        tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _lora_bwd_kernel(
@@ -154,12 +124,12 @@ if dispatch.HAS_TRITON:
         stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
         stride_xm, stride_xk, stride_dxm, stride_dxk, M_BUCKET,
         HAS_MASK: tl.constexpr, NEED_DX: tl.constexpr, NEED_DLORA: tl.constexpr, R_PAD: tl.constexpr,
-        INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+        INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """One program per (BLOCK_M, BLOCK_K) tile of dX, looping over N (see LoraMatmulFunction)."""
         num_k = (K + BLOCK_K - 1) // BLOCK_K
-        pid_m, pid_k = _grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, num_k, GROUP_M)
+        pid_m, pid_k = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, num_k, GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rr = tl.arange(0, R_PAD)
@@ -177,9 +147,9 @@ if dispatch.HAS_TRITON:
             dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             if NEED_DX:
                 w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _dot(dy, w, acc, INTERP_BF16, PRECISION)
+                acc = dot(dy, w, acc, INTERPRET_BF16, PRECISION)
             b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            g = _dot(dy, b, g, INTERP_BF16, PRECISION)
+            g = dot(dy, b, g, INTERPRET_BF16, PRECISION)
             # dB += s dY^T h for this column block, while dY is in registers: one owner per column
             # block, spread round-robin over the K blocks so no program does all of them. h is
             # loaded here (an L2 hit) rather than held across the loop: that cut spills (ptxas, sm90)
@@ -187,7 +157,7 @@ if dispatch.HAS_TRITON:
                 if n_idx % num_k == pid_k:
                     hs = tl.load(h_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0) * scaling
                     part = tl.full((BLOCK_N, R_PAD), 0.0, tl.float32)
-                    part = _dot_lowrank_right(tl.trans(dy), hs, part, INTERP_BF16, PRECISION)
+                    part = _dot_lowrank_right(tl.trans(dy), hs, part, INTERPRET_BF16, PRECISION)
                     db_ptrs = db_ptr + (n_idx * BLOCK_N + rn)[:, None] * r + rr[None, :]
                     tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
             dy_ptrs += BLOCK_N * stride_dyn
@@ -201,24 +171,20 @@ if dispatch.HAS_TRITON:
             a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # (R, BK)
             lora = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
-            lora = _dot_lowrank_left(gs, a, lora, INTERP_BF16, PRECISION)
+            lora = _dot_lowrank_left(gs, a, lora, INTERPRET_BF16, PRECISION)
             if HAS_MASK:
                 lora = tl.where(keep, lora * inv_keep, 0.0)
             acc += lora
             dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
-            tl.store(dx_ptrs, _cast(acc, dtype, INTERP_BF16), mask=mk)
+            tl.store(dx_ptrs, cast(acc, dtype, INTERPRET_BF16), mask=mk)
         if NEED_DLORA:  # dA[:, k block] += (s dY B)^T dropout(x), summed over row blocks by atomics
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mk, other=0.0)
             if HAS_MASK:
                 x = tl.where(keep, x, 0.0)
             part = tl.full((R_PAD, BLOCK_K), 0.0, tl.float32)
-            part = _dot_lowrank_left(tl.trans(gs), x, part, INTERP_BF16, PRECISION)
+            part = _dot_lowrank_left(tl.trans(gs), x, part, INTERPRET_BF16, PRECISION)
             tl.atomic_add(da_ptr + rr[:, None] * K + rk[None, :], part * inv_keep,
                           mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
-
-
-def _r_pad(r: int) -> int:
-    return max(16, 1 << (r - 1).bit_length())  # tl.dot needs every dimension >= 16; arange a power of 2
 
 
 def _configs(backward: bool) -> list:
@@ -228,7 +194,7 @@ def _configs(backward: bool) -> list:
     Small BLOCK_M tiles serve decode-sized M, where the W read dominates."""
     tiles = [(128, 128, 32, 4, 4), (128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
              (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4)]
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+    if is_hopper():
         tiles += [(128, 256, 64, 3, 8), (64, 256, 64, 4, 8)]
     out, loop = ("BLOCK_K", "BLOCK_N") if backward else ("BLOCK_N", "BLOCK_K")
     return [triton.Config({"BLOCK_M": bm, out: bo, loop: bl, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -238,9 +204,9 @@ def _configs(backward: bool) -> list:
 def _prune(configs, named_args, out_block: str, **kwargs) -> list:
     """Drop tiles whose fp32 accumulators (output tile + the (BLOCK_M, r_pad) LoRA tile) exceed ~160
     registers per thread: past that they spill (255 is the hardware cap, operands need the rest)."""
-    r_pad = kwargs["R_PAD"]
+    pad = kwargs["R_PAD"]
     fits = [c for c in configs
-            if c.kwargs["BLOCK_M"] * (c.kwargs[out_block] + r_pad) / (32 * c.num_warps) <= 160]
+            if c.kwargs["BLOCK_M"] * (c.kwargs[out_block] + pad) / (32 * c.num_warps) <= 160]
     return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs[out_block])]
 
 
@@ -262,19 +228,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _launch(backward: bool, grid_cols: int, M: int, args: tuple, consts: dict) -> None:
     dtype = args[0].dtype
-    consts = dict(consts, PRECISION=_precision(dtype),
-                  INTERP_BF16=dispatch.dot_upcast() and dtype == torch.bfloat16)
-    col_block = "BLOCK_K" if backward else "BLOCK_N"
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(grid_cols, meta[col_block]),)
-
-    m_bucket = triton.next_power_of_2(M)  # tune per size class of M, not per sequence length
+    consts = dict(consts, PRECISION=_precision(dtype), INTERPRET_BF16=interpret_bf16(dtype))
+    grid = tile_grid(M, grid_cols, "BLOCK_K" if backward else "BLOCK_N")
     if dispatch.interpreting():  # no benchmarking on CPU: fixed small blocks
         kernel = _lora_bwd_kernel if backward else _lora_fwd_kernel
-        kernel[grid](*args, m_bucket, **consts, **INTERPRET_BLOCKS)
+        kernel[grid](*args, m_bucket(M), **consts, **INTERPRET_CONFIG)
     else:
-        _tuned(backward)[grid](*args, m_bucket, **consts)
+        _tuned(backward)[grid](*args, m_bucket(M), **consts)
 
 
 def _inv_keep(p: float) -> float:
@@ -298,7 +258,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, keep, inv_keep, store_h: 
             y, y if h is None else h, M, N, K, r, float(scaling), inv_keep,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1))
-    consts = dict(HAS_BIAS=bias is not None, HAS_MASK=keep is not None, STORE_H=store_h, R_PAD=_r_pad(r))
+    consts = dict(HAS_BIAS=bias is not None, HAS_MASK=keep is not None, STORE_H=store_h, R_PAD=r_pad(r))
     _launch(False, N, M, args, consts)
     return y, h
 
@@ -317,7 +277,7 @@ def _backward(dy, x, weight, lora_A, lora_B, keep, h, scaling, inv_keep, need_dx
             M, N, K, r, float(scaling), inv_keep,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), x.stride(0), x.stride(1), dx_.stride(0), dx_.stride(1))
-    consts = dict(HAS_MASK=keep is not None, NEED_DX=need_dx, NEED_DLORA=need_dlora, R_PAD=_r_pad(r))
+    consts = dict(HAS_MASK=keep is not None, NEED_DX=need_dx, NEED_DLORA=need_dlora, R_PAD=r_pad(r))
     _launch(True, K, M, args, consts)
     return dx, da, db
 
@@ -396,8 +356,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
     for name, t in named.items():
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             fail(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; cast them to one dtype")
-    if x.dtype not in DTYPES:
-        fail(f"x is {x.dtype}; supported dtypes are {DTYPES}")
+    if x.dtype not in dispatch.DTYPES:
+        fail(f"x is {x.dtype}; supported dtypes are {dispatch.DTYPES}")
     if not 0.0 <= dropout_p <= 1.0:
         fail(f"dropout_p must be in [0, 1], got {dropout_p}")
 

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAS_TRITON, use_triton
+from .dispatch import DTYPES, HAS_TRITON, use_triton
 from .quant import Int4Weight, Int8Weight, NF4Weight, int4_dequantize, int8_dequantize, nf4_dequantize
 
 if HAS_TRITON:
     from . import quant_matmul_kernels as kernels
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QuantWeight = NF4Weight | Int4Weight | Int8Weight
 
 

@@ -34,7 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_upcast, interpreting
+# dot, cast (INTERPRET_BF16: the interpreter's bf16 faults), grouped_tile and the rules these
+# kernels follow under the interpreter: _triton.py
+from ._triton import DOT_MIN, cast, dot, grouped_tile, interpret_bf16, is_hopper, m_bucket, r_pad, tile_grid
+from .dispatch import interpreting
 from .quant import NF4_CODE, NF4Weight, dynamic_map
 
 NF4, INT4 = 0, 1  # FORMAT constexpr values
@@ -42,9 +45,6 @@ SKINNY_M = 16  # decode: one BLOCK_M = 16 tile (the smallest tl.dot M) covers th
 MAX_SPLIT_K = 16
 
 
-# The kernels avoid triton.language's own @jit helpers (tl.cdiv, tl.zeros, ...): those are
-# decorated when triton is imported, so when TRITON_INTERPRET=1 is set later (a test that reloads
-# this module) they stay compiled-mode functions that the interpreter refuses to call.
 NF4_VALUES = tl.constexpr(NF4_CODE)
 
 
@@ -116,32 +116,6 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, offs_n, n_mask, k0, K,
     return w
 
 
-# The interpreter gets bf16 wrong twice: tl.dot multiplies bf16 bit patterns as integers (triton
-# #11584), and its fp32 -> bf16 cast truncates (runtime/interpreter.py's cast_impl passes no rounding
-# mode; 525 of 1024 random values came out one ulp low). The launchers set the constexpr
-# INTERPRET_BF16 when interpreting bf16, and then dots run in fp32 and casts round in integer ops.
-@triton.jit
-def _mma(a, b, acc, INTERPRET_BF16: tl.constexpr):
-    """acc + a @ b."""
-    if INTERPRET_BF16:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        out = tl.dot(a, b, acc)
-    return out
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """fp32 v -> dtype, rounding to nearest even (as torch's .to())."""
-    if INTERPRET_BF16 and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round the low 16 bits half to even (finite values)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = v.to(dtype)
-    return out
-
-
 @triton.jit
 def _lora_epilogue(acc, l_ptr, r_ptr, offs_m, m_mask, offs_o, o_mask, R, stride_lm, stride_lr,
                    stride_rr, stride_ro, lora_scale, R_PAD: tl.constexpr, INTERPRET_BF16: tl.constexpr):
@@ -152,19 +126,8 @@ def _lora_epilogue(acc, l_ptr, r_ptr, offs_m, m_mask, offs_o, o_mask, R, stride_
                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     right = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_o.to(tl.int64)[None, :] * stride_ro,
                     mask=r_mask[:, None] & o_mask[None, :], other=0.0)
-    lora = _mma(left, right, tl.full(acc.shape, 0.0, tl.float32), INTERPRET_BF16)
+    lora = dot(left, right, tl.full(acc.shape, 0.0, tl.float32), INTERPRET_BF16)
     return acc + lora_scale * lora
-
-
-@triton.jit
-def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped order: GROUP_M row tiles share each column tile while it is in L2."""
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -175,7 +138,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, bias_ptr, l_ptr, r_
                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, INTERPRET_BF16: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out[split] = x[:, ks] @ W'[:, ks]^T over split program_id(1)'s K range; split 0 adds bias + LoRA."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,7 +151,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, bias_ptr, l_ptr, r_
         x = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=m_mask[:, None], other=0.0)
         w = _weight_tile(w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, offs_n, n_mask, k0, K,
                          FORMAT, DOUBLE_QUANT, GROUP, BLOCK_N, BLOCK_K)
-        acc = _mma(x, tl.trans(_cast(w, x.dtype, INTERPRET_BF16)), acc, INTERPRET_BF16)
+        acc = dot(x, tl.trans(cast(w, x.dtype, INTERPRET_BF16)), acc, INTERPRET_BF16)
     if pid_k == 0:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -196,7 +159,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, bias_ptr, l_ptr, r_
             acc = _lora_epilogue(acc, l_ptr, r_ptr, offs_m, m_mask, offs_n, n_mask, R, stride_lm, stride_lr,
                                  stride_rr, stride_ro, lora_scale, R_PAD, INTERPRET_BF16)
     out = out_ptr + pid_k * stride_split + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, _cast(acc, out_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -209,7 +172,7 @@ def _qmm_t_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, l_ptr, r_ptr, ou
 
     The weight tile is the same (BLOCK_N, BLOCK_K) tile the forward reads, used untransposed.
     """
-    pid_m, pid_k = _tile_ids(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, K // BLOCK_K, GROUP_M)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, K // BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
@@ -221,12 +184,12 @@ def _qmm_t_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, l_ptr, r_ptr, ou
         dy = tl.load(dy_rows + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         w = _weight_tile(w_ptr, s_ptr, z_ptr, o_ptr, dmap_ptr, offs_n, n_mask, pid_k * BLOCK_K, K,
                          FORMAT, DOUBLE_QUANT, GROUP, BLOCK_N, BLOCK_K)
-        acc = _mma(dy, _cast(w, dy.dtype, INTERPRET_BF16), acc, INTERPRET_BF16)
+        acc = dot(dy, cast(w, dy.dtype, INTERPRET_BF16), acc, INTERPRET_BF16)
     if HAS_LORA:
         acc = _lora_epilogue(acc, l_ptr, r_ptr, offs_m, m_mask, offs_k, offs_k < K, R, stride_lm, stride_lr,
                              stride_rr, stride_ro, lora_scale, R_PAD, INTERPRET_BF16)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
-    tl.store(out, _cast(acc, out_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_mask[:, None])
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_mask[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,13 +237,13 @@ def supports(qweight) -> bool:
     K = qweight.shape[1]
     if isinstance(qweight, NF4Weight):
         return K % 64 == 0
-    return block_k_cap(K, qweight.group_size) >= 16
+    return block_k_cap(K, qweight.group_size) >= DOT_MIN
 
 
 def _arch_prune(hopper: list, ampere: list):
     """early_config_prune: keep this GPU's list, lower BLOCK_K to block_k_cap, drop duplicates."""
     def prune(configs, named_args, **kwargs):
-        keep = hopper if torch.cuda.get_device_capability()[0] >= 9 else ampere
+        keep = hopper if is_hopper() else ampere
         cap = block_k_cap(named_args["K"], kwargs["GROUP"])
         seen, out = set(), []
         for c in configs:
@@ -330,16 +293,11 @@ def lora_args(left, right_t, scale) -> tuple[list[torch.Tensor | None], dict]:
     """Pointer args and constexprs for the epilogue L (M, r) @ Rt (r, out), any strides."""
     if left is None:
         return [None, None], dict(R=0, stride_lm=0, stride_lr=0, stride_rr=0, stride_ro=0, lora_scale=0.0,
-                                  R_PAD=16, HAS_LORA=False)
+                                  R_PAD=r_pad(0), HAS_LORA=False)
     r = left.shape[1]
     return [left, right_t], dict(R=r, stride_lm=left.stride(0), stride_lr=left.stride(1),
                                  stride_rr=right_t.stride(0), stride_ro=right_t.stride(1),
-                                 lora_scale=float(scale), R_PAD=max(16, triton.next_power_of_2(r)), HAS_LORA=True)
-
-
-def _m_bucket(M: int) -> int:
-    """Autotune key for M: powers of two, so a new sequence length does not re-tune."""
-    return min(triton.next_power_of_2(M), 8192)
+                                 lora_scale=float(scale), R_PAD=r_pad(r), HAS_LORA=True)
 
 
 def _split_k(N: int, K: int, k_unit: int, device: torch.device) -> tuple[int, int]:
@@ -365,10 +323,6 @@ def _launch(tuned, grid, args: tuple, meta: dict, k_cap: int) -> None:
         tuned[grid](*args, **meta)
 
 
-def _interpret_bf16(dtype: torch.dtype) -> bool:
-    return dot_upcast() and dtype == torch.bfloat16
-
-
 def forward(x: torch.Tensor, qweight, bias, lora_left, lora_right_t, scale: float) -> torch.Tensor:
     """x (M, K), unit stride along K -> (M, N) in x.dtype. lora_right_t is B^T (r, N), any strides."""
     M, K = x.shape
@@ -384,10 +338,9 @@ def forward(x: torch.Tensor, qweight, bias, lora_left, lora_right_t, scale: floa
         splits, k_per_split = 1, K
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     target = out if splits == 1 else torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
-    args = (x, *w_tensors, bias, *lora_tensors, target, M, N, K, k_per_split, _m_bucket(M), x.stride(0), N, M * N)
-    meta = dict(**fmt, **lora_meta, HAS_BIAS=bias is not None, INTERPRET_BF16=_interpret_bf16(x.dtype))
-    grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), splits)  # noqa: E731
-    _launch(_qmm_skinny if skinny else _qmm_tiled, grid, args, meta, k_cap)
+    args = (x, *w_tensors, bias, *lora_tensors, target, M, N, K, k_per_split, m_bucket(M), x.stride(0), N, M * N)
+    meta = dict(**fmt, **lora_meta, HAS_BIAS=bias is not None, INTERPRET_BF16=interpret_bf16(x.dtype))
+    _launch(_qmm_skinny if skinny else _qmm_tiled, tile_grid(M, N, "BLOCK_N", splits), args, meta, k_cap)
     if splits > 1:
         out.copy_(target.sum(dim=0))
     return out
@@ -400,8 +353,7 @@ def transposed(dy: torch.Tensor, qweight, lora_left, lora_right, scale: float) -
     w_tensors, fmt = weight_args(qweight)
     lora_tensors, lora_meta = lora_args(lora_left, lora_right, scale)
     out = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-    args = (dy, *w_tensors, *lora_tensors, out, M, N, K, _m_bucket(M), dy.stride(0), K)
-    meta = dict(**fmt, **lora_meta, INTERPRET_BF16=_interpret_bf16(dy.dtype))
-    grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * (K // c["BLOCK_K"]),)  # noqa: E731
-    _launch(_qmm_t, grid, args, meta, block_k_cap(K, fmt["GROUP"]))
+    args = (dy, *w_tensors, *lora_tensors, out, M, N, K, m_bucket(M), dy.stride(0), K)
+    meta = dict(**fmt, **lora_meta, INTERPRET_BF16=interpret_bf16(dy.dtype))
+    _launch(_qmm_t, tile_grid(M, K, "BLOCK_K"), args, meta, block_k_cap(K, fmt["GROUP"]))
     return out

@@ -15,7 +15,7 @@ from tests.tolerances import assert_close
 pytest.importorskip("triton")
 import peftcore.kernels.quant_matmul_kernels as quant_kernels_module  # noqa: E402  (needs triton)
 
-MODULES = (dispatch, quant_kernels_module, quant_matmul_module, lora_matmul_module)
+MODULES = (quant_kernels_module, quant_matmul_module, lora_matmul_module)
 
 
 @pytest.fixture(scope="module")

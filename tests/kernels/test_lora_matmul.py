@@ -3,10 +3,6 @@ of the torch reference, odd shapes, three dtypes, bias, dropout (one mask for fo
 The `lm` fixture runs the module through the interpreter (tests/kernels/interpreter.py) and wraps
 the kernels in launch counters, to prove the Triton path ran.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given
@@ -16,7 +12,7 @@ pytest.importorskip("triton")  # Linux-only dependency; elsewhere every call tak
 
 import peftcore.kernels.dispatch as dispatch  # noqa: E402
 import peftcore.kernels.lora_matmul as lora_matmul_module  # noqa: E402
-from tests.kernels.interpreter import triton_interpreter  # noqa: E402
+from tests.kernels.interpreter import run_compiled, triton_interpreter  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -35,7 +31,7 @@ class LaunchCounter:
 
 @pytest.fixture(scope="module")
 def lm():
-    with triton_interpreter(dispatch, lora_matmul_module) as (_, module):
+    with triton_interpreter(lora_matmul_module) as (module,):
         module._lora_fwd_kernel = LaunchCounter(module._lora_fwd_kernel)
         module._lora_bwd_kernel = LaunchCounter(module._lora_bwd_kernel)
         yield module
@@ -248,7 +244,7 @@ def compile_for(kernel, arch, dtype, tile, consts):
             signature[p.name] = pointers.get(p.name, dtype)
         else:
             signature[p.name] = "fp32" if p.name in ("scaling", "inv_keep") else "i32"
-    consts = dict(consts, INTERP_BF16=False, PRECISION="tf32", **blocks)
+    consts = dict(consts, INTERPRET_BF16=False, PRECISION="tf32", **blocks)
     source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     assert compiled.asm["cubin"] and compiled.metadata.shared <= {80: 166912, 90: 232448}[arch], compiled.metadata.shared
@@ -268,7 +264,5 @@ def test_kernels_compile_for_ampere_and_hopper():
     """Triton's real compiler (with its bundled ptxas) builds the LoRA kernels for sm_80 / sm_90
     without a GPU, at the largest autotune tiles (shared memory within each SM's limit). A
     subprocess: this module's fixture keeps the kernels interpreted while it is active."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is its current default
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = run_compiled(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

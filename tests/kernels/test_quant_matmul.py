@@ -6,19 +6,14 @@ and an offline compile of the kernels for sm_80 / sm_90.
 The `qm` fixture runs the modules through the interpreter (tests/kernels/interpreter.py) and wraps
 the launcher in a recorder, to prove the Triton path ran, and which one.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import peftcore.kernels.dispatch as dispatch
 import peftcore.kernels.quant_matmul as quant_matmul_module
 from peftcore.kernels import quant as Q
-from tests.kernels.interpreter import triton_interpreter
+from tests.kernels.interpreter import run_compiled, triton_interpreter
 from tests.tolerances import assert_close
 
 triton = pytest.importorskip("triton")
@@ -54,7 +49,7 @@ class LaunchRecorder:
 
 @pytest.fixture(scope="module")
 def qm():
-    with triton_interpreter(dispatch, kernels_module, quant_matmul_module) as (_, kernels, module):
+    with triton_interpreter(kernels_module, quant_matmul_module) as (kernels, module):
         assert type(kernels._qmm_kernel).__name__ == "InterpretedFunction"
         kernels._launch = LaunchRecorder(kernels._launch)
         yield module
@@ -289,7 +284,5 @@ def test_kernels_compile_for_ampere_and_hopper():
 
     A subprocess, because this module's fixture leaves the kernels interpreted while it is active.
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is its current default
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = run_compiled(COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
