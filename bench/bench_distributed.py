@@ -38,10 +38,11 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from peftcore import LoraConfig, distributed, get_peft_model
-    from peftcore.data import TokenizedExample
+    from peftcore import LoraConfig, get_peft_model
+    from peftcore.training import distributed
+    from peftcore.data.records import TokenizedExample
     from peftcore.models import LlamaConfig, from_config
-    from peftcore.train import TrainConfig, train
+    from peftcore.training.loop import TrainConfig, train
 
     distributed.setup()
     device = torch.device("cuda") if args.device == "cuda" else torch.device("cpu")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 CHILD = """
 import json, sys, time, torch
-from peftcore.inspect import lowrank_svd, subspace_similarity
+from peftcore.analysis.lowrank import lowrank_svd, subspace_similarity
 torch.set_num_threads(int(sys.argv[4]))
 size, r, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 g = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Every adapter method side by side on the default job's data, with the same step budget.
 
-The job is `peftcore train`'s default one: the built-in tiny Llama (`peftcore.builtin`, 1.2M
+The job is `peftcore train`'s default one: the built-in tiny Llama (`peftcore.jobs.builtin`, 1.2M
 parameters, cached after its first build) fine-tuned on the bundled Hoshizora Cloud support data
 (examples/data/support_train.jsonl: 240 English / Japanese records), scored on the held-out
 examples/data/support_eval.jsonl (40 records). Each method runs its own example recipe
@@ -23,8 +23,8 @@ optimizer steps with the recipes' 10 warmup steps and cosine decay to zero at th
 evaluation, checkpoint or early stopping inside the loop, fp32 on the CPU, `--threads` threads.
 
 Each method runs in its own fresh Python process, built with the library's own pieces in the order
-`peftcore.jobs.run_train` uses them (recipe -> records -> tokens -> base -> `get_peft_model` ->
-`peftcore.train.train`), and reports:
+`peftcore.jobs.train.run_train` uses them (recipe -> records -> tokens -> base -> `get_peft_model` ->
+`peftcore.training.loop.train`), and reports:
 
   trainable     `get_nb_trainable_parameters()`'s trainable count, and its share of all the
                 model's weights (for QLoRA a 4-bit weight counts as one weight, as in its dense
@@ -42,11 +42,11 @@ Each method runs in its own fresh Python process, built with the library's own p
                 What `train` imports lazily (the first AdamW imports torch._dynamo: ~70-140 MiB
                 resident) is imported before the baseline is read.
                 Read before `train` returns, so its final checkpoint write and loss plot do not count.
-  step ms       the median wall time of `peftcore.train.train_step` (forward + backward + clip +
+  step ms       the median wall time of `peftcore.training.loop.train_step` (forward + backward + clip +
                 AdamW: one optimizer update), measured around each call inside `train`, the first
                 step (which allocates the optimizer state) skipped as warmup; the median CPU time
                 (user + system of the process) too, steadier on a busy machine.
-  loss          the held-out token-weighted loss and perplexity (`peftcore.train.evaluate`,
+  loss          the held-out token-weighted loss and perplexity (`peftcore.training.loop.evaluate`,
                 batch 8) before training, with the adapter disabled (the base model, as
                 `peftcore train` reports "before"; the NF4 base for QLoRA), and after the last step.
 
@@ -136,7 +136,7 @@ def run_child(method: str, args: argparse.Namespace) -> dict:
 
 def prepare_base() -> str:
     """Build the built-in model once here, so no child pays for (or races on) the first build."""
-    from peftcore.builtin import ensure_builtin
+    from peftcore.jobs.builtin import ensure_builtin
 
     return str(ensure_builtin("tiny-llama", log=lambda *a, **k: print(*a, file=sys.stderr, **k)))
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 # -- the child: one method, measured ------------------------------------------------------------
 def load_method_recipe(method: str, args: argparse.Namespace):
     """The method's example recipe with the shared settings laid over it (as `--set` would)."""
-    from peftcore.recipe import EXAMPLES_DIR, load_recipe
+    from peftcore.jobs.recipe import EXAMPLES_DIR, load_recipe
 
     name, changes, _ = METHODS[method]
     shared = [f"train.max_steps={args.steps}", f"train.seed={args.seed}", f"train.batch_size={args.batch_size}",
@@ -227,8 +227,8 @@ def load_method_recipe(method: str, args: argparse.Namespace):
 
 def load_rows(recipe, tokenizer, eval_rows: int | None) -> tuple[list, list]:
     """Train and held-out rows, exactly as `peftcore train` tokenizes them."""
-    from peftcore.data import pack
-    from peftcore.tasks import parse_records, tokenize_records
+    from peftcore.data.records import pack
+    from peftcore.jobs.tasks import parse_records, tokenize_records
 
     train_records = parse_records(recipe.data.train, recipe.data.template, None, recipe.data.augment)
     eval_records = parse_records(recipe.data.eval, recipe.data.template)[:eval_rows]
@@ -246,8 +246,8 @@ def import_lazy_modules() -> None:
 
 def build_model(recipe, base_folder: Path, device: torch.device):
     from peftcore.peft_model import get_peft_model
-    from peftcore.tasks import adapter_config, load_base
-    from peftcore.train_state import set_seed
+    from peftcore.jobs.tasks import adapter_config, load_base
+    from peftcore.training.state import set_seed
 
     set_seed(recipe.train.seed)
     model = load_base(base_folder, recipe.model, None, device=device, seed=recipe.train.seed)
@@ -259,12 +259,12 @@ def weight_bytes(model) -> int:
 
 
 class StepTimer:
-    """Times every `peftcore.train.train_step` call that `train` makes, and reads the high-water mark
+    """Times every `peftcore.training.loop.train_step` call that `train` makes, and reads the high-water mark
     after each one. The loop looks `train_step` up in its module when it runs, so swapping the
     module attribute wraps the library's own step; `restore()` puts the original back."""
 
     def __init__(self):
-        import peftcore.train as loop
+        import peftcore.training.loop as loop
 
         self.loop, self.original = loop, loop.train_step
         self.wall, self.cpu, self.losses, self.hwm = [], [], [], 0
@@ -288,8 +288,8 @@ def measure_method(method: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from peftcore.models import load_tokenizer
 
-    from peftcore.tasks import pad_id, resolve_base, set_runtime
-    from peftcore.train import evaluate, train
+    from peftcore.jobs.tasks import pad_id, resolve_base, set_runtime
+    from peftcore.training.loop import evaluate, train
 
     recipe = load_method_recipe(method, args)
     device = set_runtime(recipe.model)
@@ -315,7 +315,7 @@ def measure_method(method: str, args: argparse.Namespace) -> dict:
         timer.restore()
     if len(timer.wall) != state.step:
         raise RuntimeError(f"timed {len(timer.wall)} train_step calls for {state.step} steps: "
-                           "peftcore.train no longer calls train_step once per step")
+                           "peftcore.training.loop no longer calls train_step once per step")
     after = evaluate(peft_model, eval_rows, batch, pad)
     timed = slice(1, None) if len(timer.wall) > 1 else slice(None)  # the first step allocates AdamW state
     return {

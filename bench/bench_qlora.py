@@ -181,7 +181,7 @@ def train_step(model, forward, labels: torch.Tensor, T: int, V: int):
 
 def build_step_case(p: dict, run: Run) -> Case:
     """Ours vs transformers + bitsandbytes + HF PEFT, both loaded from one saved random checkpoint."""
-    from peftcore.lora import LoraLinear
+    from peftcore.lora.layer import LoraLinear
 
     cfg, r, device, dtype, gen = run.config["llama"], run.args.rank_d, run.device, run.dtype, run.gen
     ours, hf = load_models(cfg, r, device, dtype)

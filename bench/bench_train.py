@@ -10,7 +10,7 @@ clip_grad_norm_(1.0), AdamW.step(). Contenders:
 
     ours        peftcore model + LoRA; loss from `model(ids, attention_mask=, labels=)` (the fused
                 chunked cross-entropy: no (B*T, vocab) logits), divided by the target count
-    train_step  the same model through the library's loop step, `peftcore.train.train_step`
+    train_step  the same model through the library's loop step, `peftcore.training.loop.train_step`
                 (its loss_sum takes the same fused path: the two rows should agree)
     hf          transformers + HF PEFT, `model(input_ids, attention_mask=, labels=).loss`
 
@@ -87,7 +87,7 @@ def build(which: str, folder: Path, batch: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if which == "train_step":
-        from peftcore.train import TrainConfig, build_optimizer, train_step
+        from peftcore.training.loop import TrainConfig, build_optimizer, train_step
 
         config = TrainConfig(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0, progress=False)
         optimizer = build_optimizer(model, config)
@@ -174,7 +174,7 @@ def memory_child(which: str, folder: Path, batch_size: int, seq: int) -> None:
     import transformers  # noqa: F401
 
     import peftcore.models  # noqa: F401
-    import peftcore.train  # noqa: F401
+    import peftcore.training.loop  # noqa: F401
 
     batch = make_batch(batch_size, seq)
     after_imports = status_bytes("VmRSS")

@@ -1,10 +1,10 @@
 """peftcore: parameter-efficient fine-tuning from scratch in plain PyTorch."""
-from .config import LoraConfig, PeftConfig, PeftType, TaskType
-from .lora import LoraEmbedding, LoraLinear
-from .prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from .peft_model import PeftModel, get_peft_model
-from .multitask import MultiTaskModel
-from .multitask_heads import TaskSpec
+from peftcore.config import LoraConfig, PeftConfig, PeftType, TaskType
+from peftcore.lora.layer import LoraEmbedding, LoraLinear
+from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.peft_model import PeftModel, get_peft_model
+from peftcore.multitask.model import MultiTaskModel
+from peftcore.multitask.heads import TaskSpec
 from peftcore.models.quantized import quantize_model  # QLoRA: quantize the base, then get_peft_model
 
 __version__ = "0.1.0"

@@ -20,9 +20,9 @@ from torch import nn
 
 from peftcore.models import safetensors_io
 
-from .config import CONFIG_CLASSES, CONFIG_NAME, LoraConfig
-from .lora import LORA_LAYERS
-from .modules_to_save import ModulesToSave
+from peftcore.config import CONFIG_CLASSES, CONFIG_NAME, LoraConfig
+from peftcore.lora.layer import LORA_LAYERS
+from peftcore.lora.modules_to_save import ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT's save_pretrained(..., safe_serialization=False)
@@ -251,7 +251,7 @@ ENCODER_WEIGHTS_NAME = "prompt_encoder.safetensors"  # peftcore's addition: the 
 
 def save_prompt_adapter(encoder: nn.Module, folder: str | Path, adapter_name: str, config, save_prompt_encoder: bool) -> Path:
     """PEFT's files (`prompt_embeddings` = the encoder's output) and, if asked, the encoder's own weights."""
-    from .prompt import saved_prompt_tensors
+    from peftcore.prompt.encoders import saved_prompt_tensors
 
     target = adapter_folder(folder, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,7 @@ def has_encoder_weights(folder: str | Path) -> bool:
 
 def load_prompt_adapter(encoder: nn.Module, folder: str | Path) -> None:
     """Full encoder weights when present (training resumes), else the saved prompts (inference)."""
-    from .prompt import load_prompt_embeddings
+    from peftcore.prompt.encoders import load_prompt_embeddings
 
     folder = Path(folder)
     if has_encoder_weights(folder) and getattr(encoder, "reparameterize", getattr(encoder, "prefix_projection", False)):

@@ -58,7 +58,7 @@ def add_inspect_command(commands) -> None:
 
 
 def inspect_adapter_command(args: argparse.Namespace) -> int:
-    from .inspect import run_inspect
+    from peftcore.analysis.lowrank import run_inspect
 
     run_inspect(args.adapter, args.base, args.compare, args.output_dir, args.top_k)
     return 0
@@ -84,11 +84,11 @@ def one_line(error: BaseException) -> str:
 
 
 def input_errors() -> tuple[type[Exception], ...]:
-    from .builtin import BuiltinError
-    from .data import DataError
-    from .recipe import RecipeError
-    from .run_folder import RunFolderError
-    from .tasks import TaskError
+    from peftcore.jobs.builtin import BuiltinError
+    from peftcore.data.records import DataError
+    from peftcore.jobs.recipe import RecipeError
+    from peftcore.jobs.run_folder import RunFolderError
+    from peftcore.jobs.tasks import TaskError
 
     return RecipeError, DataError, TaskError, BuiltinError, RunFolderError
 
@@ -96,8 +96,8 @@ def input_errors() -> tuple[type[Exception], ...]:
 def failures() -> tuple[type[Exception], ...]:
     """What failed for a reason the message says (bad folders, JSON, headers, a full disk, a NaN run, a
     rank that died): one line, no traceback. CheckpointError is a ValueError."""
-    from .distributed import DistributedError
-    from .train import TrainingError
+    from peftcore.training.distributed import DistributedError
+    from peftcore.training.loop import TrainingError
 
     return OSError, ValueError, NotImplementedError, TrainingError, DistributedError
 
@@ -159,10 +159,10 @@ def add_job_commands(commands) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .jobs import default_output_dir
-    from .run_folder import recipe_for
+    from peftcore.jobs.train import default_output_dir
+    from peftcore.jobs.run_folder import recipe_for
 
-    from . import distributed
+    from peftcore.training import distributed
 
     overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     distributed.setup()  # under torchrun: join the group before the model loads (CUDA: pick this rank's GPU)
@@ -184,7 +184,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 def train_until_done(args: argparse.Namespace, recipe, output_dir: Path) -> int:
     """run_train; Ctrl-C -> how to continue (from the last checkpoint, if one was written)."""
-    from .jobs import run_train
+    from peftcore.jobs.train import run_train
 
     try:
         run_train(recipe, output_dir, resume=args.resume, overwrite=args.overwrite)
@@ -198,14 +198,14 @@ def train_until_done(args: argparse.Namespace, recipe, output_dir: Path) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from .inference import run_eval
+    from peftcore.jobs.inference import run_eval
 
     run_eval(args.adapter, args.base, args.data, args.glossary, args.output, args.max_records)
     return 0
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from .inference import run_generate
+    from peftcore.jobs.inference import run_generate
 
     print(run_generate(args.adapter, args.prompt, args.base, raw=args.raw, instruction=args.instruction, chat=args.chat,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -214,7 +214,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from .inference import run_merge
+    from peftcore.jobs.inference import run_merge
 
     run_merge(args.adapter, args.output, args.base, into=args.into)
     return 0

@@ -17,12 +17,12 @@ from torch import nn
 
 from peftcore.models.generate import generate as generate_tokens
 
-from . import adapter_io
-from .config import LoraConfig, PeftConfig, TaskType
-from .injection import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
-from .lora import LORA_LAYERS
-from .modules_to_save import ModulesToSave, wrap_modules_to_save
-from .prompt import (
+from peftcore import adapter_io
+from peftcore.config import LoraConfig, PeftConfig, TaskType
+from peftcore.lora.inject import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
+from peftcore.lora.layer import LORA_LAYERS
+from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
+from peftcore.prompt.encoders import (
     PromptLearningConfig, PromptTuningInit, build_encoder, drop_prompt_positions, fill_from_model, input_embeddings,
     prompt_kwargs,
 )
@@ -228,8 +228,8 @@ class PeftModel(nn.Module):
         """Fold the active adapter into the base weights and return the plain base model.
 
         A quantized base comes back dense (dequantized, then merged); `self.merge_report` holds,
-        per layer, the error re-quantizing the merged weight would add (peftcore.quantized_merge)."""
-        from .quantized_merge import densify, requantization_report
+        per layer, the error re-quantizing the merged weight would add (peftcore.lora.quantized_merge)."""
+        from peftcore.lora.quantized_merge import densify, requantization_report
 
         merged = densify(self.model)
         if not any(getattr(layer, "merged_adapters", None) for layer in self.adapter_layers()):

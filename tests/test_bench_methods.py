@@ -7,11 +7,11 @@ def test_two_methods_two_steps_give_finite_rows(load_bench):
     bench = load_bench("bench_methods")
     args = bench.parse_args(["--quick", "--methods", "lora,prompt", "--steps", "2"])
     assert (args.steps, args.eval_rows, args.methods) == (2, 8, ["lora", "prompt"])
-    import peftcore.train
+    import peftcore.training.loop
 
-    step = peftcore.train.train_step
+    step = peftcore.training.loop.train_step
     results = [bench.measure_method(m, args) for m in args.methods]
-    assert peftcore.train.train_step is step  # the step timer put the library's function back
+    assert peftcore.training.loop.train_step is step  # the step timer put the library's function back
     for r in results:
         assert r["finite"] and r["steps"] == 2 and len(r["step_wall_s"]) == 2 and r["eval_rows"] == 8
         assert 0 < r["trainable"] < r["total"] and r["step_ms"] > 0 and r["weight_bytes"] > 0

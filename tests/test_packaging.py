@@ -4,7 +4,7 @@ wheel, installing it with --target and running the default job from it)."""
 import sys
 from pathlib import Path
 
-from peftcore import builtin
+from peftcore.jobs import builtin
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -20,11 +20,11 @@ from torch import nn  # noqa: E402
 import peftcore.kernels.dispatch as dispatch  # noqa: E402
 from peftcore import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
 from peftcore.adapter_io import read_adapter_config  # noqa: E402
-from peftcore.inspect import inspect_adapter  # noqa: E402
-from peftcore.lora_function import LoraLinearFunction  # noqa: E402
+from peftcore.analysis.lowrank import inspect_adapter  # noqa: E402
+from peftcore.kernels.lora_torch import LoraLinearFunction  # noqa: E402
 from peftcore.models import load_pretrained  # noqa: E402
 from peftcore.models.quantized import QuantLinear  # noqa: E402
-from tests.peftcore.test_lora_vs_peft import LLAMA, VOCAB, file_keys, perturb  # noqa: E402
+from tests.peftcore.lora.test_vs_peft import LLAMA, VOCAB, file_keys, perturb  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]

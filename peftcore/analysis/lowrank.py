@@ -1,0 +1,306 @@
+"""What an adapter learned, per layer, computed in low rank: never the dense out x in matrix.
+
+For dW = s * B @ A (B: (out, r), A: (r, in)), QR-factor B = Qb Rb and A^T = Qa Ra; then
+dW = Qb (s Rb Ra^T) Qa^T, and the SVD of the r x r core gives dW's singular values exactly, and
+its singular vectors as Qb U_c and Qa V_c: O((out + in) r^2) instead of O(out * in * min(out, in)).
+
+Prompt-learning adapters: peftcore.analysis.prompts. `run_inspect` (the `peftcore inspect` command)
+handles both kinds.
+
+Statistics follow Hu et al. 2021 (LoRA), section 7: the subspace similarity
+phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the top right-singular vectors of two
+adapters' A matrices, and the amplification factor ||dW||_F / ||U^T W V||_F with U, V the top-r
+singular directions of dW (how much dW amplifies directions W itself does not emphasise).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftcore.adapter_io import adapter_weights, read_adapter_config
+from peftcore.lora.inject import pattern_value
+from peftcore.analysis.base_weights import BaseCheckpoint, BaseKey
+from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
+from peftcore.training.state import json_safe  # NaN / inf -> null, as metrics.jsonl writes them
+
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+
+
+@dataclass
+class LowRankSVD:
+    U: torch.Tensor  # (out, r) left singular vectors
+    S: torch.Tensor  # (r,) singular values, descending
+    V: torch.Tensor  # (in, r) right singular vectors
+
+
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRankSVD:
+    """The thin SVD of scale * B @ A from two QRs and an r x r SVD (float64 for the small core)."""
+    Qb, Rb = torch.linalg.qr(B.double())  # (out, r), (r, r)
+    Qa, Ra = torch.linalg.qr(A.double().T)  # (in, r), (r, r)
+    Uc, S, Vhc = torch.linalg.svd(scale * Rb @ Ra.T, full_matrices=False)
+    return LowRankSVD(Qb @ Uc, S, Qa @ Vhc.T)
+
+
+def effective_rank(S: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values (Roy & Vetterli 2007): 1 for rank one, r when flat,
+    0 for dW = 0 (B still at its zero init): no direction at all, not one."""
+    if not bool(S.sum() > 0):
+        return 0.0
+    p = S / S.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(S: torch.Tensor) -> float:
+    """||dW||_F^2 / ||dW||_2^2: a rank that small singular values cannot inflate; 0 for dW = 0.
+    Computed as sum (S / S[0])^2 so tiny singular values cannot underflow to 0 / 0."""
+    if not bool(S[0] > 0):
+        return 0.0
+    return float(((S / S[0]) ** 2).sum())
+
+
+def amplification_factor(svd: LowRankSVD, W: torch.Tensor) -> float:
+    """||dW||_F / ||U^T W V||_F (LoRA paper, Table 7), with W (out, in); costs one (out, in, r) product.
+    W.double() is a no-op for the float64 weight inspect_adapter passes: no second copy."""
+    projected = svd.U.T @ (W.double() @ svd.V)  # (r, r)
+    return float(torch.linalg.norm(svd.S) / torch.linalg.norm(projected).clamp_min(1e-300))
+
+
+def right_singular_vectors(A: torch.Tensor) -> torch.Tensor:
+    """A (r, in) -> (in, r): the right-singular directions the LoRA paper compares across adapters."""
+    return torch.linalg.svd(A.double(), full_matrices=False).Vh.T
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+    """phi[i-1, j-1] = ||U1_i^T U2_j||_F^2 / min(i, j) for all i <= r1, j <= r2; values in [0, 1]."""
+    U1, U2 = right_singular_vectors(A1), right_singular_vectors(A2)
+    overlap = (U1.T @ U2) ** 2  # (r1, r2): squared cosines between directions
+    cumulative = overlap.cumsum(0).cumsum(1)  # [i-1, j-1] = ||U1_i^T U2_j||_F^2
+    i = torch.arange(1, overlap.shape[0] + 1, dtype=overlap.dtype)[:, None]
+    j = torch.arange(1, overlap.shape[1] + 1, dtype=overlap.dtype)[None, :]
+    return cumulative / torch.minimum(i, j)
+
+
+@dataclass
+class LayerStats:
+    module: str
+    rank: int
+    scale: float
+    delta_fro: float
+    delta_spectral: float
+    singular_values: list[float]
+    effective_rank: float
+    stable_rank: float
+    norm_A: float
+    norm_B: float
+    relative_delta: float | None = None  # ||dW||_F / ||W||_F, with the base weight
+    amplification: float | None = None
+    magnitude_change: dict | None = None  # DoRA: m vs the base row norms
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdapterTensors:
+    """One adapter's LoRA factors by module, as read from its files."""
+
+    config: dict
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    magnitude: dict[str, torch.Tensor]
+
+    def scale(self, module: str) -> float:
+        """HF PEFT's scaling for this module: alpha (alpha_pattern aware) over r (or sqrt r, rsLoRA)."""
+        r = self.A[module].shape[0]  # the saved factor is the truth; rank_pattern produced it
+        alpha = pattern_value(module, self.config.get("alpha_pattern") or {}, self.config.get("lora_alpha", 8))
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+
+def read_adapter(folder: str | Path) -> AdapterTensors:
+    """LoRA factors straight from an adapter folder (ours or HF PEFT's): no model needed."""
+    config = read_adapter_config(folder)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} has no LoRA factors; "
+                         "prompt methods: inspect_prompt_adapter()")
+    A, B, magnitude = {}, {}, {}
+    _, _, tensors = adapter_weights(folder)  # safetensors, or an older PEFT save's adapter_model.bin
+    for key, tensor in tensors:
+        match = LORA_KEY.match(key)
+        if match:
+            target = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": magnitude}[match["part"]]
+            target[match["module"]] = tensor.float()
+    if not A:
+        raise ValueError(f"{folder}: no lora_A / lora_B tensors (embedding adapters are not inspected yet)")
+    return AdapterTensors(config, A, B, magnitude)
+
+
+def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: torch.Tensor | None,
+                magnitude: torch.Tensor | None) -> LayerStats:
+    """One layer's numbers. W: the (out, in) base weight; converted to float64 once (a no-op when it
+    already is), the only copy of it this makes."""
+    svd = lowrank_svd(B, A, scale)
+    S = svd.S
+    stats = LayerStats(module, A.shape[0], scale, float(torch.linalg.norm(S)), float(S[0]), S.tolist(),
+                       effective_rank(S), stable_rank(S), float(torch.linalg.norm(A)), float(torch.linalg.norm(B)))
+    if W is not None:
+        W = W.double()
+        stats.relative_delta = stats.delta_fro / float(torch.linalg.norm(W))
+        stats.amplification = amplification_factor(svd, W)
+        if magnitude is not None:
+            base_norm = torch.linalg.vector_norm(W, dim=1)
+            change = (magnitude - base_norm) / base_norm.clamp_min(1e-12)
+            stats.magnitude_change = {"mean": float(change.mean()), "max_abs": float(change.abs().max())}
+    return stats
+
+
+def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> list[LayerStats]:
+    """Per adapted layer statistics of the adapter in `folder` (base checkpoint: relative norms too)."""
+    adapter = read_adapter(folder)
+    modules = sorted(adapter.A, key=natural_key)
+    if base is None:
+        return [layer_stats(m, adapter.A[m], adapter.B[m], adapter.scale(m), None, adapter.magnitude.get(m))
+                for m in modules]
+    checkpoint = BaseCheckpoint(base)  # headers only; raises naming any module it cannot find, before any work
+    keys = checkpoint.locate_all({m: (adapter.B[m].shape[0], adapter.A[m].shape[1]) for m in modules},
+                                 bool(adapter.config.get("fan_in_fan_out")))
+    return [stats_with_base(adapter, m, checkpoint, keys[m]) for m in modules]
+
+
+def stats_with_base(adapter: AdapterTensors, module: str, checkpoint: BaseCheckpoint, key: BaseKey) -> LayerStats:
+    """One layer against its base weight, read here and freed on return: one weight alive at a time."""
+    W = checkpoint.read(key)
+    return layer_stats(module, adapter.A[module], adapter.B[module], adapter.scale(module), W, adapter.magnitude.get(module))
+
+
+def compare_adapters(first: str | Path, second: str | Path) -> dict[str, list[list[float]]]:
+    """phi grids for the modules both adapters adapt (their ranks may differ, their input widths may not)."""
+    a, b = read_adapter(first), read_adapter(second)
+    shared = sorted(set(a.A) & set(b.A), key=natural_key)
+    if not shared:
+        raise ValueError(f"{first} and {second} adapt no module in common")
+    for m in shared:
+        if a.A[m].shape[1] != b.A[m].shape[1]:
+            raise ValueError(f"{m}: lora_A is {tuple(a.A[m].shape)} in {first} but {tuple(b.A[m].shape)} in {second}: "
+                             "the adapters were trained on bases of different widths, their subspaces do not compare")
+    return {m: subspace_similarity(a.A[m], b.A[m]).tolist() for m in shared}
+
+
+def natural_key(name: str):
+    """model.layers.10 after model.layers.9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def format_table(stats: list[LayerStats]) -> str:
+    """One row per layer. ||A||/||B||: how the update's norm is split between the factors (B ~ 0 after
+    init, so large early on); dm: DoRA's mean relative change of the magnitude vector vs W's row norms."""
+    dora = any(s.magnitude_change is not None for s in stats)
+    head = (f"{'module':<44} {'r':>3} {'scale':>6} {'||dW||':>9} {'||dW||/||W||':>12} {'sigma1':>9} {'eff.rank':>8} "
+            f"{'st.rank':>7} {'amplif.':>8} {'||A||/||B||':>11}" + (f" {'dm':>9}" if dora else ""))
+    rows = [head, "-" * len(head)]
+    for s in stats:
+        rel = f"{s.relative_delta:12.3e}" if s.relative_delta is not None else f"{'-':>12}"
+        amp = f"{s.amplification:8.2f}" if s.amplification is not None else f"{'-':>8}"
+        balance = f"{s.norm_A / s.norm_B:11.3g}" if s.norm_B > 0 else f"{'inf':>11}"
+        row = (f"{s.module[-44:]:<44} {s.rank:>3} {s.scale:6.3g} {s.delta_fro:9.3e} {rel} {s.delta_spectral:9.3e} "
+               f"{s.effective_rank:8.2f} {s.stable_rank:7.2f} {amp} {balance}")
+        if dora:
+            row += f" {s.magnitude_change['mean']:+9.2e}" if s.magnitude_change is not None else f" {'-':>9}"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | None = None) -> Path:
+    """Strict JSON: a non-finite number (a zero base weight's ratio) is written as null, never as NaN,
+    which json.loads in other languages rejects."""
+    payload = {"layers": [asdict(s) for s in stats]}
+    if comparison is not None:
+        payload["subspace_similarity"] = comparison
+    Path(path).write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
+    return Path(path)
+
+
+# -- `peftcore inspect` -----------------------------------------------------------------------------
+def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = None, output_dir: Path | None = None,
+                top_k: int = 5, log=print) -> list[Path]:
+    """The table on the terminal, inspect.json and the PNG plots (in output_dir, default: the adapter
+    folder) of a LoRA / DoRA or prompt-learning adapter. -> the files written."""
+    adapter = Path(adapter)
+    config = read_adapter_config(adapter)
+    prompt = is_prompt_adapter(config)
+    if top_k < 1:
+        raise ValueError(f"--top-k {top_k}: list at least 1 nearest vocabulary token")
+    if prompt and compare:
+        raise ValueError("--compare measures LoRA subspaces; it does not apply to a prompt-learning adapter")
+    base_folder = None  # prefix tuning needs no base: its vectors are keys and values, not token embeddings
+    if config.get("peft_type") != "PREFIX_TUNING":
+        base_folder = available_base(base or config.get("base_model_name_or_path"),
+                                     "nearest vocabulary tokens" if prompt else "relative norms", log)
+    out = Path(output_dir or adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    report = report_prompt(adapter, base_folder, top_k, out, log) if prompt else report_lora(adapter, base_folder, compare, out, log)
+    written = [out / "inspect.json"] + write_plots(report, out, log)
+    log("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+def report_prompt(adapter: Path, base: Path | None, top_k: int, out: Path, log=print) -> list[tuple]:
+    """Prints the table and writes inspect.json. -> the plots to draw (see write_plots)."""
+    stats = inspect_prompt_adapter(adapter, base, prompt_tokenizer(adapter, base, log), top_k)
+    log(format_prompt_table(stats))
+    write_prompt_json(stats, out / "inspect.json")
+    return [("plot_prompt_norms", stats, "inspect_prompt_norms.png")]
+
+
+def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Path, log=print) -> list[tuple]:
+    stats = inspect_adapter(adapter, base)
+    comparison = compare_adapters(adapter, compare) if compare else None
+    log(format_table(stats))
+    write_json(stats, out / "inspect.json", comparison)
+    plots = [("plot_spectra", stats, "inspect_spectra.png")]
+    if base is not None:
+        plots.append(("plot_relative_heatmap", stats, "inspect_relative_norms.png"))
+    if comparison:
+        plots.append(("plot_similarity", comparison, "inspect_similarity.png"))
+    return plots
+
+
+def available_base(name: str | None, skipped: str, log=print) -> Path | None:
+    """The base folder, or None and one line naming what is left out: the adapter alone still has its numbers."""
+    from peftcore.jobs.tasks import resolve_base
+
+    if not name:
+        log(f"no base (adapter_config.json names none; pass --base): {skipped} skipped")
+        return None
+    try:
+        return resolve_base(name, log=lambda *a, **k: None)
+    except Exception as e:  # the adapter names a base that is not on this machine
+        log(f"base {name!r} not available ({' '.join(str(e).split())}): {skipped} skipped")
+        return None
+
+
+def prompt_tokenizer(adapter: Path, base: Path | None, log=print):
+    """The adapter's tokenizer (peftcore train copies it there), else the base's; None: ids are shown."""
+    from peftcore.models import load_tokenizer
+
+    if base is None:
+        return None
+    folder = adapter if (adapter / "tokenizer.json").is_file() else base
+    if not (folder / "tokenizer.json").is_file():
+        log(f"no tokenizer.json in {adapter} or {base}: nearest tokens shown as ids")
+        return None
+    return load_tokenizer(folder)
+
+
+def write_plots(plots: list[tuple[str, object, str]], out: Path, log=print) -> list[Path]:
+    """(peftcore.analysis.plots function, what it draws, file name) each; none without matplotlib."""
+    from peftcore.analysis import plots as inspect_plots
+
+    try:
+        return [getattr(inspect_plots, name)(value, out / file) for name, value, file in plots]
+    except ImportError as e:  # matplotlib is the optional `plot` extra
+        log(f"plots skipped: {e}")
+        return []

@@ -1,0 +1,2 @@
+"""What the `peftcore` command does: recipes, bases and adapter folders, run folders, the train,
+eval, generate and merge jobs."""

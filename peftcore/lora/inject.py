@@ -1,0 +1,156 @@
+"""Find the modules a LoraConfig targets and wrap them: one plain walk over `named_modules()`.
+
+Matching follows HF PEFT so a config means the same in both libraries:
+  list target   -> the full name equals an entry or ends with "." + entry
+  string target -> re.fullmatch against the full name
+  "all-linear"  -> every nn.Linear / Conv1D except the output head (lm_head; classifier/score for SEQ_CLS)
+  exclude_modules uses the same rules; layers_to_transform keeps only the listed block indices.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+from torch import nn
+
+from peftcore.models.layers import Conv1D
+
+from peftcore.config import LoraConfig, TaskType
+from peftcore.lora.layer import LORA_LAYERS, LoraEmbedding, LoraLinear
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def matches(name: str, targets: list[str] | str | None) -> bool:
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith("." + t) for t in targets)
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The transformer-block index in a module name ("model.layers.3.mlp.up_proj" -> 3)."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return int(found.group("idx")) if found else None
+
+
+def pattern_value(name: str, patterns: dict, default):
+    """rank_pattern / alpha_pattern: the first key k for which `(.*\\.)?(k)$` matches the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and hasattr(module, "in_features")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (*LINEAR_TYPES, nn.Embedding, *LORA_LAYERS)) or is_quantized_linear(module)
+
+
+def output_head_names(model: nn.Module, task_type) -> set[str]:
+    heads = {"lm_head"}
+    if task_type in (TaskType.SEQ_CLS, "SEQ_CLS"):
+        heads |= set(SEQ_CLS_HEAD_NAMES)
+    return {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in heads}
+
+
+def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
+    heads = output_head_names(model, config.task_type)
+    return sorted(
+        name
+        for name, module in walk_unwrapped(model)
+        if (isinstance(module, LINEAR_TYPES) or is_quantized_linear(module) or isinstance(module, LoraLinear))
+        and name not in heads
+    )
+
+
+def walk_unwrapped(model: nn.Module):
+    """named_modules(), but not the insides of LoRA layers (their base_layer, lora_A, ...)."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, LORA_LAYERS) or type(module).__name__ == "ModulesToSave":
+            inside.append(name)
+        yield name, module
+
+
+def is_target(name: str, config: LoraConfig) -> bool:
+    if matches(name, config.exclude_modules):
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+        return False
+    if isinstance(config.target_modules, str) or name in config.target_modules:
+        return matches(name, config.target_modules)  # PEFT: a regex or a full name skips the layer filter
+    if not matches(name, config.target_modules):
+        return False
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    index = layer_index(name, config.layers_pattern)
+    return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the modules LoRA could adapt: what the user probably meant."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in walk_unwrapped(model) if name and is_adaptable(m)})
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
+                autocast_adapter_dtype: bool = True) -> dict[str, nn.Module]:
+    """Wrap every targeted module (or add the adapter to an existing LoRA layer). -> {name: lora layer}.
+    autocast_adapter_dtype: float32 adapters on half-precision layers (lora.adapter_dtype)."""
+    if config.target_modules is None:
+        raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+    if config.target_modules == "all-linear":
+        config.target_modules = expand_all_linear(model, config)
+    wrapped = {}
+    for name, module in list(walk_unwrapped(model)):
+        if not name or not is_target(name, config):
+            continue
+        layer = module if isinstance(module, LORA_LAYERS) else wrap(module, name)
+        r = pattern_value(name, config.rank_pattern, config.r)
+        alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        layer.add_adapter(adapter_name, config, r, alpha, autocast_adapter_dtype)
+        warn_if_unmergeable(name, layer, config)
+        if layer is not module:
+            set_submodule(model, name, layer)
+        wrapped[name] = layer
+    if not wrapped:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
+            f"Candidates: {', '.join(candidate_names(model))}"
+        )
+    return wrapped
+
+
+def warn_if_unmergeable(name: str, layer: nn.Module, config: LoraConfig) -> None:
+    """PEFT's update_layer warning: lora_B's bias runs in the forward, but merging needs a base bias to add it to."""
+    if config.lora_bias and getattr(layer.base_layer, "bias", None) is None:
+        warnings.warn(f"lora_bias=True but {name} ({type(layer.base_layer).__name__}) has no bias: the adapter works, "
+                      "but it cannot be merged into this layer")
+
+
+def wrap(module: nn.Module, name: str) -> nn.Module:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, LINEAR_TYPES) or is_quantized_linear(module):
+        return LoraLinear(module)
+    raise TypeError(
+        f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding "
+        "and quantized linears"
+    )
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)

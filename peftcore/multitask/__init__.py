@@ -1,0 +1,1 @@
+"""One adapted backbone, several task heads (classification, generation, extractive QA)."""
