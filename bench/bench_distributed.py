@@ -42,7 +42,8 @@ def worker(args) -> None:
     from peftcore.training import distributed
     from peftcore.data.records import TokenizedExample
     from peftcore.models import LlamaConfig, from_config
-    from peftcore.training.loop import TrainConfig, train
+    from peftcore.training.config import TrainConfig
+    from peftcore.training.loop import train
 
     distributed.setup()
     device = torch.device("cuda") if args.device == "cuda" else torch.device("cpu")

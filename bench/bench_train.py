@@ -87,7 +87,8 @@ def build(which: str, folder: Path, batch: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if which == "train_step":
-        from peftcore.training.loop import TrainConfig, build_optimizer, train_step
+        from peftcore.training.config import TrainConfig
+        from peftcore.training.loop import build_optimizer, train_step
 
         config = TrainConfig(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0, progress=False)
         optimizer = build_optimizer(model, config)

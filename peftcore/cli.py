@@ -58,7 +58,7 @@ def add_inspect_command(commands) -> None:
 
 
 def inspect_adapter_command(args: argparse.Namespace) -> int:
-    from peftcore.analysis.lowrank import run_inspect
+    from peftcore.jobs.inspect import run_inspect
 
     run_inspect(args.adapter, args.base, args.compare, args.output_dir, args.top_k)
     return 0

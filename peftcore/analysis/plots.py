@@ -1,6 +1,7 @@
 """Pictures of what `peftcore.analysis.lowrank` computes, for a person to look at (matplotlib, optional extra)."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -163,3 +164,29 @@ def save(fig, path: str | Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+def plot_training_curves(records: list[dict], output_dir: str | Path) -> Path | None:
+    """metrics.jsonl's records as curve.png (train and eval loss, and each task's in a multi-task run) and,
+    when adapter statistics were logged, adapter_norms.png, in output_dir. None without matplotlib."""
+    try:
+        plt = pyplot()
+    except ImportError:
+        return None
+    records = [{k: math.nan if v is None else v for k, v in r.items()} for r in records]  # skipped steps: gaps
+    evals = [r for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    for key in sorted({k for r in records for k in r if k.startswith(("loss/", "eval_loss/"))}):  # multi-task
+        shown = [r for r in records if key in r]
+        ax.plot([r["step"] for r in shown], [r[key] for r in shown], "o--" if key.startswith("eval") else "-",
+                label=key.replace("loss/", "loss ", 1), lw=0.8, alpha=0.7)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    out = Path(output_dir) / "curve.png"
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    if any("adapter_stats" in r and "prompt" not in r["adapter_stats"] for r in records):
+        plot_training_norms(records, Path(output_dir) / "adapter_norms.png")
+    return out

@@ -175,7 +175,8 @@ def build(spec: BuiltinSpec, folder: Path, log=print) -> None:
     from peftcore.models import LlamaConfig, from_config, load_tokenizer, save_pretrained
 
     from peftcore.data.records import IGNORE_INDEX, TokenizedExample, pack
-    from peftcore.training.loop import TrainConfig, train
+    from peftcore.training.config import TrainConfig
+    from peftcore.training.loop import train
 
     train_tokenizer(spec, folder)
     tokenizer = load_tokenizer(folder)

@@ -4,7 +4,7 @@
     [data]     train, eval (paths relative to the recipe), max_length, packing, labels;
                [data.template] (peftcore.data.records.PromptTemplate), [data.augment] (peftcore.data.augment.AugmentConfig)
     [adapter]  method = "lora" | "dora" | "prompt" | "p-tuning" | "prefix", plus that config's fields
-    [train]    peftcore.training.loop.TrainConfig's fields
+    [train]    peftcore.training.config.TrainConfig's fields
     [eval]     generation settings, glossary, how many samples
     [tasks.<name>]  multi-task recipes (peftcore.multitask), one table per task: kind, train, eval,
                weight, labels / num_labels (classification); [data] then holds only shared settings
@@ -30,7 +30,7 @@ from peftcore.config import LoraConfig
 from peftcore.data.records import PromptTemplate
 from peftcore.multitask.heads import KINDS, POOLINGS, check_task_name
 from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from peftcore.training.loop import (
+from peftcore.training.config import (
     COUNT, NON_NEGATIVE, OFF_OR_EVERY, POSITIVE, PROBABILITY_BELOW_1, TrainConfig, check_limits,
 )
 

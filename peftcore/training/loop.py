@@ -36,78 +36,13 @@ from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group
 from peftcore.training.order import padding_batch, step_batches, task_weight
 from peftcore.training.distributed import Parallel
 from peftcore.analysis.live import AdapterActivations, lora_layers, training_stats
+from peftcore.analysis.plots import plot_training_curves
 from peftcore.multitask.heads import count_correct, count_targets, head_loss
 from peftcore.training.state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
-
-SCHEDULES = ("constant", "linear", "cosine")
-
+from peftcore.training.config import TrainConfig
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN / inf for too many steps in a row)."""
-
-
-# (test, what the value must be): limits of settings whose impossible values would fail late (after
-# the model loads, in torch's words), crash mid-run (log_every 0 divides by zero) or silently train
-# nothing. None always passes: it means "unset".
-POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
-NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
-COUNT = (lambda v: v >= 1, ">= 1")
-OFF_OR_EVERY = (lambda v: v >= 0, ">= 0 (0: off)")
-PROBABILITY_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
-TRAIN_LIMITS = {
-    "learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
-    "max_grad_norm": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
-    "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT, "warmup_steps": (OFF_OR_EVERY[0], ">= 0"),
-    "eval_every": OFF_OR_EVERY, "log_every": COUNT, "checkpoint_every": OFF_OR_EVERY, "patience": OFF_OR_EVERY,
-    "threshold": NON_NEGATIVE, "max_bad_steps": COUNT, "inspect_every": OFF_OR_EVERY,
-}
-
-
-def check_limits(values: dict, limits: dict) -> None:
-    """ValueError naming the first of `limits` ({name: (test, what it must be)}) that `values` break."""
-    for name, (ok, must) in limits.items():
-        value = values.get(name)
-        if value is not None and not ok(value):
-            raise ValueError(f"{name} must be {must}, got {value!r}")
-
-
-@dataclass
-class TrainConfig:
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 100
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    eval_every: int = 20  # 0: no evaluation during training
-    log_every: int = 1
-    checkpoint_every: int = 0  # 0: only the final checkpoint
-    patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
-    threshold: float = 0.01  # minimum eval-loss improvement that counts
-    max_bad_steps: int = 5  # NaN / inf steps in a row before giving up
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 on CUDA only, with loss scaling)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    progress: bool = True
-    plots: bool = True  # curve.png (+ adapter_norms.png) at the end, when matplotlib is installed
-    strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
-    inspect_every: int = 0  # log per-layer adapter statistics (peftcore.analysis.lowrank) every N steps; 0: never
-    task_weights: dict[str, float] = field(default_factory=dict)  # multi-task loss weights (unset: the model's, else 1.0)
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from no, bf16, fp16")
-        check_limits(vars(self), TRAIN_LIMITS)
-        if self.strategy not in distributed.STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r}; choose from {', '.join(distributed.STRATEGIES)}")
-        bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
-        if bad:
-            raise ValueError(f"task_weights must be finite numbers >= 0, got {bad}")
 
 
 # -- optimizer and schedule ---------------------------------------------------------------------
@@ -358,7 +293,7 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     if bar is not None:
         bar.close()
     if log is not None and config.plots:
-        log.plot()
+        plot_training_curves(log.records(), output_dir)
     distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state
 

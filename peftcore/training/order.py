@@ -17,7 +17,7 @@ from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group
 from peftcore.training.state import TaskCursor, TrainState
 
 if TYPE_CHECKING:
-    from peftcore.training.loop import TrainConfig
+    from peftcore.training.config import TrainConfig
 
 
 def task_weight(config: TrainConfig, task: str | None) -> float:

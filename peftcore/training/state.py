@@ -1,4 +1,4 @@
-"""What training keeps across a stop: checkpoints (atomic), RNG states, the metrics log and its plot.
+"""What training keeps across a stop: checkpoints (atomic), RNG states, the metrics log.
 
 Distributed runs (peftcore.training.distributed) write the same files, from rank 0: the adapter tensors are
 replicated on every rank under both ddp and fsdp, so the checkpoint format does not depend on the
@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from peftcore.models import safetensors_io
+from peftcore._json import json_safe
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -235,17 +236,6 @@ class Checkpointer:
         return TrainState(**payload["state"])
 
 
-def json_safe(value):
-    """NaN / inf -> None, in nested dicts and lists too."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def metrics_record(line: str) -> dict | None:
     try:
         record = json.loads(line)
@@ -255,8 +245,7 @@ def metrics_record(line: str) -> dict | None:
 
 
 class MetricsLog:
-    """metrics.jsonl, one line per logged step; curve.png (train and eval loss) and, when adapter
-    statistics were logged, adapter_norms.png (||dW|| / ||W|| per layer vs step) if matplotlib exists."""
+    """metrics.jsonl, one line per logged step (its pictures: peftcore.analysis.plots.plot_training_curves)."""
 
     def __init__(self, output_dir: Path, resume_step: int | None = None):
         """resume_step: continue a run checkpointed at that step; lines logged after it (before the
@@ -292,31 +281,3 @@ class MetricsLog:
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def plot(self) -> Path | None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        records = [{k: math.nan if v is None else v for k, v in r.items()} for r in self.records()]  # skipped steps: gaps
-        evals = [r for r in records if "eval_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1)
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-        for key in sorted({k for r in records for k in r if k.startswith(("loss/", "eval_loss/"))}):  # multi-task
-            shown = [r for r in records if key in r]
-            ax.plot([r["step"] for r in shown], [r[key] for r in shown], "o--" if key.startswith("eval") else "-",
-                    label=key.replace("loss/", "loss ", 1), lw=0.8, alpha=0.7)
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
-        out = self.path.with_name("curve.png")
-        fig.savefig(out, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        if any("adapter_stats" in r and "prompt" not in r["adapter_stats"] for r in records):
-            from peftcore.analysis.plots import plot_training_norms
-
-            plot_training_norms(records, self.path.with_name("adapter_norms.png"))
-        return out

@@ -15,7 +15,8 @@ from peftcore.models import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, 
 from peftcore.multitask.model import HEADS_CONFIG, HEADS_WEIGHTS, MultiTaskModel
 from peftcore.multitask.heads import TaskSpec, best_spans, count_correct
 from peftcore.jobs.recipe import RecipeError, load_recipe
-from peftcore.training.loop import TrainConfig, build_optimizer, evaluate, loss_sum, train, train_step
+from peftcore.training.config import TrainConfig
+from peftcore.training.loop import build_optimizer, evaluate, loss_sum, train, train_step
 
 from tests.peftcore.jobs.test_train import run, tiny_builtin  # noqa: F401  (the autouse fixture: a tiny built-in model)
 

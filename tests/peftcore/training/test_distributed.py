@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from peftcore import PeftModel  # noqa: E402
 from peftcore.models import safetensors_io  # noqa: E402
 from peftcore.training.order import rank_share  # noqa: E402
-from peftcore.training.loop import TrainConfig, train  # noqa: E402
+from peftcore.training.config import TrainConfig
+from peftcore.training.loop import train  # noqa: E402
 from tests.peftcore.multitask.test_model import all_rows, tiny_multitask  # noqa: E402
 from tests.peftcore.training.test_loop import rows, tiny_peft_model  # noqa: E402
 

@@ -9,9 +9,8 @@ import torch
 from peftcore import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate
 from peftcore.models import LlamaConfig, from_config, quantize_model
-from peftcore.training.loop import (
-    TrainConfig, TrainingError, build_optimizer, loss_sum, lr_factor, note_eval, train, train_step,
-)
+from peftcore.training.config import TrainConfig
+from peftcore.training.loop import TrainingError, build_optimizer, loss_sum, lr_factor, note_eval, train, train_step
 from peftcore.training.state import TrainState
 
 VOCAB = 40
