@@ -270,6 +270,7 @@ class BertForSequenceClassification(nn.Module):
     """-> logits (B, num_labels) from the pooled first token, as transformers computes them."""
 
     config_class = BertConfig
+    computes_causal_lm_loss = False  # a classifier: the training loop takes its logits (llama.computes_own_loss)
 
     def __init__(self, config: BertConfig):
         super().__init__()

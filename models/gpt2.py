@@ -187,6 +187,7 @@ class GPT2Model(nn.Module):
 
 class GPT2LMHeadModel(nn.Module):
     config_class = GPT2Config
+    computes_causal_lm_loss = False  # forward takes no labels: the loop takes the logits (llama.computes_own_loss)
 
     def __init__(self, config: GPT2Config):
         super().__init__()

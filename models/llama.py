@@ -173,6 +173,12 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
+def computes_own_loss(model: nn.Module) -> bool:
+    """Whether model(..., labels=) returns the summed next-token loss: our model classes declare
+    `computes_causal_lm_loss`; others (transformers' models) do not have the flag and return logits."""
+    return getattr(model, "computes_causal_lm_loss", False) is True
+
+
 class LlamaModel(nn.Module):
     """The decoder stack: token ids (or embeddings) -> final normed hidden states (B, T, hidden)."""
 
@@ -206,6 +212,9 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     config_class = LlamaConfig
+    # forward(..., labels=) returns the summed next-token loss without the (B, T, vocab) logits; the
+    # training loop reads this (computes_own_loss) to pass labels instead of taking the logits
+    computes_causal_lm_loss = True
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -235,8 +244,6 @@ class LlamaForCausalLM(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
-
-    computes_causal_lm_loss = True  # forward(..., labels=) returns the summed loss (see forward)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                 labels=None):

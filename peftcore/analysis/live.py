@@ -16,7 +16,9 @@ from torch import nn
 from peftcore.analysis.lowrank import layer_stats
 from peftcore.analysis.prompts import prompt_tensor_stats
 from peftcore.lora.layer import LoraLinear, base_weight
-from peftcore.prompt.encoders import PrefixTuningConfig, encoder_output, input_embeddings
+from peftcore.peft_model import PeftModel
+from peftcore.prompt.configs import PrefixTuningConfig, PromptLearningConfig
+from peftcore.prompt.encoders import encoder_output, input_embeddings
 
 
 @torch.no_grad()
@@ -83,7 +85,7 @@ def training_stats(model: nn.Module, activations: dict[str, dict] | None = None)
     peftcore.analysis.lowrank (no out x in product; one dequantize per quantized base), plus the adapter /
     base activation RMS ratio when `activations` (an AdapterActivations summary) is given.
     Prompt methods: {"prompt": {"virtual_token_norms": [...]}} (prefix: per-layer key / value norms)."""
-    if getattr(model, "is_prompt_learning", False):
+    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
         stats = prompt_stats(model, top_k=1)
         if stats["method"] == "PREFIX_TUNING":
             return {"prompt": {k: stats[k] for k in ("key_norm_per_layer", "value_norm_per_layer")}}

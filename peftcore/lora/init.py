@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from peftcore.models.quantized import QuantLinear
+
 
 def init_adapter(layer, name: str, scheme: bool | str) -> None:
     A, B = layer.lora_A[name], layer.lora_B[name]
@@ -28,7 +30,7 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
                 nn.init.zeros_(B.bias)
         return
     check_scheme(scheme)
-    if hasattr(layer.base_layer, "dequantize"):
+    if isinstance(layer.base_layer, QuantLinear):
         raise TypeError(f"init_lora_weights={scheme!r} rewrites the base weight: initialise before quantizing")
     r, (n_out, n_in) = layer.r[name], (layer.out_features, layer.in_features)
     if r > min(n_out, n_in):

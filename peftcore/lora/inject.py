@@ -14,11 +14,13 @@ import warnings
 from torch import nn
 
 from peftcore.models.layers import Conv1D
+from peftcore.models.quantized import QuantLinear
 
 from peftcore.config import LoraConfig, TaskType
 from peftcore.lora.layer import LORA_LAYERS, LoraEmbedding, LoraLinear
+from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
@@ -48,12 +50,8 @@ def pattern_value(name: str, patterns: dict, default):
     return default
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
-    return hasattr(module, "dequantize") and hasattr(module, "in_features")
-
-
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (*LINEAR_TYPES, nn.Embedding, *LORA_LAYERS)) or is_quantized_linear(module)
+    return isinstance(module, (*LINEAR_TYPES, nn.Embedding, *LORA_LAYERS))
 
 
 def output_head_names(model: nn.Module, task_type) -> set[str]:
@@ -68,20 +66,8 @@ def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
     return sorted(
         name
         for name, module in walk_unwrapped(model)
-        if (isinstance(module, LINEAR_TYPES) or is_quantized_linear(module) or isinstance(module, LoraLinear))
-        and name not in heads
+        if isinstance(module, (*LINEAR_TYPES, LoraLinear)) and name not in heads
     )
-
-
-def walk_unwrapped(model: nn.Module):
-    """named_modules(), but not the insides of LoRA layers (their base_layer, lora_A, ...)."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(module, LORA_LAYERS) or type(module).__name__ == "ModulesToSave":
-            inside.append(name)
-        yield name, module
 
 
 def is_target(name: str, config: LoraConfig) -> bool:
@@ -135,7 +121,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
 
 def warn_if_unmergeable(name: str, layer: nn.Module, config: LoraConfig) -> None:
     """PEFT's update_layer warning: lora_B's bias runs in the forward, but merging needs a base bias to add it to."""
-    if config.lora_bias and getattr(layer.base_layer, "bias", None) is None:
+    if config.lora_bias and layer.base_layer.bias is None:
         warnings.warn(f"lora_bias=True but {name} ({type(layer.base_layer).__name__}) has no bias: the adapter works, "
                       "but it cannot be merged into this layer")
 
@@ -143,14 +129,10 @@ def warn_if_unmergeable(name: str, layer: nn.Module, config: LoraConfig) -> None
 def wrap(module: nn.Module, name: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if isinstance(module, LINEAR_TYPES) or is_quantized_linear(module):
+    if isinstance(module, LINEAR_TYPES):
         return LoraLinear(module)
     raise TypeError(
         f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding "
         "and quantized linears"
     )
 
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)

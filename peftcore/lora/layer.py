@@ -10,21 +10,41 @@ files line up key for key. Several named adapters live side by side in one layer
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Modules, not names: the kernel tests reload them under TRITON_INTERPRET=1, and the layers must
-# then call the reloaded kernels.
-from peftcore.kernels import dispatch, lora_matmul, quant_matmul
+# The module, not its names: the kernel tests reload the kernels under TRITON_INTERPRET=1, and the
+# layers must then call the reloaded ones.
+from peftcore.kernels import lora_linear
 from peftcore.models.layers import Conv1D
+from peftcore.models.quantized import QuantLinear
 
 from peftcore.config import LoraConfig
-from peftcore.kernels.lora_torch import SPARSE_DROPOUT_MAX_P, LoraLinearFunction
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """DESIGN's adapter contract: what PeftModel, adapter_io and the analysis code may call on an adapter
+    layer (LoraLinear, LoraEmbedding), by adapter name as in HF PEFT's layers. Structural, so an adapter
+    kind needs no base class; tests/peftcore/lora/test_adapter_protocol.py checks the layers satisfy it."""
+
+    def adapter_params(self, name: str) -> Iterator[nn.Parameter]:
+        """The trainable parameters of adapter `name` in this layer."""
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters (default: the active ones) into the base weight, in place."""
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight again."""
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """What merging adapter `name` adds to the base weight, in the base weight's layout."""
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -48,19 +68,21 @@ def adapter_dtype(base_dtype: torch.dtype, autocast: bool = True) -> torch.dtype
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The base layer's dense weight as (out, in): Conv1D stores (in, out); quantized layers dequantize."""
-    if hasattr(layer, "dequantize"):
+    if isinstance(layer, QuantLinear):
         return layer.dequantize()
     return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
 
 
-def frozen_base(layer: nn.Module):
-    """(W as (out, in) or None, its dequantize or None, compute dtype) of a frozen base that
-    LoraLinearFunction can run, or None (a trainable weight, or a layer type it does not know)."""
+def kernel_base(layer: nn.Module) -> lora_linear.LinearWeights | None:
+    """The base as weights a fused path can run in place of its forward, or None. Exact types only (a
+    subclass may change forward), and no hooks (the fused paths would skip them)."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if type(layer) is QuantLinear:
+        return lora_linear.LinearWeights(layer.qweight, layer.bias, layer.compute_dtype)
     if type(layer) is nn.Linear or type(layer) is Conv1D:
-        W = layer.weight.T if type(layer) is Conv1D else layer.weight
-        return None if W.requires_grad else (W, None, W.dtype)
-    if hasattr(layer, "dequantize") and hasattr(layer, "compute_dtype"):  # models.quantized.QuantLinear
-        return None, functools.partial(layer.dequantize, layer.compute_dtype), layer.compute_dtype
+        W = base_weight(layer)
+        return lora_linear.LinearWeights(W, layer.bias, W.dtype)
     return None
 
 
@@ -93,7 +115,7 @@ class Magnitude(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """LoRA / DoRA around an nn.Linear, a GPT-2 Conv1D, or a quantized linear with `.dequantize()`."""
+    """LoRA / DoRA around an nn.Linear, a GPT-2 Conv1D, or a QuantLinear (QLoRA)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -144,62 +166,34 @@ class LoraLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
-        if self.can_fuse(x, adapter_names):
-            return self.fused_forward(x)
-        if adapter_names is None and not (self.disable_adapters or self.merged_adapters):
-            out = self.torch_fused_forward(x)
-            if out is not None:
-                return out
+        fused = self.fused_call(x, adapter_names)
+        if fused is not None:
+            return lora_linear.lora_linear(*fused)
         return apply_adapters(self, self.base_layer(x), x, adapter_names, self.lora_A)
 
-    def can_fuse(self, x: torch.Tensor, adapter_names) -> bool:
-        """One plain LoRA adapter over the base, on a Triton device: base + adapter run as one kernel.
-
-        CPU tensors take the torch path (unless TRITON_INTERPRET=1), as do DoRA, lora_bias, mixed
-        batches, merged or disabled adapters and dtype mixes (fp32 adapters on a bf16 / fp16 base, the
-        default: the kernels take one dtype throughout); the kernels compute the same thing.
-        """
-        if adapter_names is not None or self.disable_adapters or self.merged_adapters or not dispatch.use_triton(x):
-            return False
-        names = [n for n in self.active_adapters if n in self.lora_A]
-        if len(names) != 1 or names[0] in self.lora_magnitude_vector or self.lora_B[names[0]].bias is not None:
-            return False
-        A = self.lora_A[names[0]].weight
-        base_dtype = self.base_layer.compute_dtype if hasattr(self.base_layer, "dequantize") else self.base_layer.weight.dtype
-        return x.dtype == A.dtype == base_dtype
-
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = next(n for n in self.active_adapters if n in self.lora_A)
-        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        if hasattr(self.base_layer, "dequantize"):  # QLoRA: dequantize inside the GEMM, LoRA in its epilogue
-            dropped = dropout(x) if p > 0 and self.training else None
-            lora = quant_matmul.LoraTerm(A, B, s, dropped)
-            return quant_matmul.quant_matmul(x, self.base_layer.qweight, self.base_layer.bias, lora)
-        return lora_matmul.lora_matmul(x, base_weight(self.base_layer), self.base_layer.bias, A, B, s, p, self.training)
-
-    def torch_fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The torch path's fast case (CPU, or CUDA without Triton): base(x) + LoRA as one
-        LoraLinearFunction, or None where that does not apply: it needs one
-        active plain-LoRA adapter (no DoRA, no lora_bias) on a frozen nn.Linear / Conv1D / quantized
-        linear without hooks, one dtype throughout (fp32 adapters on a half base: apply_adapters), no autocast,
-        and dropout p = 0 or 1e-6 <= p <= SPARSE_DROPOUT_MAX_P (below 1e-6 the sum of the sampled gaps could overflow int64)."""
-        active = [name for name in self.active_adapters if name in self.lora_A]
-        frozen = frozen_base(self.base_layer)
-        if len(active) != 1 or frozen is None:
+    def fused_call(self, x: torch.Tensor, adapter_names) -> tuple | None:
+        """lora_linear's arguments when one plain LoRA adapter runs alone over a base a fused path takes
+        (lora_linear.path), else None: DoRA, lora_bias, mixed batches, several active, merged or disabled
+        adapters run the modules (apply_adapters)."""
+        if adapter_names is not None or self.disable_adapters or self.merged_adapters:
             return None
-        name, (W, dequantize, dtype) = active[0], frozen
-        base = self.base_layer
-        A, B, bias = self.lora_A[name].weight, self.lora_B[name].weight, base.bias
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        base = kernel_base(self.base_layer)
+        if len(names) != 1 or base is None:
+            return None
+        name = names[0]
+        if name in self.lora_magnitude_vector or self.lora_B[name].bias is not None:
+            return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        if (self.lora_B[name].bias is not None or name in self.lora_magnitude_vector
-                or not (p == 0.0 or 1e-6 <= p <= SPARSE_DROPOUT_MAX_P) or not x.dtype == dtype == A.dtype == B.dtype
-                or (bias is not None and bias.dtype != dtype) or base._forward_hooks or base._forward_pre_hooks
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        return LoraLinearFunction.apply(x, W, bias, A, B, self.scaling[name], p, dequantize)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        route = lora_linear.path(x, base, A, B, p)
+        return None if route is None else (x, base, A, B, self.scaling[name], p, route)
+
+    def can_fuse(self, x: torch.Tensor, adapter_names) -> bool:
+        """Whether this call runs the Triton kernels: base and adapter as one kernel (bench and tests count them)."""
+        fused = self.fused_call(x, adapter_names)
+        return fused is not None and fused[-1] == lora_linear.TRITON
 
     def add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """out + this adapter's term, in the wider of the two dtypes (apply_adapters casts back once, as PEFT's
@@ -224,7 +218,7 @@ class LoraLinear(nn.Module):
         mag = self.lora_magnitude_vector[name].weight / norm  # (out,), the adapter's dtype
         # PEFT's test: whether dropout ran, not `x_lora is x` (x_lora is a copy whenever the adapter's dtype differs)
         if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
+            bias = self.base_layer.bias
             base_no_bias = out if bias is None else out - bias
         else:  # dropout active: PEFT re-runs the base GEMM on the dropped input (in the adapter's dtype)
             base_no_bias = F.linear(x_lora, W.to(x_lora.dtype))
@@ -244,11 +238,11 @@ class LoraLinear(nn.Module):
 
     def check_mergeable(self, names: list[str]) -> None:
         """Raise before anything is merged (PeftModel checks every layer first: no half-merged model)."""
-        if hasattr(self.base_layer, "dequantize"):
+        if isinstance(self.base_layer, QuantLinear):
             raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
         pending = [n for n in names if n in self.lora_B and n not in self.merged_adapters]
         biased = [n for n in pending if self.lora_B[n].bias is not None]
-        if biased and getattr(self.base_layer, "bias", None) is None:  # PEFT raises the same RuntimeError
+        if biased and self.base_layer.bias is None:  # PEFT raises the same RuntimeError
             raise RuntimeError(f"cannot merge adapter {biased[0]!r}: it has lora_bias=True but the base "
                                f"{type(self.base_layer).__name__} has no bias to add it to; use the adapter unmerged")
 

@@ -11,7 +11,6 @@ import copy
 import torch
 from torch import nn
 
-from peftcore.lora.inject import set_submodule, walk_unwrapped
 from peftcore.lora.layer import LORA_LAYERS
 
 
@@ -60,6 +59,24 @@ class ModulesToSave(nn.Module):
             outputs.append(self.module_for(name)(x[rows], *args, **kwargs))
             order += rows
         return torch.cat(outputs)[torch.tensor(order).argsort()]
+
+
+def walk_unwrapped(model: nn.Module):
+    """named_modules(), but not the insides of adapter wrappers (a LoRA layer's base_layer, lora_A, ...;
+    a ModulesToSave's copies): they are no targets of their own. Here, not in inject, because it must know
+    ModulesToSave and inject imports this module."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, (*LORA_LAYERS, ModulesToSave)):
+            inside.append(name)
+        yield name, module
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
 
 
 def wrap_modules_to_save(model: nn.Module, patterns: list[str], adapter_name: str) -> list[str]:

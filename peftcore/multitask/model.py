@@ -27,6 +27,7 @@ from torch import nn
 
 from peftcore.models import BertForSequenceClassification, BertModel, GPT2LMHeadModel, LlamaForCausalLM, safetensors_io
 from peftcore.models.fused import IGNORE_INDEX, causal_lm_loss
+from peftcore.models.llama import computes_own_loss
 
 from peftcore.multitask.heads import (
     TaskSpec, build_head, check_labels, check_task_name, head_loss, head_outputs, positions_from_mask,
@@ -124,7 +125,7 @@ class MultiTaskModel(nn.Module):
         """The whole backbone, as a single-task run calls it (its fused labels= loss when it has one)."""
         if labels is None:
             return self.backbone(input_ids, attention_mask=attention_mask)
-        if getattr(self.backbone.model, "computes_causal_lm_loss", False):
+        if computes_own_loss(self.backbone.model):
             return self.backbone(input_ids, attention_mask=attention_mask, labels=labels)
         inner, lm_head, _ = parts_of(self.backbone.model)
         return causal_lm_loss(lm_head, inner(input_ids, attention_mask=attention_mask), labels, IGNORE_INDEX)

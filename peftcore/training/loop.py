@@ -24,12 +24,14 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from peftcore.models.llama import computes_own_loss as models_computes_own_loss
 
 from peftcore.training import distributed
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
@@ -82,8 +84,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     cross-entropy and never hold the (B, T, V) logits) gets `labels=`; other models return logits."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     tokens, targets = int(mask.sum()), trained_targets(batch)
-    if "task" in batch:  # a multi-task model: the task's head returns its summed loss
-        return model(ids, attention_mask=mask, task=batch["task"], labels=labels), targets, tokens
+    if route := task_route(batch):  # a multi-task model: the task's head returns its summed loss
+        return model(ids, attention_mask=mask, labels=labels, **route), targets, tokens
     if labels.ndim == 1:  # sequence classification: one label per row (IGNORE_INDEX: a padding row)
         return classification_loss(model(ids, attention_mask=mask), labels), targets, tokens
     if computes_own_loss(model):
@@ -93,6 +95,12 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, targets, tokens
 
 
+def task_route(batch: dict) -> dict:
+    """The keyword a MultiTaskModel routes by ({"task": name}), {} for single-task batches: group_by_task
+    puts the task's name in every multi-task batch, and only there."""
+    return {"task": batch["task"]} if "task" in batch else {}
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -100,7 +108,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def computes_own_loss(model: nn.Module) -> bool:
     """Whether forward(..., labels=) returns the summed next-token loss (seen through a DDP wrapper)."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return bool(getattr(inner, "computes_causal_lm_loss", False))
+    return models_computes_own_loss(inner)
 
 
 def trained_targets(batch: dict) -> int:
@@ -236,8 +244,7 @@ def score_batch(model, batch: dict) -> tuple[float, int, int]:
     if kind == "generation":
         loss, n, _ = loss_sum(model, batch)
         return float(loss), n, 0
-    route = {"task": batch["task"]} if "task" in batch else {}
-    outputs = model(batch["input_ids"], attention_mask=batch["attention_mask"], **route)
+    outputs = model(batch["input_ids"], attention_mask=batch["attention_mask"], **task_route(batch))
     return float(head_loss(kind, outputs, labels)), trained_targets(batch), count_correct(kind, outputs, labels)
 
 
