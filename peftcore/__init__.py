@@ -1,7 +1,7 @@
 """peftcore: parameter-efficient fine-tuning from scratch in plain PyTorch."""
 from peftcore.config import LoraConfig, PeftConfig, PeftType, TaskType
 from peftcore.lora.layer import LoraEmbedding, LoraLinear
-from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.peft_model import PeftModel, get_peft_model
 from peftcore.multitask.model import MultiTaskModel
 from peftcore.multitask.heads import TaskSpec

@@ -20,14 +20,24 @@ from torch import nn
 
 from peftcore.models import safetensors_io
 
-from peftcore.config import CONFIG_CLASSES, CONFIG_NAME, LoraConfig
+from peftcore.config import CONFIG_NAME, LoraConfig, PeftConfig
 from peftcore.lora.layer import LORA_LAYERS
 from peftcore.lora.modules_to_save import ModulesToSave
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT's save_pretrained(..., safe_serialization=False)
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names that make it save the embedding tables
 TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")  # our models' input embeddings
+
+
+# The one registry of methods a saved adapter_config.json may name: peft_type -> its config class. Written out
+# here, not filled in as a side effect of importing a module, so every supported method is in one table.
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {
+    config.peft_type.value: config
+    for config in (LoraConfig, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)
+}
 
 
 class AdapterLoadError(ValueError):
@@ -173,6 +183,21 @@ def load_config(folder: str | Path):
     return config_from_dict(read_adapter_config(folder), str(Path(folder) / CONFIG_NAME))
 
 
+def load_config_for(folder: str | Path, is_trainable: bool):
+    """The saved config, set for inference or training. A reparameterised prompt (P-tuning, a prefix
+    projection) can only resume training when its encoder weights were saved too."""
+    config = load_config(folder)
+    reparameterized = (getattr(config, "encoder_reparameterization_type", None) is not None
+                       or getattr(config, "prefix_projection", False))
+    if is_trainable and reparameterized and not has_encoder_weights(folder):
+        raise ValueError(
+            f"{folder} holds only the prompts this {config.peft_type.value} encoder produced, not the encoder: "
+            "resume training from a folder saved with save_pretrained(..., save_prompt_encoder=True)"
+        )
+    config.inference_mode = not is_trainable
+    return config
+
+
 def adapter_weights(folder: str | Path):
     """-> (the weights file, {key: shape}, its (key, tensor) pairs): adapter_model.safetensors, else the
     adapter_model.bin of a PEFT save with safe_serialization=False. Every adapter read goes through here.
@@ -251,8 +276,6 @@ ENCODER_WEIGHTS_NAME = "prompt_encoder.safetensors"  # peftcore's addition: the 
 
 def save_prompt_adapter(encoder: nn.Module, folder: str | Path, adapter_name: str, config, save_prompt_encoder: bool) -> Path:
     """PEFT's files (`prompt_embeddings` = the encoder's output) and, if asked, the encoder's own weights."""
-    from peftcore.prompt.encoders import saved_prompt_tensors
-
     target = adapter_folder(folder, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
     config.save(target)
@@ -268,8 +291,6 @@ def has_encoder_weights(folder: str | Path) -> bool:
 
 def load_prompt_adapter(encoder: nn.Module, folder: str | Path) -> None:
     """Full encoder weights when present (training resumes), else the saved prompts (inference)."""
-    from peftcore.prompt.encoders import load_prompt_embeddings
-
     folder = Path(folder)
     if has_encoder_weights(folder) and getattr(encoder, "reparameterize", getattr(encoder, "prefix_projection", False)):
         state = dict(safetensors_io.iter_tensors(folder / ENCODER_WEIGHTS_NAME))

@@ -172,6 +172,3 @@ def check_alphas(lora_alpha: float, alpha_pattern: dict) -> None:
         if alpha == 0:
             raise ValueError(f"alpha_pattern[{key!r}]={alpha!r} scales those modules' LoRA update by zero: "
                              "give them a nonzero alpha, or leave them out of target_modules")
-
-
-CONFIG_CLASSES: dict[str, type[PeftConfig]] = {PeftType.LORA.value: LoraConfig}

@@ -1,4 +1,4 @@
-"""Prompt tuning, P-tuning and prefix tuning: configs, encoders, and how prompts enter a model.
+"""Prompt tuning, P-tuning and prefix tuning: encoders, and how prompts enter a model (configs: prompt/configs.py).
 
 Prompt tuning / P-tuning prepend `n` learned vectors to the input embeddings; prefix tuning feeds
 learned keys and values to every attention layer through the model's KV cache. Field names,
@@ -9,119 +9,18 @@ In inference mode an encoder is just its `embedding` table holding the saved pro
 """
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from peftcore.models.fused import IGNORE_INDEX
 
-from peftcore.config import CONFIG_CLASSES, PeftConfig, PeftType
-
-
-class PromptTuningInit(str, enum.Enum):
-    RANDOM = "RANDOM"
-    TEXT = "TEXT"
-    SAMPLE_VOCAB = "SAMPLE_VOCAB"
-
-
-class PromptEncoderReparameterizationType(str, enum.Enum):
-    MLP = "MLP"
-    LSTM = "LSTM"
-
-
-@dataclass
-class PromptLearningConfig(PeftConfig):
-    num_virtual_tokens: int | None = None
-    token_dim: int | None = None  # filled from the model: hidden size (prefix: kv_heads * head_dim)
-    num_transformer_submodules: int | None = None  # 1 for the decoder-only and encoder models here
-    num_attention_heads: int | None = None  # prefix tuning: the model's KV heads
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_virtual_tokens is None or self.num_virtual_tokens <= 0:
-            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}")
-
-
-@dataclass
-class PromptTuningConfig(PromptLearningConfig):
-    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None  # a folder with tokenizer.json (peftcore.models.load_tokenizer)
-
-    peft_type = PeftType.PROMPT_TUNING
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
-        if self.prompt_tuning_init == PromptTuningInit.TEXT:
-            if not self.prompt_tuning_init_text:
-                raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
-            if not self.tokenizer_name_or_path:
-                raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a folder with tokenizer.json)")
-
-
-@dataclass
-class PromptEncoderConfig(PromptLearningConfig):
-    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = PromptEncoderReparameterizationType.MLP
-    encoder_hidden_size: int | None = None  # None: token_dim
-    encoder_num_layers: int = 2  # LSTM layers; the MLP always has PEFT's fixed three linears
-    encoder_dropout: float = 0.0
-
-    peft_type = PeftType.P_TUNING
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.encoder_reparameterization_type = PromptEncoderReparameterizationType(self.encoder_reparameterization_type)
-
-
-@dataclass
-class PrefixTuningConfig(PromptLearningConfig):
-    encoder_hidden_size: int | None = None  # None: token_dim
-    prefix_projection: bool = False
-    init_weights: str | None = None  # "zero": the prefix starts as zero keys and values
-
-    peft_type = PeftType.PREFIX_TUNING
-
-
-PROMPT_CONFIGS = (PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)
-CONFIG_CLASSES.update({c.peft_type.value: c for c in PROMPT_CONFIGS})
-
-
-def model_dims(model: nn.Module) -> dict:
-    """hidden, layers, heads, kv_heads, head_dim of a peftcore (or transformers-like) model's config."""
-    c = model.config
-    get = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)  # noqa: E731
-    hidden, heads = get("hidden_size", "n_embd"), get("num_attention_heads", "n_head")
-    dims = dict(hidden=hidden, layers=get("num_hidden_layers", "n_layer"), heads=heads)
-    dims["kv_heads"] = get("num_key_value_heads") or heads
-    dims["head_dim"] = get("head_dim") or hidden // heads
-    return dims
-
-
-def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> None:
-    """PEFT's _prepare_prompt_learning_config: sizes the user left out come from the model; sizes a
-    saved config carries must fit the model (an adapter for another width is a clear error)."""
-    d = model_dims(model)
-    prefix = isinstance(config, PrefixTuningConfig)  # keys/values are sized to the KV heads (GQA)
-    expected = {
-        "num_layers": d["layers"],
-        "token_dim": d["kv_heads"] * d["head_dim"] if prefix else d["hidden"],
-        "num_attention_heads": d["kv_heads"] if prefix else d["heads"],
-    }
-    for name, value in expected.items():
-        given = getattr(config, name)
-        if given is not None and given != value and (name != "num_attention_heads" or prefix):
-            raise ValueError(f"the adapter's {name} is {given} but this {type(model).__name__} needs {value} "
-                             "(an adapter made for a model of another size?)")
-        setattr(config, name, given or value)
-    config.num_transformer_submodules = config.num_transformer_submodules or 1
-    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
-        config.encoder_hidden_size = config.token_dim
+from peftcore.prompt.configs import (
+    PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType, PromptLearningConfig,
+    PromptTuningConfig, PromptTuningInit, fill_from_model,
+)
 
 
 class PromptEmbedding(nn.Module):
@@ -213,6 +112,15 @@ def build_encoder(config: PromptLearningConfig, word_embeddings: nn.Embedding) -
     return PrefixEncoder(config)
 
 
+def encoder_for(config: PromptLearningConfig, model: nn.Module, loading: bool = False) -> nn.Module:
+    """`config`'s encoder for `model` (config's sizes filled from the model), on the model's device."""
+    fill_from_model(config, model)
+    if loading and hasattr(config, "prompt_tuning_init"):  # loading overwrites the prompts: skip a TEXT init's tokenizer
+        config = replace(config, prompt_tuning_init=PromptTuningInit.RANDOM)
+    embeddings = input_embeddings(model)
+    return build_encoder(config, embeddings).to(embeddings.weight.device)
+
+
 def encoder_output(encoder: nn.Module, config: PromptLearningConfig) -> torch.Tensor:
     """(n, token_dim) prompts, or (n, L * 2 * token_dim) for prefix tuning: what PEFT saves."""
     n = config.num_virtual_tokens * (1 if isinstance(config, PrefixTuningConfig) else config.num_transformer_submodules)
@@ -266,6 +174,23 @@ def prompt_kwargs(encoder: nn.Module, config: PromptLearningConfig, word_embeddi
     if kwargs.get("token_type_ids") is not None:  # BERT: the prompt belongs to the first segment
         kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(B, n), kwargs["token_type_ids"]], dim=1)
     return {**kwargs, "input_ids": None, "inputs_embeds": embeds, "attention_mask": attention_mask}
+
+
+def prompted_forward(model: nn.Module, encoder: nn.Module, config: PromptLearningConfig, input_ids=None,
+                     attention_mask=None, inputs_embeds=None, **kwargs):
+    """The model's forward with the prompt put in; per-token outputs cover the input tokens only."""
+    full = prompt_kwargs(encoder, config, input_embeddings(model), input_ids, attention_mask, inputs_embeds, kwargs)
+    T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    return drop_prompt_positions(model(**full), config, T)
+
+
+def prompt_prefill(encoder: nn.Module, config: PromptLearningConfig, word_embeddings: nn.Embedding,
+                   input_ids) -> dict:
+    """generate()'s prefill arguments: the prompted `inputs_embeds`, and for prefix tuning the prefilled `cache`.
+    No gradient: decoding does not train."""
+    with torch.no_grad():
+        full = prompt_kwargs(encoder, config, word_embeddings, input_ids, None, None, {})
+    return {"inputs_embeds": full["inputs_embeds"], "cache": full.get("cache")}
 
 
 def labels_over_prompt(labels: torch.Tensor, n: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 
 from peftcore.data.augment import AugmentConfig
 from peftcore.config import LoraConfig
-from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.jobs.recipe import RecipeError, load_recipe, parse_override
 
 ROOT = Path(__file__).resolve().parents[3]

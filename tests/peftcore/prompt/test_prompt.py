@@ -6,9 +6,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from peftcore import PeftModel, TaskType, get_peft_model
-from peftcore.models import BertConfig, BertForSequenceClassification, LlamaConfig, from_config
+from peftcore.models import BertConfig, BertForSequenceClassification, LlamaConfig, from_config, generate
 from peftcore.models.llama import rope_tables
-from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from tests.tolerances import assert_close
 
 WORDS = ["<unk>", "<s>", "</s>", "hello", "support", "team", "restore", "point"]
@@ -162,3 +162,57 @@ def test_load_adapter_trains_a_loaded_prompt_when_asked(tmp_path, is_trainable):
     trained = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
     assert trained == (["prompt_encoder.other.embedding.weight"] if is_trainable else [])
     assert pm.active_adapter == "default"
+
+
+def test_a_text_init_adapter_loads_the_same_way_through_from_pretrained_and_load_adapter(tmp_path):
+    """Both loads build the encoder one way: no TEXT init (so no tokenizer, which is gone by now), the saved
+    prompts copied in, and the config kept as saved."""
+    (tmp_path / "tok").mkdir()
+    tokenizer = tokenizer_folder(tmp_path / "tok")
+    config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hello team",
+                                tokenizer_name_or_path=str(tokenizer))
+    saved = get_peft_model(tiny_llama(), config)
+    saved.save_pretrained(tmp_path / "adapter")
+    (tokenizer / "tokenizer.json").unlink()
+    first = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    first.load_adapter(tmp_path / "adapter", "again")
+    for name in ("default", "again"):
+        assert_close(first.prompt_encoder[name].embedding.weight, saved.prompt_encoder["default"].embedding.weight)
+        assert first.peft_config[name].prompt_tuning_init == "TEXT"
+        assert first.peft_config[name].inference_mode
+
+
+def test_a_prompt_model_refuses_mixed_batches_and_a_lora_adapter_beside_it():
+    from peftcore import LoraConfig
+
+    pm = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3)).eval()
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="supported for LoRA adapters only"):
+        pm(ids, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="supported for LoRA adapters only"):
+        pm.generate(ids, adapter_names=["default", "default"], max_new_tokens=1)
+    with pytest.raises(TypeError, match="holds prompt-learning adapters; a LoraConfig needs its own PeftModel"):
+        pm.add_adapter("lora", LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="a PeftModel is made from a LoraConfig, PromptLearningConfig"):
+        get_peft_model(tiny_llama(), {"num_virtual_tokens": 3})
+
+
+def test_a_disabled_prompt_runs_the_base_model_and_unload_returns_it_untouched():
+    model = tiny_llama()
+    pm = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=3)).eval()
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad(), pm.disable_adapter():
+        assert_close(pm(ids), model(ids))
+        assert torch.equal(pm.generate(ids, max_new_tokens=4), generate(model, ids, max_new_tokens=4))
+    with torch.no_grad():
+        assert not torch.allclose(pm(ids), model(ids))
+    pm.unmerge_adapter()  # nothing merged: a no-op, as for LoRA with nothing merged
+    assert pm.unload() is model
+
+
+def test_every_saved_method_is_in_the_one_config_registry():
+    from peftcore.adapter_io import CONFIG_CLASSES, config_from_dict
+
+    assert sorted(CONFIG_CLASSES) == ["LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"]
+    config = config_from_dict(PrefixTuningConfig(num_virtual_tokens=2).to_dict())
+    assert isinstance(config, PrefixTuningConfig) and config.num_virtual_tokens == 2

@@ -9,7 +9,7 @@ import transformers
 
 from peftcore import PeftModel, get_peft_model
 from peftcore.models import load_pretrained
-from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from tests.tolerances import assert_close
 
 warnings.filterwarnings("ignore", category=UserWarning)
