@@ -2,7 +2,7 @@
 from .bert import BertConfig, BertForSequenceClassification, BertModel, mean_pool
 from .cache import KVCache
 from .checkpoint import CheckpointError, from_config, load_pretrained, save_pretrained
-from .generate import generate
+from .generate import SamplingConfig, generate
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .layers import Conv1D
 from .llama import LlamaConfig, LlamaForCausalLM

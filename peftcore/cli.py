@@ -16,6 +16,7 @@ checkpoint as fast as a tiny one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
@@ -198,23 +199,25 @@ def train_until_done(args: argparse.Namespace, recipe, output_dir: Path) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from peftcore.jobs.inference import run_eval
+    from peftcore.jobs.eval import run_eval
 
     run_eval(args.adapter, args.base, args.data, args.glossary, args.output, args.max_records)
     return 0
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from peftcore.jobs.inference import run_generate
+    from peftcore.jobs.generate import run_generate
 
+    from peftcore.models.generate import SamplingConfig
+
+    sampling = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if hasattr(args, f.name)}
     print(run_generate(args.adapter, args.prompt, args.base, raw=args.raw, instruction=args.instruction, chat=args.chat,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed))
+                       sampling=sampling, seed=args.seed))
     return 0
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from peftcore.jobs.inference import run_merge
+    from peftcore.jobs.merge import run_merge
 
     run_merge(args.adapter, args.output, args.base, into=args.into)
     return 0

@@ -29,7 +29,7 @@ from peftcore.jobs.builtin import EXAMPLES_DIR
 from peftcore.config import LoraConfig
 from peftcore.data.records import PromptTemplate
 from peftcore.multitask.heads import KINDS, POOLINGS, check_task_name
-from peftcore.prompt.encoders import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.training.config import (
     COUNT, NON_NEGATIVE, OFF_OR_EVERY, POSITIVE, PROBABILITY_BELOW_1, TrainConfig, check_limits,
 )

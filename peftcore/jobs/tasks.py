@@ -27,6 +27,7 @@ from peftcore.data.records import (
     to_example, tokenize_span,
 )
 from peftcore.data.records import tokenize as tokenize_example
+from peftcore.multitask.model import HEADS_CONFIG, MultiTaskModel
 
 RECIPE_FILE = "peftcore_recipe.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -294,14 +295,35 @@ def save_adapter_folder(peft_model, folder, base_folder: Path, recipe_dict: dict
     (folder / RECIPE_FILE).write_text(json.dumps(recipe_dict, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The PeftModel that generates: a multi-task model's shared adapter + LM head, else the model itself."""
+    return model.backbone if isinstance(model, MultiTaskModel) else model
+
+
+def task_weights(model: nn.Module) -> dict[str, float] | None:
+    """evaluate()'s task weights: a multi-task model's, else None (single-task rows have no task)."""
+    return model.task_weights if isinstance(model, MultiTaskModel) else None
+
+
 @dataclass
 class Loaded:
-    peft_model: nn.Module
+    """An adapter folder loaded: `model` scores (a PeftModel, or a MultiTaskModel with its task heads),
+    `peft_model` generates (for a multi-task folder: the shared backbone and its LM head)."""
+
+    model: nn.Module
     tokenizer: object
     info: dict  # peftcore_recipe.json (or what the adapter config alone tells)
     base_folder: Path
     base_name: str
     device: torch.device
+
+    @property
+    def peft_model(self) -> nn.Module:
+        return backbone(self.model)
+
+    @property
+    def task_weights(self) -> dict[str, float] | None:
+        return task_weights(self.model)
 
     @property
     def task(self) -> str:
@@ -348,7 +370,8 @@ def check_adapter_info(info: dict, path: Path) -> dict:
 
 
 def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool = False, log=print) -> Loaded:
-    """Base + adapter from `--adapter DIR` (and `--base`, which overrides the recorded base)."""
+    """Base + adapter from `--adapter DIR` (and `--base`, which overrides the recorded base; "builtin" is
+    the built-in tiny Llama). A multi-task folder (task_heads.json beside the adapter) loads with its heads."""
     from types import SimpleNamespace
 
     from peftcore.peft_model import PeftModel
@@ -358,12 +381,11 @@ def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool 
     base_name = base or config.get("base_model_name_or_path")
     if not base_name:
         raise TaskError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
-    if base == "builtin":
-        base_name = "builtin:tiny-llama"
+    base_name = "builtin:tiny-llama" if base_name == "builtin" else base_name
     base_folder = resolve_base(base_name, log=log)
     model_section = SimpleNamespace(**{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})
     device = set_runtime(model_section)
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_folder)
     model = load_base(base_folder, model_section, info.get("labels"), device=device, quantize=not merge_ready)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    return Loaded(peft_model, tokenizer, info, base_folder, base_name, device)
+    adapted = MultiTaskModel if (adapter_dir / HEADS_CONFIG).is_file() else PeftModel
+    return Loaded(adapted.from_pretrained(model, adapter_dir), tokenizer, info, base_folder, base_name, device)

@@ -6,9 +6,9 @@ before training, the one training loop (`peftcore.training.loop.train`), and fin
 is loaded back from disk to measure "after" and show sample generations, so the numbers printed
 are the numbers of the files written.
 
-A recipe with [tasks.<name>] tables runs `run_multitask_train` instead: the same order, per task
-(data, rows, before / after metrics), one MultiTaskModel (peftcore.multitask) trained by the same
-loop on all tasks at once; its adapter folder holds the LoRA adapter plus the task heads.
+One pipeline: a recipe's tasks are its [tasks.<name>] tables, or (a single-task recipe) its [data] as one
+task named None. Per task: data, rows, before / after metrics; a multi-task job trains one MultiTaskModel
+(peftcore.multitask) on all tasks at once, and its adapter folder holds the LoRA adapter plus the task heads.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 from peftcore.models.tokenizer import read_chat_template, read_json
 
 from peftcore.jobs import run_folder
@@ -31,10 +29,11 @@ from peftcore.data.report import data_report, format_report, write_report
 from peftcore.multitask.model import MultiTaskModel, parts_of
 from peftcore.multitask.heads import TaskSpec
 from peftcore.peft_model import get_peft_model
+from peftcore.jobs.generate import show_samples
 from peftcore.jobs.recipe import Recipe, TaskSection
 from peftcore.jobs.tasks import (
-    Loaded, Record, adapter_config, load_adapter_folder, load_base, pad_id, parse_records, TaskError, read_labels,
-    resolve_base, save_adapter_folder, set_runtime, tokenize_records,
+    Loaded, Record, TaskError, adapter_config, backbone, load_adapter_folder, load_base, pad_id, parse_records,
+    read_labels, resolve_base, save_adapter_folder, set_runtime, task_weights, tokenize_records,
 )
 from peftcore.training.loop import evaluate, train
 from peftcore.training.state import replace_atomically, set_seed
@@ -53,49 +52,50 @@ def default_output_dir(resume: bool) -> Path:
 
 
 def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print, overwrite: bool = False) -> dict:
-    """overwrite: start afresh in a folder that holds a run (run_folder.prepare); resume: continue it."""
+    """overwrite: start afresh in a folder that holds a run (run_folder.prepare); resume: continue it.
+
+    One pipeline for every recipe: a single-task recipe is a one-task job (its task named None)."""
     from peftcore.training import distributed
     from peftcore.models import load_tokenizer
 
-    if recipe.tasks:
-        return run_multitask_train(recipe, output_dir, resume, log, overwrite)
     started, output_dir = time.perf_counter(), Path(output_dir)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
     log = log if main else (lambda *args, **kwargs: None)
     recipe = start_run(recipe, output_dir, resume, overwrite, log)
-    # 1. the data, parsed and checked before anything loads
-    labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
-    train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
-    eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
-    # 2. base + tokenizer; 3. tokens and the data report
+    # 1. the data, every task's, parsed and checked before anything loads
+    tasks = job_tasks(recipe)
+    # 2. base + tokenizer; 3. tokens and the data report(s)
     device = set_runtime(recipe.model)
     base_folder = resolve_base(recipe.model.base_name, log=log)
     tokenizer = load_tokenizer(base_folder)
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
-    train_rows, eval_rows = tokenize_split(recipe, train_records, eval_records, tokenizer, labels,
-                                           output_dir if main else None, log)
-    # 4. model + adapter; 5. before
-    peft_model = build_adapted(recipe, base_folder, device, labels, log)
-    info = {**recipe.to_dict(), "labels": labels}
+    train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log,
+                                           packing=recipe.data.packing)
+    # 4. model + adapter (+ task heads); 5. before (the adapter disabled)
+    model = build_model(recipe, base_folder, device, tasks, log)
+    info = {**recipe.to_dict(), "labels": tasks[None].labels if None in tasks else None}
     if main:
         write_recipe(output_dir, info)
-    before = score(peft_model.disable_adapter, peft_model, eval_rows, batch, pad, "before: ", log)
+    describe = functools.partial(describe_scores, tasks=tasks)
+    before = score(backbone(model).disable_adapter, model, eval_rows, batch, pad, "before: ", log,
+                   describe=describe, task_weights=task_weights(model))
     # 6. train
-    state = train(peft_model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
-                  save_adapter=lambda folder: save_adapter_folder(peft_model, folder, base_folder, info))
+    state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
+                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info))
     if not main:  # rank 0 alone picks, reloads and evaluates the adapter
         return {"steps": state.step}
     # 7. the adapter: the best evaluation's, else the last step's; 8. after, from the files
     chosen, adapter = keep_chosen_adapter(output_dir)
-    peft_model = None  # frees the trained copy before the files load
+    model = None  # frees the trained copy before the files load
     loaded = load_adapter_folder(adapter, log=log)
-    after = score(contextlib.nullcontext, loaded.peft_model, eval_rows, batch, pad, "after:  ", log, best_note(chosen, state))
-    samples = []
-    if eval_records and labels is None and recipe.eval.samples:
-        samples = show_samples(loaded, eval_records[: recipe.eval.samples], recipe.eval, log)
+    after = score(contextlib.nullcontext, loaded.model, eval_rows, batch, pad, "after:  ", log, best_note(chosen, state),
+                  describe=describe, task_weights=loaded.task_weights)
+    samples = job_samples(loaded, tasks, recipe.eval, log)
     summary = write_summary(output_dir, state, before, after, adapter, started, samples)
-    log(f"adapter saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'}; "
-        f"try: peftcore eval --adapter {adapter})")
+    if None in tasks:
+        log(f"adapter saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'}; try: peftcore eval --adapter {adapter})")
+    else:
+        log(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
     return summary
 
 
@@ -136,25 +136,11 @@ def with_checkpoint_chat_template(recipe: Recipe, log=print) -> Recipe:
     return replace(recipe, data=replace(recipe.data, template=replace(template, chat_template=chat_template)))
 
 
-def tokenize_split(recipe: Recipe, train_records: list[Record], eval_records: list[Record], tokenizer,
-                   labels: list[str] | None, report_dir: Path | None, log=print):
-    """-> (train rows, eval rows); logs the data report (and writes it to report_dir); packs if asked."""
-    max_length = recipe.data.max_length
-    train_rows = tokenize_records(train_records, tokenizer, max_length)
-    eval_rows = tokenize_records(eval_records, tokenizer, max_length)
-    report = data_report(train_records, train_rows, max_length)
-    if labels is not None:
-        report["label_counts"] = {name: sum(r.label == i for r in train_records) for i, name in enumerate(labels)}
-        report["trained_tokens"] = len(train_rows)  # classification: one trained target (the label) per record
-    log(format_report(report))
-    if labels is not None:
-        log("  labels: " + ", ".join(f"{name} {n}" for name, n in report["label_counts"].items()))
-    if report_dir is not None:
-        write_report(report, report_dir)
-    if recipe.data.packing and labels is None:
-        train_rows = pack(train_rows, max_length)
-        log(f"  packed into {len(train_rows)} rows of up to {max_length} tokens")
-    return train_rows, eval_rows
+def build_model(recipe: Recipe, base_folder: Path, device, tasks: dict, log=print):
+    """The base with the recipe's adapter (seeded): a PeftModel for a single-task job, else a MultiTaskModel."""
+    if None in tasks:
+        return build_adapted(recipe, base_folder, device, tasks[None].labels, log)
+    return build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()}, log)
 
 
 def build_adapted(recipe: Recipe, base_folder: Path, device, labels: list[str] | None, log=print):
@@ -206,6 +192,10 @@ def keep_chosen_adapter(output_dir: Path) -> tuple[Path, Path]:
     return chosen, adapter
 
 
+def describe_scores(result: dict, tasks: dict) -> str:
+    return describe_eval(result) if None in tasks else describe_tasks(result, tasks)
+
+
 def describe_eval(result: dict) -> str:
     text = f"eval loss {result['eval_loss']:.3f}, perplexity {result['eval_ppl']:.2f}"
     if "eval_accuracy" in result:
@@ -213,14 +203,26 @@ def describe_eval(result: dict) -> str:
     return text
 
 
-# -- multi-task -------------------------------------------------------------------------------
+# -- the tasks of a job ------------------------------------------------------------------------
 @dataclass
 class TaskData:
-    """One [tasks.<name>] of a recipe, parsed: its head's spec and its records."""
+    """One task of a job, parsed: a [tasks.<name>] table, or a single-task recipe's [data] (the job's one task)."""
 
-    spec: TaskSpec
+    kind: str  # "generation" | "classification" | "qa"
+    labels: list[str] | None  # classification: the class names
     train_records: list[Record]
     eval_records: list[Record]
+    spec: TaskSpec | None = None  # a [tasks.<name>] head's spec; None: the recipe's model is the head
+
+
+def job_tasks(recipe: Recipe) -> dict[str | None, TaskData]:
+    """{task name: its data}; a single-task recipe is one task named None (the base's own head)."""
+    if recipe.tasks:
+        return {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
+    labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
+    train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
+    eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
+    return {None: TaskData("generation" if labels is None else "classification", labels, train_records, eval_records)}
 
 
 def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
@@ -232,71 +234,40 @@ def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
     spec = TaskSpec(task.kind, labels=labels, pooling=task.pooling, weight=task.weight)
     train_records = parse_records(task.train, recipe.data.template, labels, recipe.data.augment, task.kind)
     eval_records = parse_records(task.eval, recipe.data.template, labels, kind=task.kind) if task.eval else []
-    return TaskData(spec, train_records, eval_records)
+    return TaskData(task.kind, labels, train_records, eval_records, spec)
 
 
-def run_multitask_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print, overwrite: bool = False) -> dict:
-    """`peftcore train` for a recipe with [tasks.<name>] tables: one LoRA backbone, a head per task."""
-    from peftcore.models import load_tokenizer
-
-    from peftcore.training import distributed
-
-    started, output_dir = time.perf_counter(), Path(output_dir)
-    main = distributed.is_main()
-    log = log if main else (lambda *args, **kwargs: None)
-    recipe = start_run(recipe, output_dir, resume, overwrite, log)
-    # 1. every task's data, parsed and checked before anything loads
-    tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
-    # 2. base + tokenizer; 3. rows per task and their data reports
-    device = set_runtime(recipe.model)
-    base_folder = resolve_base(recipe.model.base_name, log=log)
-    tokenizer = load_tokenizer(base_folder)
-    pad, batch = pad_id(tokenizer), recipe.train.batch_size
-    train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log)
-    # 4. the shared backbone and the heads; 5. before (the untrained heads on the base)
-    model = build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()}, log)
-    info = {**recipe.to_dict(), "labels": None}
-    if main:
-        write_recipe(output_dir, info)
-    describe = functools.partial(describe_tasks, tasks=tasks)
-    before = score(model.backbone.disable_adapter, model, eval_rows, batch, pad, "before: ", log,
-                   describe=describe, task_weights=model.task_weights)
-    # 6. train
-    state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
-                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info))
-    if not main:
-        return {"steps": state.step}
-    # 7. the adapter + heads; 8. after, from the files
-    chosen, adapter = keep_chosen_adapter(output_dir)
-    model = None  # frees the trained copy before the files load
-    loaded = MultiTaskModel.from_pretrained(load_base(base_folder, recipe.model, None, device=device), adapter)
-    after = score(contextlib.nullcontext, loaded, eval_rows, batch, pad, "after:  ", log, best_note(chosen, state),
-                  describe=describe, task_weights=loaded.task_weights)
-    samples = multitask_samples(loaded, tokenizer, tasks, recipe, base_folder, device, log)
-    summary = write_summary(output_dir, state, before, after, adapter, started, samples)
-    log(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
-    return summary
-
-
-def tokenize_tasks(tasks: dict[str, TaskData], tokenizer, max_length: int, report_dir: Path | None, log=print):
-    """-> (train rows, eval rows), every row stamped with its task; logs and writes each task's data report."""
+def tokenize_tasks(tasks: dict[str | None, TaskData], tokenizer, max_length: int, report_dir: Path | None, log=print,
+                   packing: bool = False):
+    """-> (train rows, eval rows), every row stamped with its task; logs each task's data report and writes
+    them (a single-task job: its one report); packs generation rows if asked."""
     train_rows, eval_rows, reports = [], [], {}
     for name, task in tasks.items():
         rows = tokenize_records(task.train_records, tokenizer, max_length, task=name)
         eval_rows += tokenize_records(task.eval_records, tokenizer, max_length, task=name)
-        report = data_report(task.train_records, rows, max_length)
-        if task.spec.kind != "generation":
-            report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
-        log(f"task {name} ({task.spec.kind}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
-        log(format_report(report))
-        if task.spec.labels:
-            log("  labels: " + ", ".join(f"{label} {sum(r.label == i for r in task.train_records)}"
-                                          for i, label in enumerate(task.spec.labels)))
-        reports[name] = report
+        reports[name] = task_report(name, task, rows, max_length, log)
         train_rows += rows
     if report_dir is not None:
-        write_report({"tasks": reports}, report_dir)
+        write_report(reports[None] if None in tasks else {"tasks": reports}, report_dir)
+    if packing and all(task.kind == "generation" for task in tasks.values()):
+        train_rows = pack(train_rows, max_length)
+        log(f"  packed into {len(train_rows)} rows of up to {max_length} tokens")
     return train_rows, eval_rows
+
+
+def task_report(name: str | None, task: TaskData, rows, max_length: int, log=print) -> dict:
+    """One task's data report, logged (a named task: under a line naming it, its kind and weight)."""
+    report = data_report(task.train_records, rows, max_length)
+    if task.labels is not None:
+        report["label_counts"] = {label: sum(r.label == i for r in task.train_records) for i, label in enumerate(task.labels)}
+    if task.kind != "generation":
+        report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
+    if name is not None:
+        log(f"task {name} ({task.kind}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
+    log(format_report(report))
+    if task.labels:
+        log("  labels: " + ", ".join(f"{label} {n}" for label, n in report["label_counts"].items()))
+    return report
 
 
 def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, TaskSpec], log=print) -> MultiTaskModel:
@@ -317,9 +288,9 @@ def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:
     for name, task in tasks.items():
         if f"eval_loss/{name}" not in result:  # a task without eval data
             continue
-        if task.spec.kind == "classification":
+        if task.kind == "classification":
             metric = f"accuracy {100 * result[f'eval_accuracy/{name}']:.1f}%"
-        elif task.spec.kind == "qa":
+        elif task.kind == "qa":
             metric = f"exact match {100 * result[f'eval_exact_match/{name}']:.1f}%"
         else:
             metric = f"perplexity {result[f'eval_ppl/{name}']:.2f}"
@@ -327,55 +298,12 @@ def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:
     return "; ".join(parts) + f"; weighted loss {result['eval_loss']:.3f}"
 
 
-def multitask_samples(model: MultiTaskModel, tokenizer, tasks: dict[str, TaskData], recipe: Recipe, base_folder: Path,
-                      device, log=print) -> list[dict]:
-    """Sample generations of the first generation task with eval records (the shared adapter + LM head)."""
-    name = next((n for n, t in tasks.items() if t.spec.kind == "generation" and t.eval_records), None)
-    if name is None or not recipe.eval.samples:
+def job_samples(loaded: Loaded, tasks: dict[str | None, TaskData], settings, log=print) -> list[dict]:
+    """Sample generations of the first generation task with eval records (multi-task: the shared adapter + LM head)."""
+    names = [n for n, t in tasks.items() if t.kind == "generation" and t.eval_records]
+    if not names or not settings.samples:
         return []
-    loaded = Loaded(model.backbone, tokenizer, {}, base_folder, recipe.model.base_name, device)
-    log(f"task {name}:")
-    return show_samples(loaded, tasks[name].eval_records[: recipe.eval.samples], recipe.eval, log)
-
-
-# -- generation -------------------------------------------------------------------------------
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """As the training rows begin: BOS (when the tokenizer has one), then the prompt's tokens."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(prompt, add_special_tokens=False)
-
-
-@torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, seed: int = 0) -> list[str]:
-    """Batched decoding (left-padded) of the continuation of each prompt."""
-    model.eval()
-    pad = pad_id(tokenizer)
-    generator = torch.Generator(device=device or "cpu").manual_seed(seed) if settings.temperature else None
-    outputs = []
-    for start in range(0, len(prompts), max(1, settings.batch_size)):
-        encoded = [prompt_ids(tokenizer, p) for p in prompts[start : start + settings.batch_size]]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, generator=generator)
-        outputs += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in tokens]
-    return outputs
-
-
-def show_samples(loaded: Loaded, records: list[Record], settings, log=print) -> list[dict]:
-    generated = generate_texts(loaded.peft_model, loaded.tokenizer, [r.prompt for r in records], settings, loaded.device)
-    mode = "greedy" if not settings.temperature else f"temperature {settings.temperature}"
-    log(f"samples ({mode}, up to {settings.max_new_tokens} new tokens):")
-    out = []
-    for i, (record, text) in enumerate(zip(records, generated), start=1):
-        log(f"[{i}] prompt:    {one_line(record.shown)}\n    reference: {one_line(record.reference)}\n"
-            f"    generated: {one_line(text)}")
-        out.append({"where": record.where, "prompt": record.shown, "reference": record.reference, "generated": text})
-    return out
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    name = names[0]
+    if name is not None:
+        log(f"task {name}:")
+    return show_samples(loaded, tasks[name].eval_records[: settings.samples], settings, log)

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peftcore.models import from_config, generate, load_pretrained, save_pretrained
-from peftcore.models.generate import positions_from_mask
+from peftcore.models.generate import SamplingConfig, positions_from_mask
 from peftcore.models.llama import LlamaConfig, rope_inverse_frequencies
 from tests.models.invariants import check_padded_rows_equal_alone
 from tests.tolerances import assert_close
@@ -196,6 +196,18 @@ def test_sampling_is_reproducible_with_a_seeded_generator(pairs):
     first = sample(model, ids, seed=7, temperature=1.0)
     assert torch.equal(first, sample(model, ids, seed=7, temperature=1.0))
     assert not torch.equal(first, sample(model, ids, seed=8, temperature=1.0))  # the generator is used
+
+
+def test_a_sampling_config_decodes_as_its_keywords_and_keywords_override_it(pairs):
+    model = pairs("llama_gqa").ours
+    ids = torch.randint(3, VOCAB, (2, 5))
+    config = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=5, eos_token_id=[])
+    assert torch.equal(sample(model, ids, seed=7, sampling=config), sample(model, ids, seed=7, temperature=1.0, top_k=5,
+                                                                             eos_token_id=[]))
+    greedy = generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(generate(model, ids, max_new_tokens=6, temperature=0.0, sampling=config), greedy)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingConfig(temperature=-0.5)
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy(pairs):

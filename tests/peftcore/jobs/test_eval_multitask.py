@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from peftcore.jobs.train import generate_texts, parse_task, tokenize_tasks
+from peftcore.jobs.generate import generate_texts
+from peftcore.jobs.train import parse_task, tokenize_tasks
 from peftcore.analysis.text_metrics import bleu, repetition
 from peftcore.models import load_pretrained, load_tokenizer
 from peftcore.multitask.model import MultiTaskModel
@@ -113,7 +114,7 @@ def test_data_flag_and_missing_eval_data_are_one_line_errors(adapter, tmp_path):
 
 def test_qa_tasks_report_exact_match():
     """A qa head's eval: exact match next to its loss (the report helper, no model needed)."""
-    from peftcore.jobs.inference import multitask_report, text_table
+    from peftcore.jobs.eval import multitask_report, text_table
 
     task = {"kind": "qa", "data": "qa.jsonl", "records": 4, "metrics": {"exact match": [0.25, 0.5], "loss": [3.0, 2.0]}}
     assert "exact match %" in text_table(task) and "50.00" in text_table(task)

@@ -1,0 +1,82 @@
+"""`peftcore generate`, and the decoding every job shares: batched, left-padded generation of prompts'
+continuations with an adapter, in the settings of the adapter's recipe ([eval])."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from peftcore.models.generate import SamplingConfig
+
+from peftcore.data.records import PromptTemplate, chat_prompt
+from peftcore.jobs.recipe import EvalSection
+from peftcore.jobs.tasks import Loaded, Record, TaskError, load_adapter_folder, pad_id
+
+def eval_settings(loaded: Loaded, **overrides) -> EvalSection:
+    """The adapter's recipe [eval] section (an adapter from elsewhere: the defaults), then the overrides that are set."""
+    known = {f.name for f in fields(EvalSection)}
+    recorded = EvalSection(**{k: v for k, v in loaded.info.get("eval", {}).items() if k in known})
+    return replace(recorded, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_generate(adapter: Path, prompt: str, base: str | None = None, raw: bool = False, instruction: str | None = None,
+                 chat: bool = False, sampling: dict | None = None, seed: int = 0) -> str:
+    """`sampling`: SamplingConfig fields to override the adapter's recorded [eval] ones with (None: keep)."""
+    loaded = load_adapter_folder(adapter, base, log=lambda *a: None)
+    if loaded.labels is not None:
+        raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore eval")
+    text = prompt if raw else render_prompt(loaded.template, prompt, instruction, chat)
+    settings = eval_settings(loaded, **(sampling or {}), batch_size=1)
+    return generate_texts(loaded.peft_model, loaded.tokenizer, [text], settings, loaded.device, seed=seed or 0)[0]
+
+
+def render_prompt(template: PromptTemplate, prompt: str, instruction: str | None, chat: bool) -> str:
+    """The prompt in the format the adapter trained on: the input template, or (chat) one user turn
+    (after a system turn holding `instruction`, if given) in the chat template."""
+    if not chat:
+        return template.render({"input": prompt, "instruction": instruction or ""})
+    system = [{"role": "system", "content": instruction}] if instruction else []
+    return chat_prompt([*system, {"role": "user", "content": prompt}], template)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """As the training rows begin: BOS (when the tokenizer has one), then the prompt's tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, seed: int = 0) -> list[str]:
+    """Batched decoding (left-padded) of the continuation of each prompt; `settings`: the SamplingConfig
+    fields it holds (a recipe's [eval] section) and batch_size."""
+    model.eval()
+    pad = pad_id(tokenizer)
+    sampling = SamplingConfig.of(settings, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed) if sampling.temperature else None
+    outputs = []
+    for start in range(0, len(prompts), max(1, settings.batch_size)):
+        encoded = [prompt_ids(tokenizer, p) for p in prompts[start : start + settings.batch_size]]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        tokens = model.generate(ids, attention_mask=mask, sampling=sampling, generator=generator)
+        outputs += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in tokens]
+    return outputs
+
+
+def show_samples(loaded: Loaded, records: list[Record], settings, log=print) -> list[dict]:
+    generated = generate_texts(loaded.peft_model, loaded.tokenizer, [r.prompt for r in records], settings, loaded.device)
+    mode = "greedy" if not settings.temperature else f"temperature {settings.temperature}"
+    log(f"samples ({mode}, up to {settings.max_new_tokens} new tokens):")
+    out = []
+    for i, (record, text) in enumerate(zip(records, generated), start=1):
+        log(f"[{i}] prompt:    {one_line(record.shown)}\n    reference: {one_line(record.reference)}\n"
+            f"    generated: {one_line(text)}")
+        out.append({"where": record.where, "prompt": record.shown, "reference": record.reference, "generated": text})
+    return out
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
