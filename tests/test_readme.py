@@ -31,3 +31,28 @@ def test_ci_installs_into_a_fresh_venv_and_runs_the_slow_lane_too():
     assert made < activated < min(installs)
     assert "python -m pytest -q -m slow" in lines
     assert "python -m pytest -q -m slow" in (ROOT / "README.md").read_text()
+
+
+def architecture_map_paths() -> set[str]:
+    """The files the README's architecture map names: `dir/a.py`, `b.py` in one cell means dir/a.py, dir/b.py."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Architecture map\n(.*?)^## ", text, re.S | re.M)
+    assert section, "README.md has no ## Architecture map section"
+    named = set()
+    for row in re.findall(r"^\| (.+?) \|", section.group(1), re.M):
+        folder = None
+        for name in re.findall(r"`([^`]+\.py)`", row):
+            if "/" in name:
+                folder = name.rpartition("/")[0]
+                named.add(name)
+            elif folder:
+                named.add(f"{folder}/{name}")
+    return named
+
+
+def test_the_architecture_map_names_every_module_and_only_modules_that_exist():
+    packages = ("peftcore", "models", "kernels")
+    modules = {p.relative_to(ROOT).as_posix() for d in packages for p in (ROOT / d).rglob("*.py") if p.name != "__init__.py"}
+    named = {name for name in architecture_map_paths() if name.startswith(tuple(d + "/" for d in packages))}
+    assert not modules - named, f"modules missing from the README's architecture map: {sorted(modules - named)}"
+    assert not named - modules, f"the README's architecture map names files that do not exist: {sorted(named - modules)}"
