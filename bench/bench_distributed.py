@@ -39,9 +39,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     from peftcore import LoraConfig, get_peft_model
-    from peftcore.training import distributed
     from peftcore.data.records import TokenizedExample
     from peftcore.models import LlamaConfig, from_config
+    from peftcore.training import distributed
     from peftcore.training.config import TrainConfig
     from peftcore.training.loop import train
 
@@ -51,7 +51,8 @@ def worker(args) -> None:
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64))
     model = from_config(config).to(device=device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    peft = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     g = torch.Generator().manual_seed(1)
     rows = [TokenizedExample(f"r{i}", ids, ids) for i in range(64)
             for ids in [torch.randint(3, args.vocab, (args.seq,), generator=g).tolist()]]
@@ -149,7 +150,8 @@ def summarize_rounds(plan, rounds: list[dict[str, dict]], b: int) -> list[dict]:
              "tokens_per_s_rounds": [m[label]["tokens_per_s"] for m in rounds]}
         r.pop("run_seconds", None)
         if rounds[0][label]["processes"] > 1:
-            r["scaling_efficiency"] = median(m[label]["tokens_per_s"] / (2 * m[single_b]["tokens_per_s"]) for m in rounds)
+            r["scaling_efficiency"] = median(
+                m[label]["tokens_per_s"] / (2 * m[single_b]["tokens_per_s"]) for m in rounds)
             r["vs_one_process_global_batch"] = median(
                 m[label]["tokens_per_s"] / max(m[g]["tokens_per_s"] for g in global_batch) for m in rounds)
         results.append(r)

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from proc_memory import status_bytes
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
@@ -102,6 +101,7 @@ def throughput(folder: Path, batch: int, seq: int, warmup: int, repeats: int) ->
 def memory_child(which: str, folder: Path, batch: int, seq: int) -> None:
     """Run in a fresh process: print this model's memory figures as JSON."""
     import transformers  # noqa: F401  imported for both, so the baseline holds the same libraries
+
     import peftcore.models  # noqa: F401
 
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))

@@ -64,9 +64,12 @@ def main(argv=None) -> dict:
               "speedup": dense["seconds"] / low["seconds"], "dense_matrix_bytes": dense_matrix,
               "same_sigma": all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(low["sigma"], dense["sigma"]))}
     print(f"| path | time | peak memory growth |\n| --- | --- | --- |\n"
-          f"| low rank (QR + {args.rank}x{args.rank} SVD) | {low['seconds'] * 1e3:.2f} ms | {low['peak_growth_bytes'] / 2**20:.1f} MiB |\n"
-          f"| dense svdvals({args.size}x{args.size}) | {dense['seconds'] * 1e3:.0f} ms | {dense['peak_growth_bytes'] / 2**20:.1f} MiB |\n"
-          f"speedup {result['speedup']:.0f}x; one dense dW is {dense_matrix / 2**20:.0f} MiB; top singular values agree: {result['same_sigma']}")
+          f"| low rank (QR + {args.rank}x{args.rank} SVD) | {low['seconds'] * 1e3:.2f} ms "
+          f"| {low['peak_growth_bytes'] / 2**20:.1f} MiB |\n"
+          f"| dense svdvals({args.size}x{args.size}) | {dense['seconds'] * 1e3:.0f} ms "
+          f"| {dense['peak_growth_bytes'] / 2**20:.1f} MiB |\n"
+          f"speedup {result['speedup']:.0f}x; one dense dW is {dense_matrix / 2**20:.0f} MiB; "
+          f"top singular values agree: {result['same_sigma']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -246,7 +246,8 @@ def measure_setting(idx: int, base: nn.Linear, x: torch.Tensor, g: torch.Tensor,
     t0 = time.perf_counter()
     rounds = run_rounds(steps, args.warmup, args.repeats, args.max_others, args.time_limit, clock)
     quiet = [r for r in rounds if r["quiet"]]
-    print(f"# {label}: {len(rounds)} rounds" + (f", {len(quiet)} quiet" if args.max_others is not None else ""), flush=True)
+    print(f"# {label}: {len(rounds)} rounds" + (f", {len(quiet)} quiet" if args.max_others is not None else ""),
+          flush=True)
     return {"setting": label, "lora_dropout": dropout, "use_dora": use_dora, "max_rel_err_vs_hf": err,
             "seconds": time.perf_counter() - t0, "all_rounds": summarize(rounds),
             "quiet_rounds": summarize(quiet) if args.max_others is not None else None, "raw": rounds}

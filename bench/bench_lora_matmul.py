@@ -18,10 +18,19 @@ Prints a markdown table and writes JSON (default bench/results/lora_matmul.json)
 from __future__ import annotations
 
 import torch.nn.functional as F
-
 from kernel_cli import lora_table
 from kernel_cli import main as run_main
-from kernel_harness import Case, Contender, Run, Section, element_size, fwd_bwd_cost, grad_step, lora_operands, triton_path
+from kernel_harness import (
+    Case,
+    Contender,
+    Run,
+    Section,
+    element_size,
+    fwd_bwd_cost,
+    grad_step,
+    lora_operands,
+    triton_path,
+)
 
 SCALE = 2.0  # LoRA scaling s
 RATIOS = [("ours/base", "ours", "base"), ("unfused/base", "unfused", "base"), ("ref/base", "ref", "base"),
@@ -54,8 +63,8 @@ def build_case(p: dict, run: Run) -> Case:
                     *costs["ours"], note="PEFT-style torch ops: base(x) + lora_B(lora_A(x)) * s"),
           Contender("ref", grad_step(lambda: lora_matmul_reference(x, W, None, A, B, s), g, leaves), *costs["ours"],
                     check=None),
-          Contender("base", grad_step(lambda: F.linear(x, W), g, [x]), *costs["base"], note="the frozen base GEMM alone",
-                    check=None)]
+          Contender("base", grad_step(lambda: F.linear(x, W), g, [x]), *costs["base"],
+                    note="the frozen base GEMM alone", check=None)]
     goals = list_goals(M, r) if run.device.type == "cuda" else []
     return Case("b", dict(K=K, N=N, M=M, r=r), cs, ratios=RATIOS, goals=goals)
 
@@ -65,7 +74,8 @@ def describe_dry_goal(row: dict) -> str:
 
 
 def format_table(rows: list[dict], dry: bool) -> list[str]:
-    return lora_table(rows, dry, "b. LoRA linear forward + backward (dX, dA, dB; W frozen); ratios = time / base GEMM fwd+dX",
+    return lora_table(rows, dry,
+                      "b. LoRA linear forward + backward (dX, dA, dB; W frozen); ratios = time / base GEMM fwd+dX",
                       ("ours", "unfused", "ref", "base"), ("ours/base", "unfused/base", "ref/base", "unfused/ours"),
                       describe_dry_goal)
 

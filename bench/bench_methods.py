@@ -73,7 +73,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from proc_memory import reset_peak, status_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods.json"
@@ -100,10 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--eval-rows", type=int, default=None, help="score only the first N held-out records (default all)")
+    parser.add_argument("--eval-rows", type=int, default=None,
+                        help="score only the first N held-out records (default all)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK['steps']} steps, {QUICK['eval_rows']} held-out records (unless given)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON of the raw figures; the table goes beside it (.md)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="JSON of the raw figures; the table goes beside it (.md)")
     parser.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -166,7 +167,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def format_table(res: dict) -> str:
     mib = 2**20
-    header = ("| method | recipe | LR | trainable params (share) | weights MiB | train MiB | step ms, median wall / CPU "
+    header = ("| method | recipe | LR | trainable params (share) | weights MiB | train MiB "
+              "| step ms, median wall / CPU "
               "| held-out loss before -> after | perplexity before -> after |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in res["methods"]:
@@ -245,8 +247,8 @@ def import_lazy_modules() -> None:
 
 
 def build_model(recipe, base_folder: Path, device: torch.device):
-    from peftcore.peft_model import get_peft_model
     from peftcore.jobs.tasks import adapter_config, load_base
+    from peftcore.peft_model import get_peft_model
     from peftcore.training.state import set_seed
 
     set_seed(recipe.train.seed)
@@ -286,9 +288,8 @@ class StepTimer:
 def measure_method(method: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: load, evaluate, train `args.steps` steps, evaluate -> the figures."""
     torch.set_num_threads(args.threads)
-    from peftcore.models import load_tokenizer
-
     from peftcore.jobs.tasks import pad_id, resolve_base, set_runtime
+    from peftcore.models import load_tokenizer
     from peftcore.training.loop import evaluate, train
 
     recipe = load_method_recipe(method, args)

@@ -65,7 +65,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from proc_memory import reset_peak, status_bytes
 
 CONFIG = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -92,7 +91,8 @@ def method_config(lib, method: str, n: int):
         return lib.PromptEncoderConfig(**common, encoder_reparameterization_type=method.split("-")[1].upper())
     if method.startswith("prefix"):
         return lib.PrefixTuningConfig(**common, prefix_projection=method == "prefix-proj")
-    return lib.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return lib.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
+                          target_modules=["q_proj", "v_proj"])
 
 
 class Contender:
@@ -221,6 +221,7 @@ def memory_server(folder: Path, args) -> None:
     """Import everything once, then fork one child per contender; print {key: figures} as JSON."""
     import peft  # noqa: F401
     import transformers  # noqa: F401
+
     import peftcore.models  # noqa: F401
 
     result = {}
@@ -278,7 +279,8 @@ def git_state() -> dict:
     """The commit measured, and the library files that differed from it (uncommitted work counts)."""
     root = Path(__file__).resolve().parent.parent
     run = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True).stdout.rstrip()  # noqa: E731
-    return {"commit": run("rev-parse", "HEAD"), "dirty": run("status", "--porcelain", "--", "models", "peftcore").splitlines()}
+    return {"commit": run("rev-parse", "HEAD"),
+            "dirty": run("status", "--porcelain", "--", "models", "peftcore").splitlines()}
 
 
 def quiet() -> None:
@@ -301,10 +303,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30, help="at most this many timed rounds")
     parser.add_argument("--min-rounds", type=int, default=5, help="at least this many, past --time-limit")
-    parser.add_argument("--time-limit", type=float, default=150, help="seconds of timed rounds (then stop after --min-rounds)")
+    parser.add_argument("--time-limit", type=float, default=150,
+                        help="seconds of timed rounds (then stop after --min-rounds)")
     parser.add_argument("--mem-steps", type=int, default=2, help="steps measured per memory child")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 64 tokens, 1 warmup step, 3 rounds, 1 memory step")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 x 64 tokens, 1 warmup step, 3 rounds, 1 memory step")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--checkpoint", type=Path, help="reuse a folder saved by an earlier run")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -25,11 +25,22 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-
 from kernel_cli import format_ratio, format_value, lora_table
 from kernel_cli import main as run_main
-from kernel_harness import (Case, Contender, Run, Section, bnb_nf4, element_size, fwd_bwd_cost, grad_step, lora_operands,
-                            raiser, triton_path, weight_bytes)
+from kernel_harness import (
+    Case,
+    Contender,
+    Run,
+    Section,
+    bnb_nf4,
+    element_size,
+    fwd_bwd_cost,
+    grad_step,
+    lora_operands,
+    raiser,
+    triton_path,
+    weight_bytes,
+)
 
 SCALE = 2.0  # LoRA scaling s of section c
 LLAMA_7B_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,7 +90,8 @@ def build_layer_case(p: dict, run: Run) -> Case:
             note="bnb.matmul_4bit + PEFT-style unfused LoRA"))
     except Exception as exc:
         cs.append(Contender("bnb_peft", raiser(exc), *cost))
-    ratios = [("bnb_peft/ours", "bnb_peft", "ours"), ("ref/ours", "ref", "ours"), ("ours/dense_base", "ours", "dense_base")]
+    ratios = [("bnb_peft/ours", "bnb_peft", "ours"), ("ref/ours", "ref", "ours"),
+              ("ours/dense_base", "ours", "dense_base")]
     return Case("c", dict(K=K, N=N, M=M, r=r), cs, ratios=ratios)
 
 
@@ -121,7 +133,8 @@ def llama_cost(cfg: dict, r: int) -> dict:
     params = sum(k * n for k, n in shapes)
     linear = L * 4.0 * T * params  # forward + dX (no dW: frozen)
     lora = L * 6.0 * T * r * sum(k + n for k, n in shapes)
-    attn = L * 3 * 4.0 * cfg["batch"] * cfg["seq"] ** 2 * d  # QK^T and PV forward, twice that backward (no causal saving)
+    # QK^T and PV forward, twice that backward (no causal saving)
+    attn = L * 3 * 4.0 * cfg["batch"] * cfg["seq"] ** 2 * d
     head = 4.0 * T * d * V
     return {"tokens": T, "linear_params_per_layer": params, "flops": linear + lora + attn + head,
             "flops_linear": linear, "flops_lora": lora, "flops_attention": attn, "flops_lm_head": head,
@@ -191,9 +204,11 @@ def build_step_case(p: dict, run: Run) -> Case:
     cost = llama_cost(cfg, r)
     probe = torch.empty(1, cfg["hidden_size"], dtype=dtype, device=device)
     lora_layers = [m for m in ours.modules() if isinstance(m, LoraLinear)]
-    hf_4bit = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit" for m in hf.modules())
+    hf_4bit = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
+                  for m in hf.modules())
     params = dict(**{k: cfg[k] for k in HF_KEYS}, batch=cfg["batch"], seq=cfg["seq"], r=r, tokens=T,
-                  ours_lora_layers=len(lora_layers), ours_fused_layers=sum(m.can_fuse(probe, None) for m in lora_layers),
+                  ours_lora_layers=len(lora_layers),
+                  ours_fused_layers=sum(m.can_fuse(probe, None) for m in lora_layers),
                   hf_linear4bit_layers=hf_4bit, cost=cost,
                   lora_dtypes={name: str(next(p for n, p in m.named_parameters() if "lora_A" in n).dtype)
                                for name, m in (("ours", ours), ("hf", hf))})
@@ -208,7 +223,8 @@ def build_step_case(p: dict, run: Run) -> Case:
 
 def describe_shape(r: dict) -> str:
     return (f"hidden {r['hidden_size']}, intermediate {r['intermediate_size']}, {r['num_attention_heads']} heads, "
-            f"{r['num_hidden_layers']} layer(s), vocab {r['vocab_size']}, batch {r['batch']} x seq {r['seq']}, r={r['r']}")
+            f"{r['num_hidden_layers']} layer(s), vocab {r['vocab_size']}, "
+            f"batch {r['batch']} x seq {r['seq']}, r={r['r']}")
 
 
 def format_step_table(rows: list[dict], dry: bool) -> list[str]:
@@ -219,19 +235,22 @@ def format_step_table(rows: list[dict], dry: bool) -> list[str]:
         shape, cost = describe_shape(r), r["cost"]
         if dry:
             parts.append(f"{shape}: {cost['tokens']} tokens, ~{cost['flops'] / 1e12:.2f} TFLOP per step "
-                         f"(linears {cost['flops_linear'] / 1e12:.2f}, attention {cost['flops_attention'] / 1e12:.2f}), "
+                         f"(linears {cost['flops_linear'] / 1e12:.2f}, "
+                         f"attention {cost['flops_attention'] / 1e12:.2f}), "
                          f"NF4 weights {cost['nf4_bytes'] / 1e6:.0f} MB: pending")
             continue
         parts.append(f"{shape}; LoRA layers fused: {r.get('ours_fused_layers')} / {r.get('ours_lora_layers')} (ours), "
                      f"bnb Linear4bit layers: {r.get('hf_linear4bit_layers')} (HF)\n")
-        parts.append("| contender | step ms | tokens/s | TFLOP/s (approx.) | peak step MiB | hf/ours |\n|---|---|---|---|---|---|")
+        parts.append("| contender | step ms | tokens/s | TFLOP/s (approx.) | peak step MiB | hf/ours |\n"
+                     "|---|---|---|---|---|---|")
         for n in ("ours", "hf_peft_bnb"):
             c = r["contenders"].get(n)
             if c is None:
                 parts.append(f"| {n} | error: {r['errors'].get(n, '?')} | | | | |")
                 continue
             mem = r.get("peak_step_bytes", {}).get(n)
-            parts.append(f"| {n} | {c['median_ms']:.1f} | {cost['tokens'] / c['median_ms'] * 1e3:.0f} | {c['tflops']:.3g} | "
+            parts.append(f"| {n} | {c['median_ms']:.1f} | {cost['tokens'] / c['median_ms'] * 1e3:.0f} "
+                         f"| {c['tflops']:.3g} | "
                          f"{format_value(None if mem is None else mem / 2**20, '.0f')} | "
                          f"{format_ratio(r, 'hf/ours', '.3f') if n == 'ours' else ''} |")
     parts.append("")

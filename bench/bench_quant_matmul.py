@@ -20,11 +20,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from kernel_cli import format_cell, format_goals, format_ratio, format_us
 from kernel_cli import main as run_main
-from kernel_harness import (GROUP_SIZE, Case, Contender, Run, Section, bnb_nf4, element_size, fwd_cost, raiser, randn,
-                            triton_path)
+from kernel_harness import (
+    GROUP_SIZE,
+    Case,
+    Contender,
+    Run,
+    Section,
+    bnb_nf4,
+    element_size,
+    fwd_cost,
+    raiser,
+    randn,
+    triton_path,
+)
 
 FORMATS = {"ours_nf4": "nf4", "ours_int4": "int4", "dense": "dense"}  # the weight each moves (ref, bnb: as ours)
 RATIOS = [("dense/ours_nf4", "dense", "ours_nf4"), ("bnb/ours_nf4", "bnb_matmul_4bit", "ours_nf4"),
@@ -79,7 +89,8 @@ def build_case(p: dict, run: Run) -> Case:
     try:
         bnb, packed, state = bnb_nf4(W)
         cs += [Contender("bnb_matmul_4bit", call(bnb[0].matmul_4bit, x, packed.t(), quant_state=state), *f_nf4,
-                         note="bnb.matmul_4bit (what bnb.nn.Linear4bit runs; GEMV kernel at M=1 on CUDA)", check="ref_nf4"),
+                         note="bnb.matmul_4bit (what bnb.nn.Linear4bit runs; GEMV kernel at M=1 on CUDA)",
+                         check="ref_nf4"),
                Contender("bnb_dequant_mm", call(lambda: F.linear(x, bnb[1].dequantize_4bit(packed, state))), *f_nf4,
                          note="bnb dequantize_4bit + F.linear", check="ref_nf4")]
     except Exception as exc:
@@ -105,23 +116,27 @@ def describe_dry_goal(row: dict) -> str:
 def format_table(rows: list[dict], dry: bool) -> list[str]:
     parts = ["### a. 4-bit forward y = x W'^T (times in us; ratios = other time / ours: > 1 means ours is faster)\n"]
     if dry:
-        parts.append("| K=N | M | GFLOP | MB nf4 / int4 / dense | roofline us nf4 | int4 | dense | goal for ours (CUDA run) "
+        parts.append("| K=N | M | GFLOP | MB nf4 / int4 / dense | roofline us nf4 | int4 | dense "
+                     "| goal for ours (CUDA run) "
                      "| measured |\n|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             c = r["contenders"]
-            parts.append(f"| {r['K']} | {r['M']} | {c['dense']['flops'] / 1e9:.2f} | {c['ours_nf4']['bytes'] / 1e6:.1f} / "
+            parts.append(f"| {r['K']} | {r['M']} | {c['dense']['flops'] / 1e9:.2f} "
+                         f"| {c['ours_nf4']['bytes'] / 1e6:.1f} / "
                          f"{c['ours_int4']['bytes'] / 1e6:.1f} / {c['dense']['bytes'] / 1e6:.1f} | "
-                         f"{format_us(r, 'ours_nf4', dry)} | {format_us(r, 'ours_int4', dry)} | {format_us(r, 'dense', dry)} | "
+                         f"{format_us(r, 'ours_nf4', dry)} | {format_us(r, 'ours_int4', dry)} "
+                         f"| {format_us(r, 'dense', dry)} | "
                          f"{describe_dry_goal(r)} | pending |")
     else:
-        parts.append("| K=N | M | ours nf4 us | TFLOP/s | GB/s | % HBM | % roofline | ours int4 us | % HBM int4 | dense us "
+        parts.append("| K=N | M | ours nf4 us | TFLOP/s | GB/s | % HBM | % roofline | ours int4 us | % HBM int4 "
+                     "| dense us "
                      "| bnb matmul_4bit us | bnb dq+mm us | ref nf4 us | dense/ours nf4 | dense/ours int4 | bnb/ours "
                      "| bnb dq/ours | ref/ours | goals |\n|" + "---|" * 19)
         for r in rows:
             us = [format_us(r, n, dry) for n in ("ours_nf4", "ours_int4", "dense", "bnb_matmul_4bit", "bnb_dequant_mm",
                                                  "ref_nf4")]
-            ratios = [format_ratio(r, k) for k in ("dense/ours_nf4", "dense/ours_int4", "bnb/ours_nf4", "bnb_dq/ours_nf4",
-                                                   "ref/ours_nf4")]
+            ratios = [format_ratio(r, k) for k in ("dense/ours_nf4", "dense/ours_int4", "bnb/ours_nf4",
+                                                   "bnb_dq/ours_nf4", "ref/ours_nf4")]
             cells = [str(r["K"]), str(r["M"]), us[0], format_cell(r, "ours_nf4", "tflops", "sig"),
                      format_cell(r, "ours_nf4", "gbps", "sig"), format_cell(r, "ours_nf4", "pct_hbm"),
                      format_cell(r, "ours_nf4", "pct_roofline"), us[1], format_cell(r, "ours_int4", "pct_hbm"),

@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from proc_memory import status_bytes
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
@@ -229,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset of " + ", ".join(CONTENDERS))
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="comma-separated subset of " + ", ".join(CONTENDERS))
     parser.add_argument("--skip-memory", action="store_true", help="throughput only")
     parser.add_argument("--profile", action="store_true", help="also print a per-op profile table")
     parser.add_argument("--checkpoint", type=Path, help="reuse a folder saved by an earlier run")

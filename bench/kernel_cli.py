@@ -20,9 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from kernel_harness import (CpuTimer, CudaTimer, Run, Section, element_size, pick_roofline, roofline_seconds, run_case,
-                            step_peak_memory)
+from kernel_harness import (
+    CpuTimer,
+    CudaTimer,
+    Run,
+    Section,
+    element_size,
+    pick_roofline,
+    roofline_seconds,
+    run_case,
+    step_peak_memory,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -124,7 +132,8 @@ def lora_table(rows: list[dict], dry: bool, title: str, names: tuple[str, ...], 
                      + "---|" * 9)
         for r in rows:
             c = r["contenders"]
-            parts.append(f"| {r['K']} | {r['M']} | {r['r']} | {c['ours']['flops'] / 1e9:.2f} | {c['ours']['bytes'] / 1e6:.1f} | "
+            parts.append(f"| {r['K']} | {r['M']} | {r['r']} | {c['ours']['flops'] / 1e9:.2f} "
+                         f"| {c['ours']['bytes'] / 1e6:.1f} | "
                          f"{format_us(r, 'ours', dry)} | {format_us(r, base, dry)} | {dry_goal(r)} | pending |")
     else:
         parts.append("| K=N | M | r | " + " | ".join(f"{n} us" for n in names) + " | ours TFLOP/s | ours % roofline | "
@@ -187,7 +196,8 @@ def parse_args(argv, sections: list[Section], name: str, description: str) -> ar
     p.add_argument("--no-flush-l2", action="store_true", help="CUDA: do not flush L2 before each timed call")
     p.add_argument("--sleep-us", type=float, default=1000.0, help="CUDA: queued sleep before each timed call (0: off)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: 1)")
-    p.add_argument("--dry-run", action="store_true", help="enumerate the (CUDA) grid with FLOPs / bytes / roofline; no timing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="enumerate the (CUDA) grid with FLOPs / bytes / roofline; no timing")
     p.add_argument("--gpu", default=None, help="device name for --dry-run's roofline (default: this GPU, else H100)")
     default_out = (RESULTS_DIR / f"{name}.json").relative_to(RESULTS_DIR.parents[1])
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {default_out})")
@@ -278,7 +288,8 @@ def time_sections(run: Run, argv, sections: list[Section], all_sections: list[Se
     args, device, dtype = run.args, run.device, run.dtype
     on_cuda = device.type == "cuda"
     if on_cuda:
-        device = run.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        device = run.device = torch.device(
+            "cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     roof = pick_roofline(torch.cuda.get_device_name()) if on_cuda else None
     timer = CudaTimer(not args.no_flush_l2, args.sleep_us) if on_cuda else CpuTimer()
@@ -316,7 +327,8 @@ def main(argv, sections: list[Section], name: str, doc: str) -> dict:
         # a 16 x 1024 x 1024 fp32 matmul took 0.5 ms on one thread, 32 ms on two under load)
         torch.set_num_threads(args.threads or 1)
     chosen = select_sections(args.sections, sections)
-    grid = parse_shapes(args.shapes, GRIDS[("cuda" if device.type == "cuda" else "cpu") + ("_quick" if args.quick else "")])
+    grid = parse_shapes(args.shapes,
+                        GRIDS[("cuda" if device.type == "cuda" else "cpu") + ("_quick" if args.quick else "")])
     config = {}
     for s in sections:
         if s.configure:

@@ -51,7 +51,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 db = sum over rows of g    only when the base bias trains (bias="all")
     Saved: x * mask (x itself when p = 0; W is frozen, so x is not needed otherwise), h, the dropped
     positions. A quantized base passes W = None and its `dequantize`: W is then a temporary in
-    forward and dequantized again in backward, never kept between them (QLoRA's point). Against autograd on the module graph this drops the float dropout mask (M, K), its
+    forward and dequantized again in backward, never kept between them (QLoRA's point). Against
+    autograd on the module graph this drops the float dropout mask (M, K), its
     multiplies in both directions, the (M, N) scale/add passes and the (M, K) add of the two input
     gradients. Checked against autograd of the plain formula in tests (every gradient).
     """

@@ -11,6 +11,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "BertConfig", "BertForSequenceClassification", "BertModel", "CheckpointError", "Conv1D", "GPT2Config",
-    "GPT2LMHeadModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "QuantLinear", "Tokenizer", "from_config",
-    "generate", "load_pretrained", "load_tokenizer", "mean_pool", "quantize_model", "save_pretrained",
+    "GPT2LMHeadModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "QuantLinear", "SamplingConfig", "Tokenizer",
+    "from_config", "generate", "load_pretrained", "load_tokenizer", "mean_pool", "quantize_model", "save_pretrained",
 ]

@@ -56,7 +56,8 @@ def from_config(config, dtype: torch.dtype | None = None, device=None) -> nn.Mod
     else:
         if not any(isinstance(config, c.config_class) for c in ARCHITECTURES.values()):
             known = sorted({c.config_class.__name__ for c in ARCHITECTURES.values()})
-            raise TypeError(f"from_config got a {type(config).__name__}; expected a config.json dict or one of {', '.join(known)}")
+            raise TypeError(f"from_config got a {type(config).__name__}; "
+                            f"expected a config.json dict or one of {', '.join(known)}")
         cls = model_class_for(config.to_hf())  # the architecture a config names (BERT: encoder or classifier)
     model = cls(config).to(device=device, dtype=dtype)
     model.init_buffers()  # derived tables (RoPE frequencies) in fp32 whatever dtype the weights take
@@ -163,7 +164,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
             tensor = tensor.to(device) if device is not None else tensor
             if key in quantized:
                 layer = quantized[key]
-                stored = (layer.in_features, layer.out_features) if layer.conv1d_layout else (layer.out_features, layer.in_features)
+                stored = ((layer.in_features, layer.out_features) if layer.conv1d_layout
+                          else (layer.out_features, layer.in_features))
                 check_shape(ckpt_key, tensor, torch.empty(stored, device="meta"), file)
                 layer.load_dense_weight(tensor.T if layer.conv1d_layout else tensor)
                 del tensor
@@ -234,7 +236,8 @@ def report_key_mismatch(path: Path, missing: list[str], unexpected: list[str]) -
     if missing:
         parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
-        parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        parts.append(f"unexpected {len(unexpected)} key(s): "
+                     f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     raise CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
 
 

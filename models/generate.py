@@ -111,7 +111,8 @@ def generate(
     eos, pad = stop_tokens(model, sampling, input_ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     ids = input_ids if inputs_embeds is None else None
-    logits = model(ids, attention_mask=mask, position_ids=positions[:, -prefill_len:], inputs_embeds=inputs_embeds, cache=cache)
+    logits = model(ids, attention_mask=mask, position_ids=positions[:, -prefill_len:], inputs_embeds=inputs_embeds,
+                   cache=cache)
     new_tokens = []
     for step in range(sampling.max_new_tokens):
         token = pick_next_token(logits[:, -1], sampling, generator)
@@ -131,6 +132,7 @@ def stop_tokens(model, sampling: SamplingConfig, device) -> tuple[torch.Tensor, 
     eos_token_id = sampling.eos_token_id
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "config", None), "eos_token_id", None)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), dtype=torch.long, device=device)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                       dtype=torch.long, device=device)
     pad = sampling.pad_token_id if sampling.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     return eos, pad

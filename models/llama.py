@@ -126,13 +126,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.window = config.sliding_window
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias and config.model_type != "qwen2")
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size,
+                                bias=bias and config.model_type != "qwen2")
 
     def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
         B, T, _ = x.shape

@@ -20,7 +20,8 @@ SKIP_BY_DEFAULT = ("lm_head", "score", "classifier")  # heads stay dense, as in 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, method: str, bias: bool = False,
-                 group_size: int | None = None, double_quant: bool = False, dtype: torch.dtype = torch.float32, device=None):
+                 group_size: int | None = None, double_quant: bool = False, dtype: torch.dtype = torch.float32,
+                 device=None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"quantize={method!r} is not supported; supported: {', '.join(METHODS)}")
@@ -31,16 +32,19 @@ class QuantLinear(nn.Module):
         # other, and a dense copy (merge, save) goes back to a Conv1D so checkpoints keep their layout
         self.conv1d_layout = False
         self.compute_dtype = dtype  # what dequantize() and forward produce when inputs do not say
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
         if method == "int4":
             quant.check_groups(in_features, self.group_size)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, method: str, group_size: int | None = None, double_quant: bool = False) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Module, method: str, group_size: int | None = None,
+                    double_quant: bool = False) -> "QuantLinear":
         """An nn.Linear, or a GPT-2 Conv1D (its (in, out) weight quantized as the (out, in) transpose), quantized."""
         conv1d = isinstance(linear, Conv1D)
         w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, method, linear.bias is not None, group_size, double_quant, w.dtype, w.device)
+        layer = cls(linear.in_features, linear.out_features, method, linear.bias is not None, group_size, double_quant,
+                    w.dtype, w.device)
         layer.conv1d_layout = conv1d
         layer.load_dense_weight(w.T if conv1d else w)
         if linear.bias is not None:
@@ -52,7 +56,8 @@ class QuantLinear(nn.Module):
         """Quantize a dense (out, in) weight into this layer's buffers; the dense copy is not kept."""
         self.compute_dtype = weight.dtype if weight.is_floating_point() else self.compute_dtype
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x{self.in_features} linear")
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a "
+                             f"{self.out_features}x{self.in_features} linear")
         if self.method == "nf4":
             q = quant.nf4_quantize(weight, self.double_quant)
             fields = dict(packed=q.packed, absmax=q.absmax, absmax_scale=q.absmax_scale, absmax_offset=q.absmax_offset)
@@ -68,7 +73,8 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self):
         if self.method == "nf4":
-            return quant.NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.absmax_scale, self.absmax_offset)
+            return quant.NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.absmax_scale,
+                                   self.absmax_offset)
         if self.method == "int4":
             return quant.Int4Weight(self.packed, self.scale, self.zero, self.group_size)
         return quant.Int8Weight(self.q, self.scale)
@@ -107,7 +113,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{extra}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{extra}, "
+                f"bias={self.bias is not None}")
 
 
 def quantizable(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
@@ -121,7 +128,8 @@ def quantize_model(model: nn.Module, method: str = "nf4", group_size: int | None
     for name, module in list(model.named_modules()):
         if quantizable(name, module, skip):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, method, group_size, double_quant))
+            setattr(model.get_submodule(parent), child,
+                    QuantLinear.from_linear(module, method, group_size, double_quant))
     return model
 
 
@@ -130,4 +138,5 @@ def quantization_report(model: nn.Module) -> dict:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     stored = sum(m.storage_bytes() for m in layers)
     dense_bf16 = sum(2 * m.in_features * m.out_features for m in layers)
-    return {"layers": len(layers), "bytes": stored, "bf16_bytes": dense_bf16, "ratio_to_bf16": stored / max(dense_bf16, 1)}
+    return {"layers": len(layers), "bytes": stored, "bf16_bytes": dense_bf16,
+            "ratio_to_bf16": stored / max(dense_bf16, 1)}

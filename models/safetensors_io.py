@@ -83,7 +83,8 @@ def check_entry(path: Path, name: str, info, data_size: int) -> None:
         raise ValueError(f"{path}: tensor {name!r} {problem}")
     start, end = info["data_offsets"]
     if end > data_size:
-        raise ValueError(f"{path} is truncated: tensor {name!r} needs {end - start} bytes, found {max(0, data_size - start)}")
+        raise ValueError(f"{path} is truncated: tensor {name!r} needs {end - start} bytes, "
+                         f"found {max(0, data_size - start)}")
 
 
 def read_exactly(f, buffer: memoryview, path: Path, name: str) -> None:

@@ -104,7 +104,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(self, text: str,
+                            add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
         """ids and each token's (start, end) character range in `text` (special tokens: (0, 0))."""
         encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return encoding.ids, encoding.offsets

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftcore.models import safetensors_io
-
 from peftcore.config import CONFIG_NAME, LoraConfig, PeftConfig
 from peftcore.lora.layer import LORA_LAYERS
 from peftcore.lora.modules_to_save import ModulesToSave
+from peftcore.models import safetensors_io
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensors
 
@@ -82,7 +81,8 @@ def bias_keys(state: dict, peft_model: nn.Module, bias: str) -> list[str]:
     if bias == "all":
         return [k for k in state if k.endswith(".bias")]
     if bias == "lora_only":
-        return [f"{name}.base_layer.bias" for name in lora_layer_names(peft_model) if f"{name}.base_layer.bias" in state]
+        return [f"{name}.base_layer.bias" for name in lora_layer_names(peft_model)
+                if f"{name}.base_layer.bias" in state]
     return []
 
 
@@ -107,7 +107,8 @@ def embedding_keys(state: dict, peft_model: nn.Module, config: LoraConfig) -> li
     layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)}
     wanted = [
         name for name, layer in layers.items()
-        if is_token_embedding_or_head(peft_model, name, layer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding))
+        if is_token_embedding_or_head(peft_model, name, layer)
+        and isinstance(layer.base_layer, (nn.Linear, nn.Embedding))
     ]
     return [k for k in state if any(k.startswith(f"{name}.base_layer.") for name in wanted)]
 
@@ -274,7 +275,8 @@ def check_fits(path: Path, shapes: dict, state: dict, to_memory: dict, required:
 ENCODER_WEIGHTS_NAME = "prompt_encoder.safetensors"  # peftcore's addition: the full encoder, to resume training
 
 
-def save_prompt_adapter(encoder: nn.Module, folder: str | Path, adapter_name: str, config, save_prompt_encoder: bool) -> Path:
+def save_prompt_adapter(encoder: nn.Module, folder: str | Path, adapter_name: str, config,
+                        save_prompt_encoder: bool) -> Path:
     """PEFT's files (`prompt_embeddings` = the encoder's output) and, if asked, the encoder's own weights."""
     target = adapter_folder(folder, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
@@ -297,7 +299,8 @@ def load_prompt_adapter(encoder: nn.Module, folder: str | Path) -> None:
         wanted = encoder.state_dict()
         bad = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
         if bad or set(state) - set(wanted):
-            raise AdapterLoadError(f"{ENCODER_WEIGHTS_NAME} does not fit this encoder (first mismatch: {(bad or sorted(set(state) - set(wanted)))[0]})")
+            raise AdapterLoadError(f"{ENCODER_WEIGHTS_NAME} does not fit this encoder "
+                                   f"(first mismatch: {(bad or sorted(set(state) - set(wanted)))[0]})")
         encoder.load_state_dict(state)
         return
     path, _, tensors = adapter_weights(folder)

@@ -1,6 +1,7 @@
 """The `peftcore` command: train, eval, generate, merge, inspect, inspect-model.
 
-    peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--set section.key=value ...]
+    peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume | --overwrite]
+                   [--set section.key=value ...]
     peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
     peftcore generate --adapter DIR [--base PATH] "prompt text"
     peftcore merge --adapter DIR [--base PATH] --output OUT
@@ -50,11 +51,13 @@ def add_inspect_command(commands) -> None:
     cmd = commands.add_parser("inspect", help="what an adapter learned: LoRA per layer (low-rank: no dense dW); "
                                               "prompt methods per virtual token (prefix: per layer)")
     cmd.add_argument("adapter", type=Path, help="adapter folder (peftcore's or HF PEFT's)")
-    cmd.add_argument("--base", help="base checkpoint folder (or builtin:/pip: name): LoRA ||dW||/||W|| and amplification, "
-                                    "prompts' nearest vocabulary tokens; default: the adapter's base_model_name_or_path")
+    cmd.add_argument("--base", help="base checkpoint folder (or builtin:/pip: name): "
+                                    "LoRA ||dW||/||W|| and amplification, prompts' nearest vocabulary tokens; "
+                                    "default: the adapter's base_model_name_or_path")
     cmd.add_argument("--compare", type=Path, help="a second LoRA adapter: subspace similarity phi per shared module")
     cmd.add_argument("--top-k", type=int, default=5, help="prompt methods: nearest vocabulary tokens per virtual token")
-    cmd.add_argument("--output-dir", type=Path, help="where inspect.json and the PNG plots go (default: the adapter folder)")
+    cmd.add_argument("--output-dir", type=Path,
+                     help="where inspect.json and the PNG plots go (default: the adapter folder)")
     cmd.set_defaults(run=inspect_adapter_command)
 
 
@@ -85,8 +88,8 @@ def one_line(error: BaseException) -> str:
 
 
 def input_errors() -> tuple[type[Exception], ...]:
-    from peftcore.jobs.builtin import BuiltinError
     from peftcore.data.records import DataError
+    from peftcore.jobs.builtin import BuiltinError
     from peftcore.jobs.recipe import RecipeError
     from peftcore.jobs.run_folder import RunFolderError
     from peftcore.jobs.tasks import TaskError
@@ -109,7 +112,8 @@ def add_job_commands(commands) -> None:
     train = commands.add_parser("train", help="fine-tune from a TOML recipe (none: the built-in default job)")
     train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_lora.toml, "
                                                              "embedded; with --resume: the run's own recipe.json)")
-    train.add_argument("--output-dir", type=Path, help="where the run goes, an empty or new folder (default: runs/<timestamp>)")
+    train.add_argument("--output-dir", type=Path,
+                       help="where the run goes, an empty or new folder (default: runs/<timestamp>)")
     train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -124,12 +128,14 @@ def add_job_commands(commands) -> None:
 
     adapter_help = "an adapter folder written by `peftcore train` (e.g. runs/<timestamp>/adapter)"
     base_help = "base checkpoint folder, pip:<package> or builtin (default: the one the adapter records)"
-    evaluate = commands.add_parser("eval", help="score an adapter against its base: perplexity, BLEU/chrF, accuracy, ...")
+    evaluate = commands.add_parser("eval",
+                                   help="score an adapter against its base: perplexity, BLEU/chrF, accuracy, ...")
     evaluate.add_argument("--adapter", type=Path, required=True, help=adapter_help)
     evaluate.add_argument("--base", help=base_help)
     evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval; "
                                          "a multi-task adapter: every [tasks.<name>] eval, one report section each)")
-    evaluate.add_argument("--glossary", help="terms file for glossary adherence (default: the recipe's [eval] glossary)")
+    evaluate.add_argument("--glossary",
+                          help="terms file for glossary adherence (default: the recipe's [eval] glossary)")
     evaluate.add_argument("--output", type=Path, help="markdown report (default: report.md beside the adapter)")
     evaluate.add_argument("--max-records", type=int, help="generate for at most this many records")
     evaluate.set_defaults(run=eval_command)
@@ -141,7 +147,8 @@ def add_job_commands(commands) -> None:
     gen.add_argument("--instruction", help="the template's {instruction}, when the training data had one")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
     gen.add_argument("--chat", action="store_true",
-                     help="for chat-trained adapters: the prompt as a user turn in the chat template (--instruction: the system turn)")
+                     help="for chat-trained adapters: the prompt as a user turn in the chat template "
+                          "(--instruction: the system turn)")
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--temperature", type=float, help="0 (default): greedy")
     gen.add_argument("--top-k", type=int)
@@ -152,7 +159,8 @@ def add_job_commands(commands) -> None:
     merge = commands.add_parser("merge", help="fold a LoRA / DoRA adapter into its base: a plain checkpoint folder")
     merge.add_argument("--adapter", type=Path, required=True, help=adapter_help)
     merge.add_argument("--base", help=base_help)
-    merge.add_argument("--output", type=Path, required=True, help="folder for config.json, model.safetensors, tokenizer")
+    merge.add_argument("--output", type=Path, required=True,
+                       help="folder for config.json, model.safetensors, tokenizer")
     merge.add_argument("--into", choices=("original", "quantized"), default="original",
                        help="QLoRA adapters: merge into the base's original weights (default) or into the "
                             "dequantized weights the adapter trained against")
@@ -160,9 +168,8 @@ def add_job_commands(commands) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from peftcore.jobs.train import default_output_dir
     from peftcore.jobs.run_folder import recipe_for
-
+    from peftcore.jobs.train import default_output_dir
     from peftcore.training import distributed
 
     overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
@@ -207,7 +214,6 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     from peftcore.jobs.generate import run_generate
-
     from peftcore.models.generate import SamplingConfig
 
     sampling = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if hasattr(args, f.name)}

@@ -74,7 +74,8 @@ class PeftConfig:
     def __post_init__(self):
         if isinstance(self.task_type, str):
             if self.task_type not in TaskType.__members__:
-                raise ValueError(f"task_type {self.task_type!r} is not supported; supported: {', '.join(TaskType.__members__)}")
+                raise ValueError(f"task_type {self.task_type!r} is not supported; "
+                                 f"supported: {', '.join(TaskType.__members__)}")
             self.task_type = TaskType(self.task_type)
 
     def to_dict(self) -> dict:
@@ -154,8 +155,10 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern is not None):
-            raise ValueError("layers_to_transform / layers_pattern cannot be used when target_modules is a str (a regex)")
+        if isinstance(self.target_modules, str) and (
+                self.layers_to_transform is not None or self.layers_pattern is not None):
+            raise ValueError(
+                "layers_to_transform / layers_pattern cannot be used when target_modules is a str (a regex)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
         check_alphas(self.lora_alpha, self.alpha_pattern)

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
-
-from peftcore.models.generate import generate as generate_tokens
 
 from peftcore import adapter_io
 from peftcore.config import LoraConfig, PeftConfig, TaskType
 from peftcore.lora.inject import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
 from peftcore.lora.layer import LORA_LAYERS
 from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
+from peftcore.models.generate import generate as generate_tokens
 from peftcore.prompt.configs import PromptLearningConfig
 from peftcore.prompt.encoders import encoder_for, input_embeddings, prompt_prefill, prompted_forward
 
@@ -202,7 +201,9 @@ class LoraBackend:
         self.peft_model.check_known(adapter_names, allow_base=True)
         if self.peft_model.training:
             raise RuntimeError("adapter_names (a mixed-adapter batch) is for inference; call .eval() first")
-        route = lambda mod, args, kwargs: (args, {**kwargs, "adapter_names": adapter_names})
+        def route(mod, args, kwargs):
+            return args, {**kwargs, "adapter_names": adapter_names}
+
         hooks = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self.layers()]
         try:
             yield
@@ -363,7 +364,8 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it first")
         if not isinstance(config, self.backend.config_type):
-            raise TypeError(f"this PeftModel holds {self.backend.kind} adapters; a {type(config).__name__} needs its own PeftModel")
+            raise TypeError(f"this PeftModel holds {self.backend.kind} adapters; "
+                            f"a {type(config).__name__} needs its own PeftModel")
         config = copy.deepcopy(config)
         self.backend.add(adapter_name, config, autocast_adapter_dtype, _loading)
         self.peft_config[adapter_name] = config
@@ -389,7 +391,8 @@ class PeftModel(nn.Module):
     def check_known(self, names, allow_base: bool = False) -> None:
         unknown = sorted({n for n in names if n not in self.peft_config and not (allow_base and n == BASE)})
         if unknown:
-            raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; loaded: {', '.join(self.peft_config)}")
+            raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; "
+                             f"loaded: {', '.join(self.peft_config)}")
 
     def disable_adapter(self) -> ContextManager:
         """Run the base model alone inside the block (merged adapters are unmerged first, as in PEFT)."""
@@ -449,7 +452,8 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     # -- files ----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, selected_adapters: list[str] | None = None,

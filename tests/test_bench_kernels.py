@@ -21,7 +21,8 @@ def test_cpu_quick_run_writes_every_row(load, tmp_path, capsys):
     rows = result["rows"]
     assert result["env"]["device"] == "cpu" and not result["dry_run"]
     keys = {(r["section"], r.get("M"), r.get("r")) for r in rows}
-    assert keys == {("a", m, None) for m in (1, 16, 256)} | {(s, m, 16) for s in "bc" for m in (1, 16, 256)} | {("d", None, 16)}
+    assert keys == ({("a", m, None) for m in (1, 16, 256)} | {(s, m, 16) for s in "bc" for m in (1, 16, 256)}
+                    | {("d", None, 16)})
     expected = {"a": {"ours_nf4", "ours_int4", "dense", "ref_nf4", "ref_int4", "bnb_matmul_4bit", "bnb_dequant_mm"},
                 "b": {"ours", "unfused", "ref", "base"}, "c": {"ours", "ref", "dense_base", "bnb_peft"},
                 "d": {"ours", "hf_peft_bnb"}}

@@ -59,4 +59,6 @@ def test_the_test_extra_installs_everything_the_library_imports():
     # a module not installed here (tomli on Python >= 3.11) is looked up by its own name
     undeclared = {module: providers.get(module, [module]) for module in sorted(imported)
                   if not {requirement_name(d) for d in providers.get(module, [module])} & declared}
-    assert not undeclared, f"library code imports these, but neither dependencies nor the test extra install them: {undeclared}"
+    assert not undeclared, (
+        f"library code imports these, but neither dependencies nor the test extra install them: {undeclared}"
+    )

@@ -52,7 +52,10 @@ def architecture_map_paths() -> set[str]:
 
 def test_the_architecture_map_names_every_module_and_only_modules_that_exist():
     packages = ("peftcore", "models", "kernels")
-    modules = {p.relative_to(ROOT).as_posix() for d in packages for p in (ROOT / d).rglob("*.py") if p.name != "__init__.py"}
+    modules = {p.relative_to(ROOT).as_posix()
+               for d in packages for p in (ROOT / d).rglob("*.py") if p.name != "__init__.py"}
     named = {name for name in architecture_map_paths() if name.startswith(tuple(d + "/" for d in packages))}
     assert not modules - named, f"modules missing from the README's architecture map: {sorted(modules - named)}"
-    assert not named - modules, f"the README's architecture map names files that do not exist: {sorted(named - modules)}"
+    assert not named - modules, (
+        f"the README's architecture map names files that do not exist: {sorted(named - modules)}"
+    )

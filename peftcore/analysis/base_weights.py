@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from peftcore.models import safetensors_io
-
 from peftcore.adapter_io import TOKEN_EMBEDDING_NAMES
+from peftcore.models import safetensors_io
 
 PREFIXES = ("transformer.", "model.", "bert.")  # what our model classes put before a checkpoint's own names
 TIED_OUTPUTS = ("lm_head",)  # output projections HF ties to the input embedding (tie_word_embeddings)
@@ -108,7 +107,8 @@ class BaseCheckpoint:
             raise ValueError(f"base {self.folder} has no weight for {len(missing)} of {len(shapes)} adapted module(s) "
                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                              f"its keys look like: {', '.join(self.near(missing[0]))}")
-        return {m: BaseKey(self.files[key], key, self.orientation(m, key, *shapes[m], fan_in_fan_out)) for m, key in keys.items()}
+        return {m: BaseKey(self.files[key], key, self.orientation(m, key, *shapes[m], fan_in_fan_out))
+                for m, key in keys.items()}
 
     def near(self, module: str, n: int = 3) -> list[str]:
         """Checkpoint keys resembling the module's: what the user sees to tell a wrong base from a new layout."""

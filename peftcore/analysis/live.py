@@ -72,7 +72,8 @@ class AdapterActivations:
         for name, pairs in self.records.items():
             base = sum(b for b, _ in pairs) / len(pairs)
             adapter = sum(a for _, a in pairs) / len(pairs)
-            out[name] = {"base_rms": base, "adapter_rms": adapter, "ratio": adapter / max(base, 1e-30), "calls": len(pairs)}
+            out[name] = {"base_rms": base, "adapter_rms": adapter, "ratio": adapter / max(base, 1e-30),
+                         "calls": len(pairs)}
         return out
 
 
@@ -107,4 +108,5 @@ def training_stats(model: nn.Module, activations: dict[str, dict] | None = None)
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """LoRA layers by the names adapter files use: without PeftModel's "base_model.model." (nor a
     MultiTaskModel's "backbone." before it)."""
-    return {name.partition("base_model.model.")[2] or name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    return {name.partition("base_model.model.")[2] or name: m for name, m in model.named_modules()
+            if isinstance(m, LoraLinear)}

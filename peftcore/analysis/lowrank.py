@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from peftcore.adapter_io import adapter_weights, read_adapter_config
-from peftcore.lora.inject import pattern_value
-from peftcore.analysis.base_weights import BaseCheckpoint, BaseKey
 from peftcore._json import json_safe  # NaN / inf -> null, as metrics.jsonl writes them
+from peftcore.adapter_io import adapter_weights, read_adapter_config
+from peftcore.analysis.base_weights import BaseCheckpoint, BaseKey
+from peftcore.lora.inject import pattern_value
 
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
+                      r"(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
 @dataclass
@@ -172,7 +173,8 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> list[
 def stats_with_base(adapter: AdapterTensors, module: str, checkpoint: BaseCheckpoint, key: BaseKey) -> LayerStats:
     """One layer against its base weight, read here and freed on return: one weight alive at a time."""
     W = checkpoint.read(key)
-    return layer_stats(module, adapter.A[module], adapter.B[module], adapter.scale(module), W, adapter.magnitude.get(module))
+    return layer_stats(module, adapter.A[module], adapter.B[module], adapter.scale(module), W,
+                       adapter.magnitude.get(module))
 
 
 def compare_adapters(first: str | Path, second: str | Path) -> dict[str, list[list[float]]]:

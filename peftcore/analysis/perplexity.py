@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore.analysis.text_metrics import (
-    BleuScore, ChrfScore, bleu, chrf, glossary_adherence, load_terms, repetition, tokenize_13a, tokenize_char,
+    BleuScore,
+    ChrfScore,
+    bleu,
+    chrf,
+    glossary_adherence,
+    load_terms,
+    repetition,
+    tokenize_13a,
+    tokenize_char,
 )
 
 __all__ = [

@@ -32,7 +32,8 @@ def split_name(module: str) -> tuple[int | None, str]:
 def kind_panels(plt, n: int, columns: int = 4):
     """One panel per module kind, up to `columns` a row, shared y; unused panels hidden. -> (fig, flat axes)."""
     rows, cols = -(-n // columns), min(n, columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True,
+                             layout="constrained")
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -108,7 +109,8 @@ def plot_training_norms(records: list[dict], path: str | Path) -> Path:
         mine = [m for m in modules if split_name(m)[1] == kind]
         cmap = plt.get_cmap("viridis", max(len(mine), 2))
         for k, module in enumerate(mine):
-            points = [(r["step"], r["adapter_stats"][module]["relative_delta"]) for r in logged if module in r["adapter_stats"]]
+            points = [(r["step"], r["adapter_stats"][module]["relative_delta"]) for r in logged
+                      if module in r["adapter_stats"]]
             ax.plot(*zip(*points), color=cmap(k), lw=1.2, label=f"layer {split_name(module)[0]}")
         ax.set_title(kind, fontsize=9), ax.set_xlabel("step"), ax.grid(alpha=0.3)
     fig.supylabel("||dW|| / ||W||", fontsize=10)
@@ -125,7 +127,8 @@ def plot_prompt_norms(stats: dict, path: str | Path) -> Path:
         return plot_prefix_norms(plt, stats, path)
     norms = [t["norm"] for t in stats["virtual_tokens"]]
     vocab = stats.get("vocab_norm")
-    fig, axes = plt.subplots(1, 2 if vocab else 1, figsize=(11 if vocab else 6, 3.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, 2 if vocab else 1, figsize=(11 if vocab else 6, 3.4), squeeze=False,
+                             layout="constrained")
     bars = axes[0][0]
     bars.bar(range(len(norms)), norms, color="tab:orange", label="virtual token")
     if vocab:
@@ -135,7 +138,8 @@ def plot_prompt_norms(stats: dict, path: str | Path) -> Path:
     bars.set_xlabel("virtual token"), bars.set_ylabel("L2 norm"), bars.set_title(stats["method"], fontsize=9)
     if vocab:
         hist, edges = axes[0][1], vocab["histogram"]["edges"]
-        hist.stairs(vocab["histogram"]["counts"], edges, fill=True, color="tab:blue", alpha=0.5, label="vocabulary rows")
+        hist.stairs(vocab["histogram"]["counts"], edges, fill=True, color="tab:blue", alpha=0.5,
+                    label="vocabulary rows")
         for k, norm in enumerate(norms):
             hist.axvline(norm, color="tab:orange", lw=1, label="virtual tokens" if k == 0 else None)
         hist.set_xlabel("L2 norm"), hist.set_ylabel("vocabulary rows"), hist.legend(fontsize=7)

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from peftcore.models import safetensors_io
-
 from peftcore.adapter_io import adapter_weights, read_adapter_config
+from peftcore.models import safetensors_io
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 PROMPT_KEY = "prompt_embeddings"  # HF PEFT's one tensor for every prompt-learning method
@@ -31,7 +30,8 @@ def read_prompt_adapter(folder: str | Path) -> tuple[dict, torch.Tensor]:
     """A prompt-learning adapter's config and its saved prompts (ours or HF PEFT's): no model needed."""
     config = read_adapter_config(folder)
     if not is_prompt_adapter(config):
-        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not a prompt method ({', '.join(PROMPT_TYPES)})")
+        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not a prompt method "
+                         f"({', '.join(PROMPT_TYPES)})")
     path, shapes, tensors = adapter_weights(folder)
     if PROMPT_KEY not in shapes:
         raise ValueError(f"{path}: no {PROMPT_KEY} tensor (found: {', '.join(sorted(shapes)) or 'nothing'})")
@@ -91,7 +91,8 @@ def nearest_vocabulary(prompts: torch.Tensor, vocab: torch.Tensor, top_k: int, c
         rows = vocab[start : start + chunk].float()
         norms.append(rows.norm(dim=-1))
         cosine = torch.cat([best, unit @ F.normalize(rows, dim=-1).T], dim=1)
-        ids = torch.cat([best_ids, torch.arange(start, start + rows.shape[0], device=vocab.device).expand(unit.shape[0], -1)], 1)
+        ids = torch.cat(
+            [best_ids, torch.arange(start, start + rows.shape[0], device=vocab.device).expand(unit.shape[0], -1)], 1)
         best, where = cosine.topk(k, dim=-1)
         best_ids = ids.gather(1, where)
     return best.cpu(), best_ids.cpu(), torch.cat(norms).cpu()
@@ -113,7 +114,8 @@ def prefix_stats(prompts: torch.Tensor, num_layers: int | None) -> dict:
         raise ValueError(f"a prefix of shape {(n, width)} does not split into num_layers={num_layers} x (key, value)")
     norms = prompts.float().reshape(n, num_layers, 2, -1).norm(dim=-1)  # (n, L, 2): one vector per token and layer
     return {"method": "PREFIX_TUNING", "num_virtual_tokens": n, "num_layers": num_layers,
-            "key_norm_per_layer": norms[:, :, 0].mean(0).tolist(), "value_norm_per_layer": norms[:, :, 1].mean(0).tolist(),
+            "key_norm_per_layer": norms[:, :, 0].mean(0).tolist(),
+            "value_norm_per_layer": norms[:, :, 1].mean(0).tolist(),
             "key_norms": norms[:, :, 0].T.tolist(), "value_norms": norms[:, :, 1].T.tolist()}  # [layer][token]
 
 
@@ -129,7 +131,8 @@ def inspect_prompt_adapter(folder: str | Path, base: str | Path | None = None, t
 
 def format_prompt_table(stats: dict) -> str:
     if stats["method"] == "PREFIX_TUNING":
-        head = f"{'layer':>5} {'key norm':>10} {'value norm':>10}   (mean over {stats['num_virtual_tokens']} virtual tokens)"
+        head = (f"{'layer':>5} {'key norm':>10} {'value norm':>10}   "
+                f"(mean over {stats['num_virtual_tokens']} virtual tokens)")
         rows = [f"{i:>5} {k:10.4f} {v:10.4f}" for i, (k, v) in
                 enumerate(zip(stats["key_norm_per_layer"], stats["value_norm_per_layer"]))]
         return "\n".join([head, "-" * len(head), *rows])

@@ -19,7 +19,8 @@ class AugmentConfig:
     copies: int = 0  # augmented copies per record; 0 = off
     ops: tuple[str, ...] = ("word_dropout", "adjacent_swap")
     probability: float = 0.1  # per word (or per character for char_noise)
-    synonyms_file: str | None = field(default=None, metadata={"path": True})  # lines "word: synonym1, synonym2"; relative to the recipe
+    # lines "word: synonym1, synonym2"; relative to the recipe
+    synonyms_file: str | None = field(default=None, metadata={"path": True})
     seed: int = 0
 
     def __post_init__(self):
@@ -93,7 +94,8 @@ def augment_text(text: str, config: AugmentConfig, rng: random.Random, table: di
     return " ".join(words)
 
 
-def augment_records(records: list[tuple[dict, str]], config: AugmentConfig, kind: str = "generation") -> list[tuple[dict, str]]:
+def augment_records(records: list[tuple[dict, str]], config: AugmentConfig,
+                    kind: str = "generation") -> list[tuple[dict, str]]:
     """The records plus `copies` perturbed copies of each record's input (chat: the user turns;
     classification (`kind`): the text). The records must already be checked (tasks.parse_records
     does so): perturbing assumes the fields are there and are strings."""

@@ -68,7 +68,8 @@ class PromptTemplate:
     with_instruction: str = DEFAULT_TEMPLATE
     without_instruction: str = DEFAULT_TEMPLATE_NO_INSTRUCTION
     chat_template: str | None = None  # a jinja chat template (a checkpoint's own) for chat records
-    chat_roles: dict = field(default_factory=lambda: {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"})
+    chat_roles: dict = field(
+        default_factory=lambda: {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"})
 
     def render(self, record: dict) -> str:
         template = self.with_instruction if record.get("instruction") else self.without_instruction
@@ -166,7 +167,8 @@ def chat_example(messages, where: str, template: PromptTemplate) -> Example:
     for m in messages:
         header = template.chat_roles[m["role"]]
         trained = m["role"] == "assistant"
-        segments += [(header, False), (m["content"] + "\n", trained)] if trained else [(header + m["content"] + "\n", False)]
+        segments += ([(header, False), (m["content"] + "\n", trained)] if trained
+                     else [(header + m["content"] + "\n", False)])
     return Example(where, segments)
 
 
@@ -196,7 +198,8 @@ def chat_prompt(messages: list[dict], template: PromptTemplate) -> str:
     """The text a chat-trained model continues: the conversation so far plus the assistant's header."""
     if template.chat_template:
         return compile_chat_template(template.chat_template, "prompt")(messages, add_generation_prompt=True)
-    return "".join(template.chat_roles[m["role"]] + m["content"] + "\n" for m in messages) + template.chat_roles["assistant"]
+    return ("".join(template.chat_roles[m["role"]] + m["content"] + "\n" for m in messages)
+            + template.chat_roles["assistant"])
 
 
 def last_turn_segments(messages: list[dict], render, where: str) -> list[tuple[str, bool]]:
@@ -229,7 +232,8 @@ def compile_chat_template(chat_template: str, where: str):
 
     def render(turns: list[dict], add_generation_prompt: bool = False) -> str:
         try:
-            return template.render(messages=turns, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
+            return template.render(messages=turns, add_generation_prompt=add_generation_prompt, bos_token="",
+                                   eos_token="")
         except TemplateRefusal as e:
             raise DataError(f"{where}: the chat template refuses this conversation: {one_line(e)}") from None
         except jinja2.exceptions.SecurityError as e:
@@ -288,7 +292,8 @@ def qa_example(record, where: str) -> Example:
     context tokens have read it. An answer that occurs more than once needs `answer_start` (its character
     offset in the context, as SQuAD gives it): guessing the first occurrence would train on a wrong span
     as often as not."""
-    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("context", "question", "answer")):
+    if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("context", "question", "answer")):
         raise DataError(f"{where}: a QA record needs string fields \"context\", \"question\" and \"answer\"")
     context, answer = record["context"], record["answer"]
     if not answer.strip():
@@ -398,7 +403,8 @@ def group_by_task(rows: list[TokenizedExample]) -> dict[str, list[TokenizedExamp
     """{task: its rows} in order of first appearance; {} for single-task rows (no row names a task)."""
     tagged = sum(row.task is not None for row in rows)
     if tagged and tagged < len(rows):
-        raise ValueError(f"{tagged} of {len(rows)} rows name a task: name every row's task (TokenizedExample.task) or none")
+        raise ValueError(f"{tagged} of {len(rows)} rows name a task: "
+                         "name every row's task (TokenizedExample.task) or none")
     groups: dict[str, list[TokenizedExample]] = {}
     for row in rows:
         if row.task is not None:

@@ -15,7 +15,8 @@ def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dic
     lo, hi = min(lengths), max(lengths)
     width = max(1, -(-(hi - lo + 1) // bins))
     counts = Counter((n - lo) // width for n in lengths)
-    return [{"from": lo + b * width, "to": lo + (b + 1) * width - 1, "count": counts.get(b, 0)} for b in range(-(-(hi - lo + 1) // width))]
+    return [{"from": lo + b * width, "to": lo + (b + 1) * width - 1, "count": counts.get(b, 0)}
+            for b in range(-(-(hi - lo + 1) // width))]
 
 
 def data_report(records: list, tokenized: list[TokenizedExample], max_length: int) -> dict:
@@ -28,7 +29,8 @@ def data_report(records: list, tokenized: list[TokenizedExample], max_length: in
     for record in records:
         ex = record.example
         by_prompt[ex.prompt].add(ex.response)
-        shown.setdefault(ex.prompt, record.shown)  # the user's own input: the prompt's first 60 characters are the template's
+        # the user's own input: the prompt's first 60 characters are the template's
+        shown.setdefault(ex.prompt, record.shown)
         pairs[(ex.prompt, ex.response)] += 1
         if any(not text.strip() for text in record.texts):
             empty.append(ex.where)
@@ -36,7 +38,8 @@ def data_report(records: list, tokenized: list[TokenizedExample], max_length: in
         "records": len(records),
         "max_length": max_length,
         "truncated": [t.where for t in tokenized if t.truncated],
-        "tokens": {"total": sum(lengths), "min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
+        "tokens": {"total": sum(lengths), "min": min(lengths), "max": max(lengths),
+                   "mean": sum(lengths) / len(lengths)},
         "trained_tokens": sum(sum(1 for lab in t.labels if lab != -100) for t in tokenized),
         "length_histogram": length_histogram(lengths),
         "empty_fields": empty,

@@ -172,9 +172,8 @@ def train_tokenizer(spec: BuiltinSpec, folder: Path) -> None:
 
 
 def build(spec: BuiltinSpec, folder: Path, log=print) -> None:
-    from peftcore.models import LlamaConfig, from_config, load_tokenizer, save_pretrained
-
     from peftcore.data.records import IGNORE_INDEX, TokenizedExample, pack
+    from peftcore.models import LlamaConfig, from_config, load_tokenizer, save_pretrained
     from peftcore.training.config import TrainConfig
     from peftcore.training.loop import train
 
@@ -200,7 +199,8 @@ def build(spec: BuiltinSpec, folder: Path, log=print) -> None:
         packed = [row for row in pack(rows, spec.pretrain_length) if len(row.input_ids) > 1]
         n_params = sum(p.numel() for p in model.parameters())
         log(f"  tokenizer: byte-level BPE, {len(tokenizer)} tokens; model: Llama, {n_params / 1e6:.2f}M parameters; "
-            f"pre-training on {sum(len(r.input_ids) for r in packed):,} tokens of prompt text for {spec.pretrain_steps} steps")
+            f"pre-training on {sum(len(r.input_ids) for r in packed):,} tokens of prompt text "
+            f"for {spec.pretrain_steps} steps")
         train_config = TrainConfig(learning_rate=spec.pretrain_learning_rate, batch_size=spec.pretrain_batch_size,
                                    max_steps=spec.pretrain_steps, warmup_steps=max(1, spec.pretrain_steps // 10),
                                    eval_every=0, patience=0, seed=spec.seed, progress=True)

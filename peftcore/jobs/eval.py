@@ -22,13 +22,20 @@ import torch
 
 from peftcore.analysis.text_metrics import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
 from peftcore.data.records import PromptTemplate, collate
-from peftcore.multitask.heads import TaskSpec, best_spans
-from peftcore.multitask.model import HEADS_CONFIG, read_task_specs
 from peftcore.jobs.generate import eval_settings, generate_texts, one_line
 from peftcore.jobs.tasks import (
-    RECIPE_FILE, Loaded, Record, TaskError, load_adapter_folder, pad_id, parse_records, read_adapter_info,
+    RECIPE_FILE,
+    Loaded,
+    Record,
+    TaskError,
+    load_adapter_folder,
+    pad_id,
+    parse_records,
+    read_adapter_info,
     tokenize_records,
 )
+from peftcore.multitask.heads import TaskSpec, best_spans
+from peftcore.multitask.model import HEADS_CONFIG, read_task_specs
 from peftcore.training.loop import evaluate
 
 PERCENT = ("accuracy", "exact match")  # fractions in the results, shown as percentages
@@ -59,7 +66,8 @@ def run_eval(adapter: Path, base: str | None = None, data: str | None = None, gl
     loaded = load_adapter_folder(adapter, base, log=log)
     settings = eval_settings(loaded, max_records=max_records)
     max_length = loaded.info["data"].get("max_length", 512)
-    rows = {name: tokenize_records(task.records, loaded.tokenizer, max_length, task=name) for name, task in tasks.items()}
+    rows = {name: tokenize_records(task.records, loaded.tokenizer, max_length, task=name)
+            for name, task in tasks.items()}
     every_row, pad = [row for task_rows in rows.values() for row in task_rows], pad_id(loaded.tokenizer)
     with loaded.peft_model.disable_adapter():
         base_scores = evaluate(loaded.model, every_row, settings.batch_size, pad, task_weights=loaded.task_weights)
@@ -117,7 +125,8 @@ def batched_logits(model, rows, batch_size: int, pad: int, **route):
 
 def predict(model, rows, batch_size: int, pad: int, **route) -> list[int]:
     """Predicted class per row."""
-    return [label for logits in batched_logits(model, rows, batch_size, pad, **route) for label in logits.argmax(-1).tolist()]
+    return [label for logits in batched_logits(model, rows, batch_size, pad, **route)
+            for label in logits.argmax(-1).tolist()]
 
 
 def predict_spans(model, rows, batch_size: int, pad: int, **route) -> list[tuple[int, int]]:
@@ -135,7 +144,8 @@ def wrong_answers(records: list[Record], rows, base: list, adapted: list, tokeni
     return {"samples_title": "Answers the adapted model gets wrong", "samples": samples[: max(keep, 0)]}
 
 
-def misclassified(records: list[Record], base_pred: list[int], adapted_pred: list[int], names: list[str], keep: int) -> dict:
+def misclassified(records: list[Record], base_pred: list[int], adapted_pred: list[int], names: list[str],
+                  keep: int) -> dict:
     """Up to `keep` records the adapted model gets wrong, with both models' predicted class names."""
     samples = [{"where": r.where, "prompt": r.shown, "reference": names[r.label], "base": names[b], "adapted": names[a]}
                for r, b, a in zip(records, base_pred, adapted_pred) if a != r.label][: max(keep, 0)]
@@ -166,7 +176,8 @@ def generation_metrics(loaded: Loaded, records, settings, glossary, ppl: list[fl
         terms = load_terms(glossary)
         for outs in (base_out, adapted_out):
             g = glossary_adherence(outs, references, terms)
-            metrics.setdefault("glossary adherence %", []).append(None if g["adherence"] is None else 100 * g["adherence"])
+            metrics.setdefault("glossary adherence %", []).append(
+                None if g["adherence"] is None else 100 * g["adherence"])
     for outs in (base_out, adapted_out):
         rep = repetition(outs, tokenize=tokenize)
         metrics.setdefault("repeated 3-grams %", []).append(none_pct(rep["repeated_ngram_rate"]))
@@ -217,7 +228,8 @@ def markdown_report(result: dict) -> str:
 
 
 def describe_records(result: dict) -> str:
-    return f"{result['records']} records" + (f", {result['generated']} generated greedily" if "generated" in result else "")
+    return (f"{result['records']} records"
+            + (f", {result['generated']} generated greedily" if "generated" in result else ""))
 
 
 def metrics_table(result: dict) -> list[str]:
@@ -264,7 +276,8 @@ def task_eval_records(adapter: Path, info: dict, specs: dict[str, TaskSpec]) -> 
     return out
 
 
-def task_metrics(name: str | None, task: EvalData, loaded: Loaded, rows, scores: list[dict], settings, glossary) -> dict:
+def task_metrics(name: str | None, task: EvalData, loaded: Loaded, rows, scores: list[dict], settings,
+                 glossary) -> dict:
     """One task's base / adapted metrics (`scores`: evaluate()'s numbers for this task, base then adapted)."""
     pad = pad_id(loaded.tokenizer)
     if task.kind == "generation":  # the (shared) adapter and the LM head: the generation metrics
@@ -290,7 +303,8 @@ def class_names(spec) -> list[str]:
 def multitask_report(result: dict) -> str:
     base, adapted = result["weighted_loss"]
     summary = (f"Base `{result['base']}`; {len(result['tasks'])} tasks, each on the eval data its recipe names. "
-               f"Weighted eval loss (what training's early stopping watched): base {fmt(base)}, adapted {fmt(adapted)}.")
+               f"Weighted eval loss (what training's early stopping watched): "
+               f"base {fmt(base)}, adapted {fmt(adapted)}.")
     out = [f"# Evaluation: {result['adapter']}", "", summary, MULTITASK_BASE_NOTE]
     for name, task in result["tasks"].items():
         out += ["", f"## Task {name} ({task['kind']})", "", f"Data `{task['data']}` ({describe_records(task)}).", ""]

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
-from peftcore.models.generate import SamplingConfig
-
 from peftcore.data.records import PromptTemplate, chat_prompt
 from peftcore.jobs.recipe import EvalSection
 from peftcore.jobs.tasks import Loaded, Record, TaskError, load_adapter_folder, pad_id
+from peftcore.models.generate import SamplingConfig
+
 
 def eval_settings(loaded: Loaded, **overrides) -> EvalSection:
-    """The adapter's recipe [eval] section (an adapter from elsewhere: the defaults), then the overrides that are set."""
+    """The adapter's recipe [eval] section (an adapter from elsewhere: the defaults), then the
+    overrides that are set."""
     known = {f.name for f in fields(EvalSection)}
     recorded = EvalSection(**{k: v for k, v in loaded.info.get("eval", {}).items() if k in known})
     return replace(recorded, **{k: v for k, v in overrides.items() if v is not None})
@@ -66,7 +67,8 @@ def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, 
 
 
 def show_samples(loaded: Loaded, records: list[Record], settings, log=print) -> list[dict]:
-    generated = generate_texts(loaded.peft_model, loaded.tokenizer, [r.prompt for r in records], settings, loaded.device)
+    generated = generate_texts(loaded.peft_model, loaded.tokenizer, [r.prompt for r in records], settings,
+                               loaded.device)
     mode = "greedy" if not settings.temperature else f"temperature {settings.temperature}"
     log(f"samples ({mode}, up to {settings.max_new_tokens} new tokens):")
     out = []

@@ -29,7 +29,8 @@ def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = N
                                      "nearest vocabulary tokens" if prompt else "relative norms", log)
     out = Path(output_dir or adapter)
     out.mkdir(parents=True, exist_ok=True)
-    report = report_prompt(adapter, base_folder, top_k, out, log) if prompt else report_lora(adapter, base_folder, compare, out, log)
+    report = (report_prompt(adapter, base_folder, top_k, out, log) if prompt
+              else report_lora(adapter, base_folder, compare, out, log))
     written = [out / "inspect.json"] + write_plots(report, out, log)
     log("wrote " + ", ".join(str(p) for p in written))
     return written

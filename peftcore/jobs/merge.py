@@ -4,11 +4,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from peftcore.models import save_pretrained
-
-from peftcore.lora.quantized_merge import format_merge_report
-from peftcore.peft_model import PeftModel
 from peftcore.jobs.tasks import TOKENIZER_FILES, TaskError, load_adapter_folder
+from peftcore.lora.quantized_merge import format_merge_report
+from peftcore.models import save_pretrained
+from peftcore.peft_model import PeftModel
+
 
 def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = "original", log=print) -> Path:
     """Fold the adapter into its base. A QLoRA adapter (trained over a quantized base) merges into the
@@ -23,7 +23,8 @@ def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = 
                         "nothing to merge; load it with the base instead")
     quantized = (loaded.info.get("model") or {}).get("quantize")
     if into == "quantized" and not quantized:
-        raise TaskError(f"--into quantized: {adapter} was not trained over a quantized base (its recipe has no quantize)")
+        raise TaskError(f"--into quantized: {adapter} was not trained over a quantized base "
+                        "(its recipe has no quantize)")
     merged = loaded.peft_model.merge_and_unload()
     if into == "quantized":
         log(format_merge_report(loaded.peft_model.merge_report))

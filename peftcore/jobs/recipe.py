@@ -2,7 +2,8 @@
 
     [model]    path = "ckpt/" | "pip:<package>" (its `model/` folder) | builtin = "tiny-llama"; task, dtype, quantize
     [data]     train, eval (paths relative to the recipe), max_length, packing, labels;
-               [data.template] (peftcore.data.records.PromptTemplate), [data.augment] (peftcore.data.augment.AugmentConfig)
+               [data.template] (peftcore.data.records.PromptTemplate),
+               [data.augment] (peftcore.data.augment.AugmentConfig)
     [adapter]  method = "lora" | "dora" | "prompt" | "p-tuning" | "prefix", plus that config's fields
     [train]    peftcore.training.config.TrainConfig's fields
     [eval]     generation settings, glossary, how many samples
@@ -24,14 +25,20 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from peftcore.data.augment import AugmentConfig
-from peftcore.jobs.builtin import EXAMPLES_DIR
 from peftcore.config import LoraConfig
+from peftcore.data.augment import AugmentConfig
 from peftcore.data.records import PromptTemplate
+from peftcore.jobs.builtin import EXAMPLES_DIR
 from peftcore.multitask.heads import KINDS, POOLINGS, check_task_name
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.training.config import (
-    COUNT, NON_NEGATIVE, OFF_OR_EVERY, POSITIVE, PROBABILITY_BELOW_1, TrainConfig, check_limits,
+    COUNT,
+    NON_NEGATIVE,
+    OFF_OR_EVERY,
+    POSITIVE,
+    PROBABILITY_BELOW_1,
+    TrainConfig,
+    check_limits,
 )
 
 if sys.version_info >= (3, 11):
@@ -354,7 +361,8 @@ class Validator:
     def check_task_settings(self, tables: dict, tasks: dict) -> None:
         """What a multi-task recipe sets per task, or cannot use; and task settings without tasks."""
         if "task_weights" in tables["train"]:
-            self.fail(("train", "task_weights"), "[train] task_weights: set each task's weight in [tasks.<name>] weight")
+            self.fail(("train", "task_weights"),
+                      "[train] task_weights: set each task's weight in [tasks.<name>] weight")
         if not tasks:
             return
         for key in ("train", "eval", "labels"):
@@ -362,9 +370,11 @@ class Validator:
                 self.fail(("data", key), f"[data] {key}: a multi-task recipe reads each task's data from "
                           f"[tasks.<name>] {key}")
         if tables["data"].get("packing"):
-            self.fail(("data", "packing"), "[data] packing: multi-task batches keep one row per record; set packing = false")
+            self.fail(("data", "packing"),
+                      "[data] packing: multi-task batches keep one row per record; set packing = false")
         if tables["model"].get("task", "CAUSAL_LM") != "CAUSAL_LM":
-            self.fail(("model", "task"), "[model] task: a multi-task recipe sets each task's kind in [tasks.<name>] kind; "
+            self.fail(("model", "task"),
+                      "[model] task: a multi-task recipe sets each task's kind in [tasks.<name>] kind; "
                       "leave [model] task unset")
         if tables["adapter"].get("method", "lora") not in ("lora", "dora"):
             self.fail(("adapter", "method"), "[adapter] method: a multi-task model shares a LoRA / DoRA backbone")

@@ -16,10 +16,17 @@ import shutil
 import typing
 from pathlib import Path
 
-from peftcore.training import distributed
 from peftcore.jobs.recipe import (
-    ADAPTER_DEFAULTS, INTERNAL_ADAPTER_FIELDS, METHODS, SECTIONS, Recipe, TaskSection, load_recipe, parse_recipe,
+    ADAPTER_DEFAULTS,
+    INTERNAL_ADAPTER_FIELDS,
+    METHODS,
+    SECTIONS,
+    Recipe,
+    TaskSection,
+    load_recipe,
+    parse_recipe,
 )
+from peftcore.training import distributed
 from peftcore.training.state import resumable_state
 
 RECIPE_FILE = "recipe.json"
@@ -125,7 +132,8 @@ def check_same_recipe(recipe: Recipe, output_dir: Path) -> None:
     if not path.is_file():
         return
     saved, given = settings(read_saved(path)), settings(recipe.to_dict())
-    changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k) and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k in saved.keys() | given.keys()
+                     if saved.get(k) != given.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise RunFolderError(
             f"--resume: this recipe differs from the one {output_dir} was trained with ({path}) in "
@@ -145,7 +153,8 @@ def adapter_settings(table: dict) -> dict:
     method = table.get("method", "lora")
     if method not in METHODS:  # only a hand-edited recipe.json: compared as written
         return table
-    defaults = {f.name: default_of(f) for f in dataclasses.fields(METHODS[method]) if f.name not in INTERNAL_ADAPTER_FIELDS}
+    defaults = {f.name: default_of(f) for f in dataclasses.fields(METHODS[method])
+                if f.name not in INTERNAL_ADAPTER_FIELDS}
     return {**defaults, **ADAPTER_DEFAULTS[method], **table, "method": method}
 
 

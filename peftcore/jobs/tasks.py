@@ -18,15 +18,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftcore.models import checkpoint, load_pretrained, load_tokenizer
-
-from peftcore.data.augment import AugmentConfig, augment_records
 from peftcore.config import TaskType
+from peftcore.data.augment import AugmentConfig, augment_records
 from peftcore.data.records import (
-    IGNORE_INDEX, DataError, Example, PromptTemplate, TokenizedExample, qa_example, read_records, read_text,
-    to_example, tokenize_span,
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    PromptTemplate,
+    TokenizedExample,
+    qa_example,
+    read_records,
+    read_text,
+    to_example,
+    tokenize_span,
 )
 from peftcore.data.records import tokenize as tokenize_example
+from peftcore.models import checkpoint, load_pretrained, load_tokenizer
 from peftcore.multitask.model import HEADS_CONFIG, MultiTaskModel
 
 RECIPE_FILE = "peftcore_recipe.json"
@@ -111,7 +118,8 @@ def load_base(folder: Path, model_section, labels: list[str] | None, device=None
         return model
     encoder = load_pretrained(folder, dtype=dtype, **kwargs)
     config = BertConfig.from_hf({**hf, "architectures": ["BertForSequenceClassification"],
-                                 "id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}})
+                                 "id2label": dict(enumerate(labels)),
+                                 "label2id": {lab: i for i, lab in enumerate(labels)}})
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
     model.bert = encoder
@@ -241,7 +249,8 @@ def qa_record(record, where: str) -> Record:
                   texts=(record["question"], record["context"], record["answer"]))
 
 
-def tokenize_records(records: list[Record], tokenizer, max_length: int, task: str | None = None) -> list[TokenizedExample]:
+def tokenize_records(records: list[Record], tokenizer, max_length: int,
+                     task: str | None = None) -> list[TokenizedExample]:
     """`task`: the multi-task job's task name, stamped on every row (it routes the row's batch to its head)."""
     rows = []
     for r in records:
@@ -269,7 +278,8 @@ def refuse_untrainable(records: list[Record], rows: list[TokenizedExample], toke
     shortest = min(prompt_tokens(r.example, tokenizer) for r, _ in generation)
     source = records[0].where.rsplit(":", 1)[0]
     raise DataError(f"{source}: all {len(generation)} records are cut at max_length {max_length} before their output: "
-                    f"no token would train; raise [data] max_length to at least {shortest + 1} (the shortest prompt + 1)")
+                    f"no token would train; raise [data] max_length to at least {shortest + 1} "
+                    "(the shortest prompt + 1)")
 
 
 def prompt_tokens(example: Example, tokenizer) -> int:
@@ -350,7 +360,8 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
     else:  # an adapter from elsewhere (HF PEFT): defaults
         from dataclasses import asdict
 
-        info = {"model": {"task": "SEQ_CLS" if config.get("task_type") == "SEQ_CLS" else "CAUSAL_LM", "dtype": "float32",
+        info = {"model": {"task": "SEQ_CLS" if config.get("task_type") == "SEQ_CLS" else "CAUSAL_LM",
+                          "dtype": "float32",
                           "quantize": None, "group_size": None, "double_quant": False, "device": "auto", "threads": 0},
                 "data": {"template": asdict(PromptTemplate()), "max_length": 512}, "eval": {}}
     return config, info
@@ -361,7 +372,8 @@ def check_adapter_info(info: dict, path: Path) -> dict:
     an error naming it, not a KeyError later."""
     model, data = info.get("model"), info.get("data")
     missing = [name for name, ok in (("model.task", isinstance(model, dict) and "task" in model),
-                                     ("data.template", isinstance(data, dict) and isinstance(data.get("template"), dict)))
+                                     ("data.template",
+                                      isinstance(data, dict) and isinstance(data.get("template"), dict)))
                if not ok]
     if missing:
         raise TaskError(f"{path}: no {', '.join(missing)}: not a recipe record written by `peftcore train`; "
@@ -383,7 +395,8 @@ def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool 
         raise TaskError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
     base_name = "builtin:tiny-llama" if base_name == "builtin" else base_name
     base_folder = resolve_base(base_name, log=log)
-    model_section = SimpleNamespace(**{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})
+    model_section = SimpleNamespace(
+        **{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})
     device = set_runtime(model_section)
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_folder)
     model = load_base(base_folder, model_section, info.get("labels"), device=device, quantize=not merge_ready)

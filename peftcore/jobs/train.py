@@ -21,20 +21,32 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from peftcore.models.tokenizer import read_chat_template, read_json
-
-from peftcore.jobs import run_folder
 from peftcore.data.records import pack
 from peftcore.data.report import data_report, format_report, write_report
-from peftcore.multitask.model import MultiTaskModel, parts_of
-from peftcore.multitask.heads import TaskSpec
-from peftcore.peft_model import get_peft_model
+from peftcore.jobs import run_folder
 from peftcore.jobs.generate import show_samples
 from peftcore.jobs.recipe import Recipe, TaskSection
 from peftcore.jobs.tasks import (
-    Loaded, Record, TaskError, adapter_config, backbone, load_adapter_folder, load_base, pad_id, parse_records,
-    read_labels, resolve_base, save_adapter_folder, set_runtime, task_weights, tokenize_records,
+    Loaded,
+    Record,
+    TaskError,
+    adapter_config,
+    backbone,
+    load_adapter_folder,
+    load_base,
+    pad_id,
+    parse_records,
+    read_labels,
+    resolve_base,
+    save_adapter_folder,
+    set_runtime,
+    task_weights,
+    tokenize_records,
 )
+from peftcore.models.tokenizer import read_chat_template, read_json
+from peftcore.multitask.heads import TaskSpec
+from peftcore.multitask.model import MultiTaskModel, parts_of
+from peftcore.peft_model import get_peft_model
 from peftcore.training.loop import evaluate, train
 from peftcore.training.state import replace_atomically, set_seed
 
@@ -55,8 +67,8 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print,
     """overwrite: start afresh in a folder that holds a run (run_folder.prepare); resume: continue it.
 
     One pipeline for every recipe: a single-task recipe is a one-task job (its task named None)."""
-    from peftcore.training import distributed
     from peftcore.models import load_tokenizer
+    from peftcore.training import distributed
 
     started, output_dir = time.perf_counter(), Path(output_dir)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
@@ -88,12 +100,13 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print,
     chosen, adapter = keep_chosen_adapter(output_dir)
     model = None  # frees the trained copy before the files load
     loaded = load_adapter_folder(adapter, log=log)
-    after = score(contextlib.nullcontext, loaded.model, eval_rows, batch, pad, "after:  ", log, best_note(chosen, state),
-                  describe=describe, task_weights=loaded.task_weights)
+    after = score(contextlib.nullcontext, loaded.model, eval_rows, batch, pad, "after:  ", log,
+                  best_note(chosen, state), describe=describe, task_weights=loaded.task_weights)
     samples = job_samples(loaded, tasks, recipe.eval, log)
     summary = write_summary(output_dir, state, before, after, adapter, started, samples)
     if None in tasks:
-        log(f"adapter saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'}; try: peftcore eval --adapter {adapter})")
+        log(f"adapter saved to {adapter}  "
+            f"(metrics: {output_dir / 'metrics.jsonl'}; try: peftcore eval --adapter {adapter})")
     else:
         log(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
     return summary
@@ -230,7 +243,8 @@ def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
     if task.kind == "classification":
         labels = read_labels(task.labels) if task.labels else [str(i) for i in range(task.num_labels)]
         if task.num_labels is not None and task.num_labels != len(labels):
-            raise TaskError(f"[tasks.{name}] num_labels = {task.num_labels}, but {Path(task.labels).name} lists {len(labels)}")
+            raise TaskError(f"[tasks.{name}] num_labels = {task.num_labels}, "
+                            f"but {Path(task.labels).name} lists {len(labels)}")
     spec = TaskSpec(task.kind, labels=labels, pooling=task.pooling, weight=task.weight)
     train_records = parse_records(task.train, recipe.data.template, labels, recipe.data.augment, task.kind)
     eval_records = parse_records(task.eval, recipe.data.template, labels, kind=task.kind) if task.eval else []
@@ -259,7 +273,8 @@ def task_report(name: str | None, task: TaskData, rows, max_length: int, log=pri
     """One task's data report, logged (a named task: under a line naming it, its kind and weight)."""
     report = data_report(task.train_records, rows, max_length)
     if task.labels is not None:
-        report["label_counts"] = {label: sum(r.label == i for r in task.train_records) for i, label in enumerate(task.labels)}
+        report["label_counts"] = {label: sum(r.label == i for r in task.train_records)
+                                  for i, label in enumerate(task.labels)}
     if task.kind != "generation":
         report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
     if name is not None:

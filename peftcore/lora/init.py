@@ -34,11 +34,13 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
         raise TypeError(f"init_lora_weights={scheme!r} rewrites the base weight: initialise before quantizing")
     r, (n_out, n_in) = layer.r[name], (layer.out_features, layer.in_features)
     if r > min(n_out, n_in):
-        raise ValueError(f"init_lora_weights={scheme!r} takes the top r of a {n_out}x{n_in} weight: r={r} must be <= {min(n_out, n_in)}")
+        raise ValueError(f"init_lora_weights={scheme!r} takes the top r of a {n_out}x{n_in} weight: "
+                         f"r={r} must be <= {min(n_out, n_in)}")
     with torch.no_grad():
         W = layer.base_layer.weight
         W_out_in = (W.T if layer.fan_in_fan_out else W).float()
-        A_init, B_init = olora_factors(W_out_in, layer.r[name]) if scheme == "olora" else pissa_factors(W_out_in, layer.r[name], layer.scaling[name], scheme)
+        A_init, B_init = (olora_factors(W_out_in, layer.r[name]) if scheme == "olora"
+                          else pissa_factors(W_out_in, layer.r[name], layer.scaling[name], scheme))
         A.weight.copy_(A_init)
         B.weight.copy_(B_init)
         residual = W_out_in - layer.scaling[name] * B_init @ A_init
@@ -47,7 +49,8 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
 
 def check_scheme(scheme) -> None:
     if not isinstance(scheme, str) or not (scheme == "olora" or scheme.startswith("pissa")):
-        raise ValueError(f"init_lora_weights={scheme!r}: expected True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
+        raise ValueError(f"init_lora_weights={scheme!r}: "
+                         "expected True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
     if scheme.startswith("pissa") and scheme != "pissa" and not scheme.removeprefix("pissa_niter_").isdigit():
         raise ValueError(f"init_lora_weights={scheme!r}: expected 'pissa' or 'pissa_niter_<int>'")
 

@@ -13,12 +13,11 @@ import warnings
 
 from torch import nn
 
-from peftcore.models.layers import Conv1D
-from peftcore.models.quantized import QuantLinear
-
 from peftcore.config import LoraConfig, TaskType
 from peftcore.lora.layer import LORA_LAYERS, LoraEmbedding, LoraLinear
 from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
+from peftcore.models.layers import Conv1D
+from peftcore.models.quantized import QuantLinear
 
 LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftcore.config import LoraConfig
+
 # The module, not its names: the kernel tests reload the kernels under TRITON_INTERPRET=1, and the
 # layers must then call the reloaded ones.
 from peftcore.kernels import lora_linear
 from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
-
-from peftcore.config import LoraConfig
 
 
 @runtime_checkable
@@ -152,7 +152,8 @@ class LoraLinear(nn.Module):
         init_adapter(self, name, config.init_lora_weights)
         if config.use_dora:
             with torch.no_grad():
-                norm = dora_row_norm(base_weight(self.base_layer), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+                norm = dora_row_norm(base_weight(self.base_layer), self.lora_A[name].weight,
+                                     self.lora_B[name].weight, self.scaling[name])
             self.lora_magnitude_vector[name] = Magnitude(norm.to(dtype))
         self.active_adapters = [name]
 
@@ -310,7 +311,8 @@ class LoraEmbedding(nn.Module):
         return dora_row_norm(E.T, self.lora_embedding_A[name], self.lora_embedding_B[name].detach(), self.scaling[name])
 
     def delete_adapter(self, name: str) -> None:
-        delete_from(self, name, (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout, self.lora_magnitude_vector))
+        delete_from(self, name,
+                    (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout, self.lora_magnitude_vector))
 
     def adapter_params(self, name: str):
         if name in self.lora_embedding_A:

@@ -86,7 +86,8 @@ def wrap_modules_to_save(model: nn.Module, patterns: list[str], adapter_name: st
         if not name or not any(name.endswith(p) for p in patterns):
             continue
         if isinstance(module, LORA_LAYERS):
-            raise TypeError(f"modules_to_save={patterns!r} names {name!r}, which LoRA adapts already; pick one of the two")
+            raise TypeError(f"modules_to_save={patterns!r} names {name!r}, which LoRA adapts already; "
+                            "pick one of the two")
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
         if wrapper is not module:

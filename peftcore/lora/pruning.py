@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftcore.models.layers import Conv1D
-
 from peftcore.lora.layer import LoraLinear
+from peftcore.models.layers import Conv1D
 
 PATTERNS = ("unstructured", "2:4")
 HEADS = ("lm_head", "score", "classifier")
@@ -50,7 +49,8 @@ def prunable_weights(model: nn.Module, skip: tuple[str, ...] = HEADS):
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, sparsity: float = 0.5, pattern: str = "unstructured", skip: tuple[str, ...] = HEADS) -> dict:
+def prune_model(model: nn.Module, sparsity: float = 0.5, pattern: str = "unstructured",
+                skip: tuple[str, ...] = HEADS) -> dict:
     """Zero the smallest-magnitude base weights in place. -> {"layers": {name: sparsity}, "overall": s, ...}."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern={pattern!r}; supported: {', '.join(PATTERNS)}")
@@ -71,5 +71,6 @@ def prune_model(model: nn.Module, sparsity: float = 0.5, pattern: str = "unstruc
 def format_sparsity_report(report: dict) -> str:
     width = max(len(n) for n in report["layers"])
     lines = [f"{'layer':<{width}}  sparsity"] + [f"{n:<{width}}  {s:8.2%}" for n, s in report["layers"].items()]
-    lines.append(f"{'overall (' + report['pattern'] + ')':<{width}}  {report['overall']:8.2%}  ({report['zeroed']:,d} of {report['total']:,d})")
+    lines.append(f"{'overall (' + report['pattern'] + ')':<{width}}  {report['overall']:8.2%}  "
+                 f"({report['zeroed']:,d} of {report['total']:,d})")
     return "\n".join(lines)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftcore.lora.layer import LoraLinear
 from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
-
-from peftcore.lora.layer import LoraLinear
 
 
 def densify(model: nn.Module) -> dict[str, QuantLinear]:

@@ -28,9 +28,14 @@ from torch import nn
 from peftcore.models import BertForSequenceClassification, BertModel, GPT2LMHeadModel, LlamaForCausalLM, safetensors_io
 from peftcore.models.fused import IGNORE_INDEX, causal_lm_loss
 from peftcore.models.llama import computes_own_loss
-
 from peftcore.multitask.heads import (
-    TaskSpec, build_head, check_labels, check_task_name, head_loss, head_outputs, positions_from_mask,
+    TaskSpec,
+    build_head,
+    check_labels,
+    check_task_name,
+    head_loss,
+    head_outputs,
+    positions_from_mask,
 )
 from peftcore.peft_model import PeftModel
 
@@ -61,7 +66,8 @@ class MultiTaskModel(nn.Module):
     def __init__(self, backbone: PeftModel, tasks: dict[str, TaskSpec]):
         super().__init__()
         if not isinstance(backbone, PeftModel) or backbone.is_prompt_learning:
-            raise TypeError("MultiTaskModel shares a LoRA PeftModel between its heads: pass get_peft_model(base, LoraConfig(...))")
+            raise TypeError("MultiTaskModel shares a LoRA PeftModel between its heads: "
+                            "pass get_peft_model(base, LoraConfig(...))")
         if not tasks:
             raise ValueError("MultiTaskModel needs at least one task")
         _, lm_head, causal = parts_of(backbone.model)
@@ -176,9 +182,11 @@ def load_heads(model: MultiTaskModel, path: Path) -> None:
     found = set()
     for name, tensor in safetensors_io.iter_tensors(path):
         if name not in params:
-            raise ValueError(f"{path.name}: tensor {name} belongs to no head of this model (heads: {', '.join(model.heads)})")
+            raise ValueError(f"{path.name}: tensor {name} belongs to no head of this model "
+                             f"(heads: {', '.join(model.heads)})")
         if params[name].shape != tensor.shape:
-            raise ValueError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the head needs {tuple(params[name].shape)}")
+            raise ValueError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the head needs {tuple(params[name].shape)}")
         params[name].copy_(tensor)
         found.add(name)
     missing = sorted(set(params) - found)

@@ -51,7 +51,8 @@ class PromptTuningConfig(PromptLearningConfig):
             if not self.prompt_tuning_init_text:
                 raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
             if not self.tokenizer_name_or_path:
-                raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a folder with tokenizer.json)")
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a folder with tokenizer.json)")
 
 
 @dataclass
@@ -83,7 +84,10 @@ PROMPT_CONFIGS = (PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)
 def model_dims(model: nn.Module) -> dict:
     """hidden, layers, heads, kv_heads, head_dim of a peftcore (or transformers-like) model's config."""
     c = model.config
-    get = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+
+    def get(*names):
+        return next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+
     hidden, heads = get("hidden_size", "n_embd"), get("num_attention_heads", "n_head")
     dims = dict(hidden=hidden, layers=get("num_hidden_layers", "n_layer"), heads=heads)
     dims["kv_heads"] = get("num_key_value_heads") or heads

@@ -16,10 +16,14 @@ import torch
 from torch import nn
 
 from peftcore.models.fused import IGNORE_INDEX
-
 from peftcore.prompt.configs import (
-    PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType, PromptLearningConfig,
-    PromptTuningConfig, PromptTuningInit, fill_from_model,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    fill_from_model,
 )
 
 
@@ -89,7 +93,8 @@ class PrefixEncoder(nn.Module):
         self.prefix_projection = config.prefix_projection and not config.inference_mode
         if self.prefix_projection:
             self.embedding = nn.Embedding(n, d)
-            self.transform = nn.Sequential(nn.Linear(d, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, L * 2 * d))
+            self.transform = nn.Sequential(nn.Linear(d, config.encoder_hidden_size), nn.Tanh(),
+                                           nn.Linear(config.encoder_hidden_size, L * 2 * d))
             last = self.transform[-1]
         else:
             self.embedding = nn.Embedding(n, L * 2 * d)
@@ -115,7 +120,8 @@ def build_encoder(config: PromptLearningConfig, word_embeddings: nn.Embedding) -
 def encoder_for(config: PromptLearningConfig, model: nn.Module, loading: bool = False) -> nn.Module:
     """`config`'s encoder for `model` (config's sizes filled from the model), on the model's device."""
     fill_from_model(config, model)
-    if loading and hasattr(config, "prompt_tuning_init"):  # loading overwrites the prompts: skip a TEXT init's tokenizer
+    # loading overwrites the prompts: skip a TEXT init's tokenizer
+    if loading and hasattr(config, "prompt_tuning_init"):
         config = replace(config, prompt_tuning_init=PromptTuningInit.RANDOM)
     embeddings = input_embeddings(model)
     return build_encoder(config, embeddings).to(embeddings.weight.device)
@@ -172,7 +178,8 @@ def prompt_kwargs(encoder: nn.Module, config: PromptLearningConfig, word_embeddi
     if kwargs.get("labels") is not None:
         kwargs["labels"] = labels_over_prompt(kwargs["labels"], n)
     if kwargs.get("token_type_ids") is not None:  # BERT: the prompt belongs to the first segment
-        kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(B, n), kwargs["token_type_ids"]], dim=1)
+        kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(B, n), kwargs["token_type_ids"]],
+                                             dim=1)
     return {**kwargs, "input_ids": None, "inputs_embeds": embeds, "attention_mask": attention_mask}
 
 

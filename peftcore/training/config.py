@@ -57,7 +57,8 @@ class TrainConfig:
     plots: bool = True  # curve.png (+ adapter_norms.png) at the end, when matplotlib is installed
     strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
     inspect_every: int = 0  # log per-layer adapter statistics (peftcore.analysis.lowrank) every N steps; 0: never
-    task_weights: dict[str, float] = field(default_factory=dict)  # multi-task loss weights (unset: the model's, else 1.0)
+    # multi-task loss weights (unset: the model's, else 1.0)
+    task_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.lr_schedule not in SCHEDULES:
@@ -67,6 +68,7 @@ class TrainConfig:
         check_limits(vars(self), TRAIN_LIMITS)
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}; choose from {', '.join(distributed.STRATEGIES)}")
-        bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+        bad = {t: w for t, w in self.task_weights.items()
+               if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
         if bad:
             raise ValueError(f"task_weights must be finite numbers >= 0, got {bad}")

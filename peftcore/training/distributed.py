@@ -32,7 +32,8 @@ Strategies
 so DDP's reducer never sees them: only the adapter's gradients are all-reduced (bucketed, overlapped
 with the backward). find_unused_parameters=False (every trainable tensor of the active adapter takes
 part in every forward) except for a multi-task model, whose task heads each sit out the other tasks'
-batches (tested: equal to one process, per task), forward_sync_buffers=False (buffers are fixed: RoPE tables, quantized weights —
+batches (tested: equal to one process, per task), forward_sync_buffers=False (buffers are fixed:
+RoPE tables, quantized weights —
 broadcasting them every forward would resend a QLoRA base each step), init_sync=False: instead of
 broadcasting the whole base from rank 0, we broadcast only the trainable tensors and check that the
 frozen base is identical on every rank (a fingerprint all-gather: a rank that loaded another

@@ -31,17 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcore.models.llama import computes_own_loss as models_computes_own_loss
-
-from peftcore.training import distributed
-from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
-from peftcore.training.order import padding_batch, step_batches, task_weight
-from peftcore.training.distributed import Parallel
 from peftcore.analysis.live import AdapterActivations, lora_layers, training_stats
 from peftcore.analysis.plots import plot_training_curves
+from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
+from peftcore.models.llama import computes_own_loss as models_computes_own_loss
 from peftcore.multitask.heads import count_correct, count_targets, head_loss
-from peftcore.training.state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
+from peftcore.training import distributed
 from peftcore.training.config import TrainConfig
+from peftcore.training.distributed import Parallel
+from peftcore.training.order import padding_batch, step_batches, task_weight
+from peftcore.training.state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN / inf for too many steps in a row)."""
@@ -91,7 +91,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     if computes_own_loss(model):
         return model(ids, attention_mask=mask, labels=labels), targets, tokens
     logits = model(ids, attention_mask=mask)  # token t predicts token t + 1
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
     return loss, targets, tokens
 
 
@@ -138,7 +139,8 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 # -- one step ---------------------------------------------------------------------------------
-def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None, parallel: Parallel | None = None) -> dict:
+def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None,
+               parallel: Parallel | None = None) -> dict:
     """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}, and "task_losses"
     ({task: its mean loss in the step}) for multi-task batches.
 
@@ -176,7 +178,8 @@ def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.update()
-        return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": True, "task_losses": task_losses}
+        return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": True,
+                "task_losses": task_losses}
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -291,7 +294,8 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
         if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps) and eval_rows:
             record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel, config.task_weights))
             note_eval(state, record, config, checkpointer)
-        if log is not None and (state.step % config.log_every == 0 or "eval_loss" in record or "adapter_stats" in record):
+        if log is not None and (
+                state.step % config.log_every == 0 or "eval_loss" in record or "adapter_stats" in record):
             log.write(record)
         update_bar(bar, record)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
@@ -308,7 +312,8 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
 def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: list[TokenizedExample]) -> TrainConfig:
     """Refuse what cannot run; multi-task weights not set in the config come from the model's task specs."""
     if config.inspect_every and parallel.strategy == "fsdp":
-        raise TrainingError("inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
+        raise TrainingError(
+            "inspect_every needs whole adapter weights on rank 0: use strategy 'ddp' or inspect_every=0")
     groups = group_by_task(train_rows)
     if not groups:
         return config

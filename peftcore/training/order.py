@@ -44,7 +44,8 @@ def step_batches(rows: list[TokenizedExample], state: TrainState, config: TrainC
     in its own seeded order, its place kept in state.task_positions (see the module docstring)."""
     groups = group_by_task(rows)
     streams = [batches_from(rows, state, config, pad_token_id, rank, world_size)] if not groups else [
-        batches_from(task_rows, TaskCursor(state, task), config, pad_token_id, rank, world_size, task_seed(config, task))
+        batches_from(task_rows, TaskCursor(state, task), config, pad_token_id, rank, world_size,
+                     task_seed(config, task))
         for task, task_rows in groups.items() if task_weight(config, task) > 0]
     while True:
         yield [next(stream) for _ in range(config.grad_accum) for stream in streams]

@@ -8,7 +8,6 @@ states as {"per_rank": [rank 0's, rank 1's, ...]}, and resuming needs the same w
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import random
@@ -21,8 +20,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from peftcore.models import safetensors_io
 from peftcore._json import json_safe
+from peftcore.models import safetensors_io
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -229,7 +228,8 @@ class Checkpointer:
         with torch.no_grad():
             for name, tensor in safetensors_io.iter_tensors(self.folder / TRAINABLE_FILE):
                 if name not in params or params[name].shape != tensor.shape:
-                    raise ValueError(f"--resume: checkpoint tensor {name} {tuple(tensor.shape)} does not fit this model")
+                    raise ValueError(
+                        f"--resume: checkpoint tensor {name} {tuple(tensor.shape)} does not fit this model")
                 params[name].copy_(tensor)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -268,8 +268,9 @@ class MetricsLog:
         for i, (n, line) in enumerate(lines):
             record = metrics_record(line)
             if record is None and i < len(lines) - 1:
-                raise ValueError(f"{self.path}:{n}: not a metrics record (a JSON object with an integer \"step\"); only a "
-                                 f"torn last line is skipped: fix or delete line {n}, or start over with --overwrite")
+                raise ValueError(f"{self.path}:{n}: not a metrics record (a JSON object with an integer \"step\"); "
+                                 f"only a torn last line is skipped: fix or delete line {n}, "
+                                 f"or start over with --overwrite")
             if record is not None:
                 out.append((line, record))
         return out

@@ -246,8 +246,11 @@ def compile_for(kernel, arch, dtype, tile, consts):
             signature[p.name] = "fp32" if p.name in ("scaling", "inv_keep") else "i32"
     consts = dict(consts, INTERPRET_BF16=False, PRECISION="tf32", **blocks)
     source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
-    assert compiled.asm["cubin"] and compiled.metadata.shared <= {80: 166912, 90: 232448}[arch], compiled.metadata.shared
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= {80: 166912, 90: 232448}[arch], (
+        compiled.metadata.shared
+    )
 
 fwd = dict(HAS_BIAS=True, HAS_MASK=True, STORE_H=True, R_PAD=64)
 bwd = dict(HAS_MASK=True, NEED_DX=True, NEED_DLORA=True, R_PAD=16)

@@ -97,15 +97,22 @@ def test_misshaped_key_names_the_key_and_both_shapes(folder):
 
 def test_unreadable_dtype_names_the_tensor(folder):
     rewrite_weights(folder, lambda s: s.update({"model.norm.weight": s["model.norm.weight"].to(torch.float8_e4m3fn)}))
-    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has dtype F8_E4M3, which peftcore does not read"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'model\.norm\.weight' has dtype F8_E4M3, which peftcore does not read"
+    ):
         load_pretrained(folder)
 
 
 def test_index_naming_an_absent_shard(folder):
-    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}
+    weight_map = {
+        "model.norm.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors",
+    }
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointError, match=r"names shard\(s\) that are not in .*: model-00002-of-00002\.safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"names shard\(s\) that are not in .*: model-00002-of-00002\.safetensors"
+    ):
         load_pretrained(folder)
 
 
@@ -117,7 +124,9 @@ def test_index_without_a_weight_map(folder):
 
 
 def test_from_config_rejects_a_foreign_config_object():
-    with pytest.raises(TypeError, match=r"from_config got a dict_items; expected a config\.json dict or one of .*LlamaConfig"):
+    with pytest.raises(
+        TypeError, match=r"from_config got a dict_items; expected a config\.json dict or one of .*LlamaConfig"
+    ):
         from_config({}.items())
 
 
@@ -161,21 +170,27 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
 BAD_HEADERS = [  # (header, data, what the error says)
     ([entry()], bytes(8), r"m\.safetensors is not a safetensors file \(its header is a JSON list, not an object\)"),
     ({"w": [1, 2]}, bytes(8), r"m\.safetensors: tensor 'w' has a header entry of list, not an object"),
-    ({"w": entry(shape=(-1, 2))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \[-1, 2\]; a shape is a list of integers >= 0"),
+    ({"w": entry(shape=(-1, 2))}, bytes(8),
+     r"m\.safetensors: tensor 'w' has shape \[-1, 2\]; a shape is a list of integers >= 0"),
     ({"w": entry(shape=(2.5,))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \[2\.5\]; a shape is a list"),
     ({"w": entry(shape=("2",))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \['2'\]; a shape is a list"),
     ({"w": entry(shape=(True,))}, bytes(8), r"m\.safetensors: tensor 'w' has shape \[True\]; a shape is a list"),
-    ({"w": entry(dtype="F17")}, bytes(8), r"m\.safetensors: tensor 'w' has dtype 'F17', which is not a safetensors dtype"),
-    ({"w": entry(offsets=(8, 0))}, bytes(8), r"m\.safetensors: tensor 'w' has data_offsets \[8, 0\]; expected \[start, end\]"),
-    ({"w": entry(offsets=(0,))}, bytes(8), r"m\.safetensors: tensor 'w' has data_offsets \[0\]; expected \[start, end\]"),
-    ({"w": entry(offsets=(0, 4))}, bytes(8), r"m\.safetensors: tensor 'w' spans 4 bytes but its shape and dtype need 8"),
+    ({"w": entry(dtype="F17")}, bytes(8),
+     r"m\.safetensors: tensor 'w' has dtype 'F17', which is not a safetensors dtype"),
+    ({"w": entry(offsets=(8, 0))}, bytes(8),
+     r"m\.safetensors: tensor 'w' has data_offsets \[8, 0\]; expected \[start, end\]"),
+    ({"w": entry(offsets=(0,))}, bytes(8),
+     r"m\.safetensors: tensor 'w' has data_offsets \[0\]; expected \[start, end\]"),
+    ({"w": entry(offsets=(0, 4))}, bytes(8),
+     r"m\.safetensors: tensor 'w' spans 4 bytes but its shape and dtype need 8"),
     ({"w": entry(), "v": entry(offsets=(8, 16))}, bytes(12),
      r"m\.safetensors is truncated: tensor 'v' needs 8 bytes, found 4"),
 ]
 
 
 @pytest.mark.parametrize("header, data, message", BAD_HEADERS, ids=[
-    "list header", "list entry", "negative dim", "float dim", "string dim", "bool dim", "unknown dtype", "reversed offsets",
+    "list header", "list entry", "negative dim", "float dim", "string dim", "bool dim", "unknown dtype",
+    "reversed offsets",
     "one offset", "span vs shape", "data past the end"])
 def test_a_bad_header_is_refused_naming_the_file_the_tensor_and_the_problem(tmp_path, header, data, message):
     write_raw(tmp_path / "m.safetensors", header, data)
@@ -196,7 +211,8 @@ def test_a_truncated_file_is_refused_by_its_header_alone(folder):
 
 def test_a_good_hand_written_file_reads_back(tmp_path):
     """The checks above refuse only what is wrong: the same writer makes a file both readers accept."""
-    write_raw(tmp_path / "m.safetensors", {"__metadata__": {"format": "pt"}, "w": entry(), "e": entry(shape=(0, 3), offsets=(8, 8))},
+    write_raw(tmp_path / "m.safetensors",
+              {"__metadata__": {"format": "pt"}, "w": entry(), "e": entry(shape=(0, 3), offsets=(8, 8))},
               torch.tensor([1.0, 2.0]).numpy().tobytes())
     assert set(read_header(tmp_path / "m.safetensors")[0]) == {"w", "e"}
     got = dict(iter_tensors(tmp_path / "m.safetensors"))
@@ -300,7 +316,9 @@ def test_loading_costs_about_one_copy_of_the_checkpoint(tmp_path):
     ours, naive = (rss.start_growth(IMPORTS, LOAD, str(tmp_path), which) for which in ("ours", "naive"))
     ours_growth, naive_growth = rss.growth_bytes(ours) / size, rss.growth_bytes(naive) / size
     print(f"RSS growth / checkpoint size: load_pretrained {ours_growth:.2f}x, build + load_file {naive_growth:.2f}x")
-    assert ours_growth < 1.3, f"load_pretrained grew RSS by {ours_growth:.2f}x the checkpoint (naive: {naive_growth:.2f}x)"
+    assert ours_growth < 1.3, (
+        f"load_pretrained grew RSS by {ours_growth:.2f}x the checkpoint (naive: {naive_growth:.2f}x)"
+    )
 
 
 TINY_LLAMA = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
@@ -312,7 +330,8 @@ TINY_LLAMA = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num
      "rope_type 'yarn' is not supported; supported: 'default', 'llama3'"),
     ({"model_type": "llama", **TINY_LLAMA, "hidden_act": "gelu"},
      r"hidden_act 'gelu' is not supported \(Llama-family models use 'silu'\)"),
-    ({"model_type": "qwen2", **TINY_LLAMA, "use_sliding_window": True}, "Qwen2 use_sliding_window=True is not supported"),
+    ({"model_type": "qwen2", **TINY_LLAMA, "use_sliding_window": True},
+     "Qwen2 use_sliding_window=True is not supported"),
     ({"model_type": "gpt2", "vocab_size": 40, "n_embd": 18, "n_layer": 1, "n_head": 4, "n_positions": 16},
      "n_embd 18 is not divisible by n_head 4"),
     ({"model_type": "bert", "vocab_size": 40, "hidden_size": 18, "num_hidden_layers": 1, "num_attention_heads": 4,

@@ -128,7 +128,9 @@ def test_saved_checkpoint_loads_in_transformers(model, tmp_path):
 def test_original_checkpoint_without_prefix_loads(hf_model, tmp_path):
     """OpenAI-converted files: no `transformer.` prefix, no lm_head, causal-mask buffers per layer."""
     n_pos = hf_model.config.n_positions
-    state = {k.removeprefix("transformer."): v.clone() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.clone() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"
+    }
     for i in range(hf_model.config.n_layer):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos, dtype=torch.bool))[None, None]
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -221,7 +223,8 @@ def test_incremental_decoding_equals_full_forward(model, data):
     cache, pieces, start = model.new_cache(), [], 0
     while start < length:
         end = start + data.draw(st.integers(1, length - start), label="chunk")
-        pieces.append(model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end], cache=cache))
+        pieces.append(model(ids[:, start:end], attention_mask=mask[:, :end],
+                            position_ids=positions[:, start:end], cache=cache))
         start = end
     assert_close(torch.cat(pieces, dim=1)[mask.bool()], full[mask.bool()])
 

@@ -118,7 +118,8 @@ def test_greedy_generate_stops_at_eos_like_transformers(pair):
     # The token each row emits at step 3 becomes an EOS: both rows stop by then, so decoding ends early.
     eos = free[:, 9 + 3].tolist()
     ours = generate(pair.ours, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
-    theirs = pair.hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    theirs = pair.hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=eos, pad_token_id=0)
     assert ours.shape[1] <= 9 + 4
     assert torch.equal(ours, theirs)
     for row in ours[:, 9:]:
@@ -216,13 +217,15 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(pairs):
     greedy = generate(model, ids, max_new_tokens=10)
     assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_k=1), greedy)
     assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_p=1e-6), greedy)
-    assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_p=0.0), greedy)  # as transformers: top token kept
+    # as transformers: top token kept
+    assert torch.equal(sample(model, ids, seed=3, temperature=1.5, top_p=0.0), greedy)
 
 
 def test_top_k_zero_is_off_and_bad_filters_are_errors(pairs):
     model = pairs("qwen2_bias").ours
     ids = torch.randint(3, VOCAB, (2, 5))
-    assert torch.equal(sample(model, ids, seed=4, temperature=1.0, top_k=0), sample(model, ids, seed=4, temperature=1.0))
+    assert torch.equal(sample(model, ids, seed=4, temperature=1.0, top_k=0),
+                       sample(model, ids, seed=4, temperature=1.0))
     for bad in ({"top_k": -1}, {"top_p": 1.5}, {"top_p": -0.1}):
         with pytest.raises(ValueError, match="top_k must be >= 0 and top_p in \\[0, 1\\]"):
             sample(model, ids, seed=4, temperature=1.0, **bad)
@@ -240,7 +243,8 @@ def test_generate_stops_at_the_configs_eos_unless_told_otherwise(pairs):
         ours = generate(pair.ours, ids, max_new_tokens=8)
         theirs = pair.hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     finally:
-        pair.ours.config.eos_token_id = pair.hf.config.eos_token_id = pair.hf.generation_config.eos_token_id = config_eos
+        pair.ours.config.eos_token_id = config_eos
+        pair.hf.config.eos_token_id = pair.hf.generation_config.eos_token_id = config_eos
     first = free[0, 5:].tolist().index(eos)
     assert ours.shape[1] == 5 + first + 1 and torch.equal(ours, theirs[:, : ours.shape[1]])
 
@@ -277,7 +281,8 @@ def test_incremental_decoding_equals_full_forward(pairs, name, data):
     cache, pieces, start = model.new_cache(), [], 0
     while start < length:  # a prefill, then chunks of drawn sizes (1 = one token per step)
         end = start + data.draw(st.integers(1, length - start), label="chunk")
-        pieces.append(model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end], cache=cache))
+        pieces.append(model(ids[:, start:end], attention_mask=mask[:, :end],
+                            position_ids=positions[:, start:end], cache=cache))
         start = end
     real = mask.bool()
     assert_close(torch.cat(pieces, dim=1)[real], full[real])

@@ -141,7 +141,9 @@ def test_gpt2_conv1d_layers_quantize_and_take_hf_peft_adapters(gpt2, tmp_path):
     folder, hf = gpt2
     model = load_pretrained(folder, quantize="nf4")
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert quantized == {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert quantized == {
+        f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert torch.equal(model(ids), quantize_model(load_pretrained(folder), "nf4")(ids))  # load-time == in memory
@@ -150,8 +152,8 @@ def test_gpt2_conv1d_layers_quantize_and_take_hf_peft_adapters(gpt2, tmp_path):
         for module in reference.modules():
             if isinstance(module, transformers.pytorch_utils.Conv1D):
                 module.weight.copy_(bnb_rounded(module.weight.T.contiguous()).T)
-    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                                            init_lora_weights=False)).eval()
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"],
+                                                            fan_in_fan_out=True, init_lora_weights=False)).eval()
     theirs.save_pretrained(tmp_path / "adapter")
     ours = PeftModel.from_pretrained(model, tmp_path / "adapter")
     with torch.no_grad():
@@ -159,9 +161,12 @@ def test_gpt2_conv1d_layers_quantize_and_take_hf_peft_adapters(gpt2, tmp_path):
         assert_close(ours(ids), expected)
     merged = ours.merge_and_unload()
     assert not any(isinstance(m, QuantLinear) for m in merged.modules())
-    assert set(ours.merge_report) == {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}
+    assert set(ours.merge_report) == {
+        f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")
+    }
     assert all(0 < err < 0.2 for err in ours.merge_report.values())
-    assert type(merged.transformer.h[0].attn.c_attn).__name__ == type(merged.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    assert (type(merged.transformer.h[0].attn.c_attn).__name__
+            == type(merged.transformer.h[0].mlp.c_fc).__name__ == "Conv1D")
     save_pretrained(merged, tmp_path / "merged")
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -183,7 +188,9 @@ def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
     rss.save_random_llama(BIG, tmp_path)
     size = (tmp_path / "model.safetensors").stat().st_size
     imports = "from peftcore.models import load_pretrained\nimport peftcore.kernels.quant, peftcore.models.quantized"
-    growth = rss.growth_bytes(rss.start_growth(imports, 'model = load_pretrained(sys.argv[1], quantize="nf4")', str(tmp_path))) / size
+    growth = rss.growth_bytes(
+        rss.start_growth(imports, 'model = load_pretrained(sys.argv[1], quantize="nf4")', str(tmp_path))
+    ) / size
     print(f"nf4 loading grew RSS by {growth:.3f}x the fp32 checkpoint")
     assert growth < 0.5, f"loading with quantize='nf4' grew RSS by {growth:.2f}x the fp32 checkpoint"
 
@@ -192,8 +199,10 @@ def test_trainable_parameter_share_counts_a_4bit_weight_as_its_dense_size(tmp_pa
     """HF PEFT counts a 4-bit weight by its dense size; the packed codes are buffers here, so the
     count must add them back: the total equals the dense model's."""
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128,
-                                                           num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     dense = get_peft_model(load_pretrained(tmp_path), config).get_nb_trainable_parameters()
     quantized = get_peft_model(load_pretrained(tmp_path, quantize="nf4"), config).get_nb_trainable_parameters()

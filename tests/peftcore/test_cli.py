@@ -144,11 +144,15 @@ NORM = "model.norm.weight"  # 32 floats
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate", r"model\.safetensors is truncated: tensor '[\w.]+' needs \d+ bytes, found \d+"),
-    (lambda h: list(h.values()), r"model\.safetensors is not a safetensors file \(its header is a JSON list, not an object\)"),
-    (set_entry(NORM, shape=[-32]), rf"model\.safetensors: tensor '{NORM}' has shape \[-32\]; a shape is a list of integers >= 0"),
+    (lambda h: list(h.values()),
+     r"model\.safetensors is not a safetensors file \(its header is a JSON list, not an object\)"),
+    (set_entry(NORM, shape=[-32]),
+     rf"model\.safetensors: tensor '{NORM}' has shape \[-32\]; a shape is a list of integers >= 0"),
     (set_entry(NORM, shape=[32.0]), rf"model\.safetensors: tensor '{NORM}' has shape \[32\.0\]; a shape is a list"),
-    (set_entry(NORM, dtype="F33"), rf"model\.safetensors: tensor '{NORM}' has dtype 'F33', which is not a safetensors dtype"),
-    (set_entry(NORM, shape=[16]), rf"model\.safetensors: tensor '{NORM}' spans 128 bytes but its shape and dtype need 64"),
+    (set_entry(NORM, dtype="F33"),
+     rf"model\.safetensors: tensor '{NORM}' has dtype 'F33', which is not a safetensors dtype"),
+    (set_entry(NORM, shape=[16]),
+     rf"model\.safetensors: tensor '{NORM}' spans 128 bytes but its shape and dtype need 64"),
 ], ids=["truncated", "list header", "negative dim", "float dim", "unknown dtype", "span vs shape"])
 def test_a_damaged_weights_file_is_one_error_line_not_all_keys_match(capsys, tied_llama, damage, message):
     file = tied_llama[1] / "model.safetensors"
@@ -204,7 +208,9 @@ def test_bad_paths_give_one_clean_line(capsys, tmp_path, case, message):
     if case == "bad weights":
         (folder / "model.safetensors").write_bytes(b"not a checkpoint")
     if case == "absent shard":
-        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "model-1.safetensors"}}')
+        (folder / "model.safetensors.index.json").write_text(
+            '{"weight_map": {"lm_head.weight": "model-1.safetensors"}}'
+        )
     if config is not None:
         (folder / "config.json").write_text(config)
     code, out, err = inspect(capsys, folder)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from peftcore.data.records import DataError, PromptTemplate, chat_prompt, to_example
-from peftcore.models.tokenizer import read_chat_template, read_json
 from peftcore.jobs.tasks import TaskError, read_adapter_info, read_labels, resolve_base
+from peftcore.models.tokenizer import read_chat_template, read_json
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -160,7 +160,9 @@ def test_an_adapter_config_that_is_not_utf8_names_the_file(tmp_path):
     one_line_error(excinfo)
 
 
-@pytest.mark.parametrize("recipe", ['{}', '{"model": {"task": "CAUSAL_LM"}}', '{"model": [], "data": {"template": {}}}'])
+@pytest.mark.parametrize("recipe", [
+    '{}', '{"model": {"task": "CAUSAL_LM"}}', '{"model": [], "data": {"template": {}}}'
+])
 def test_a_recipe_record_without_the_sections_a_load_reads_names_the_file(tmp_path, recipe):
     folder = adapter_folder(tmp_path, '{"peft_type": "LORA"}', recipe)
     with pytest.raises(TaskError, match=r"peftcore_recipe\.json: no (model\.task|data\.template)") as excinfo:

@@ -9,12 +9,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peftcore.analysis.lowrank import (
-    amplification_factor, compare_adapters, effective_rank, format_table, inspect_adapter, lowrank_svd, stable_rank,
-    subspace_similarity, write_json,
+    amplification_factor,
+    compare_adapters,
+    effective_rank,
+    format_table,
+    inspect_adapter,
+    lowrank_svd,
+    stable_rank,
+    subspace_similarity,
+    write_json,
 )
 
 
-@given(out=st.integers(2, 24), inp=st.integers(2, 24), r=st.integers(1, 8), scale=st.floats(0.1, 4.0), seed=st.integers(0, 99))
+@given(out=st.integers(2, 24), inp=st.integers(2, 24), r=st.integers(1, 8), scale=st.floats(0.1, 4.0),
+       seed=st.integers(0, 99))
 def test_lowrank_singular_values_equal_the_dense_svd(out, inp, r, scale, seed):
     g = torch.Generator().manual_seed(seed)
     B, A = torch.randn(out, r, generator=g, dtype=torch.float64), torch.randn(r, inp, generator=g, dtype=torch.float64)
@@ -27,7 +35,8 @@ def test_lowrank_singular_values_equal_the_dense_svd(out, inp, r, scale, seed):
 
 def test_amplification_factor_equals_the_dense_computation():
     torch.manual_seed(0)
-    W, B, A = torch.randn(40, 30, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64), torch.randn(4, 30, dtype=torch.float64)
+    W, B, A = (torch.randn(40, 30, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64),
+               torch.randn(4, 30, dtype=torch.float64))
     dW = 2.0 * B @ A
     U, S, Vh = torch.linalg.svd(dW)
     dense = torch.linalg.norm(dW) / torch.linalg.norm(U[:, :4].T @ W @ Vh[:4].T)
@@ -68,7 +77,8 @@ def peft_adapters(tmp_path_factory):
     folders = []
     for seed, dora in ((1, False), (2, True)):
         torch.manual_seed(seed)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=dora)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                 use_dora=dora)
         peft.get_peft_model(copy.deepcopy(hf), config).save_pretrained(root / f"a{seed}")
         folders.append(root / f"a{seed}")
     return hf, root / "base", folders
@@ -77,14 +87,19 @@ def peft_adapters(tmp_path_factory):
 def test_inspect_an_adapter_saved_by_hf_peft(peft_adapters, tmp_path):
     hf, base, (plain, dora) = peft_adapters
     stats = inspect_adapter(plain, base)
-    assert [s.module for s in stats] == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert [s.module for s in stats] == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
     layer = hf.model.layers[1].self_attn.v_proj
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), plain)
     dense = pm.base_model.model.model.layers[1].self_attn.v_proj.get_delta_weight("default").double()
     s = stats[3]
     assert s.delta_fro == pytest.approx(float(torch.linalg.norm(dense)), rel=1e-6)
-    assert s.relative_delta == pytest.approx(float(torch.linalg.norm(dense) / torch.linalg.norm(layer.weight.detach().double())), rel=1e-6)
-    torch.testing.assert_close(torch.tensor(s.singular_values, dtype=torch.float64), torch.linalg.svdvals(dense)[:4], rtol=1e-6, atol=1e-8)
+    assert s.relative_delta == pytest.approx(
+        float(torch.linalg.norm(dense) / torch.linalg.norm(layer.weight.detach().double())), rel=1e-6
+    )
+    torch.testing.assert_close(torch.tensor(s.singular_values, dtype=torch.float64), torch.linalg.svdvals(dense)[:4],
+                               rtol=1e-6, atol=1e-8)
     dora_stats = inspect_adapter(dora, base)
     assert all(d.magnitude_change is not None for d in dora_stats)
     assert "||dW||/||W||" in format_table(stats)
@@ -161,11 +176,14 @@ def test_cli_inspect_prints_the_table_and_writes_json_and_plots(peft_adapters, t
     from peftcore.cli import main
 
     _, base, (plain, dora) = peft_adapters
-    assert main(["inspect", str(plain), "--base", str(base), "--compare", str(dora), "--output-dir", str(tmp_path)]) == 0
+    assert main(["inspect", str(plain), "--base", str(base), "--compare", str(dora),
+                 "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "model.layers.1.self_attn.v_proj" in out and "||dW||/||W||" in out
     assert json.loads((tmp_path / "inspect.json").read_text())["layers"][0]["relative_delta"] > 0
-    assert {p.name for p in tmp_path.glob("*.png")} == {"inspect_spectra.png", "inspect_relative_norms.png", "inspect_similarity.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "inspect_spectra.png", "inspect_relative_norms.png", "inspect_similarity.png"
+    }
 
 
 def test_training_logs_adapter_statistics_every_n_steps(tmp_path):
@@ -176,7 +194,8 @@ def test_training_logs_adapter_statistics_every_n_steps(tmp_path):
     from tests.peftcore.training.test_loop import quiet, rows, tiny_peft_model
 
     model = tiny_peft_model()
-    train(model, rows(), [], quiet(max_steps=4, batch_size=4, learning_rate=1e-2, inspect_every=2, plots=True), tmp_path)
+    train(model, rows(), [], quiet(max_steps=4, batch_size=4, learning_rate=1e-2, inspect_every=2, plots=True),
+          tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert ["adapter_stats" in r for r in records] == [False, True, False, True]
     logged = records[-1]["adapter_stats"]
@@ -200,8 +219,9 @@ def test_training_logs_prompt_norms(tmp_path):
     from peftcore.training.loop import train
     from tests.peftcore.training.test_loop import quiet, rows
 
-    model = get_peft_model(from_config(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                                   num_attention_heads=2)), PromptTuningConfig(num_virtual_tokens=3))
+    model = get_peft_model(from_config(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,
+                                                   num_hidden_layers=1, num_attention_heads=2)),
+                           PromptTuningConfig(num_virtual_tokens=3))
     train(model, rows(), [], quiet(max_steps=1, inspect_every=1), tmp_path)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     norms = record["adapter_stats"]["prompt"]["virtual_token_norms"]
@@ -232,11 +252,15 @@ def gpt2_hub_layout(tmp_path_factory):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    )
     root = tmp_path_factory.mktemp("gpt2")
     (root / "base").mkdir()
     hf.config.save_pretrained(root / "base")
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"
+    }
     save_file(state, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "lm_head"], fan_in_fan_out=True,
                              init_lora_weights=False)
@@ -254,10 +278,14 @@ def test_a_hub_layout_gpt2_base_gives_amplification_of_conv1d_and_tied_lm_head_l
         layer = modules[name]
         base_layer = layer.base_layer
         # Conv1D stores (in, out); the tied lm_head's weight is the input embedding wte
-        W = (base_layer.weight.T if isinstance(base_layer, transformers.pytorch_utils.Conv1D) else base_layer.weight).detach().double()
+        W = (
+            base_layer.weight.T if isinstance(base_layer, transformers.pytorch_utils.Conv1D) else base_layer.weight
+        ).detach().double()
         if name == "lm_head":
             assert base_layer.weight is modules["transformer.wte"].weight
-        dW = (layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
+        dW = (
+            layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        ).detach()
         assert s.relative_delta == pytest.approx(float(torch.linalg.norm(dW) / torch.linalg.norm(W)), rel=1e-6), name
         assert s.amplification == pytest.approx(dense_amplification(dW, W, 4), rel=1e-6), name
 
@@ -267,7 +295,8 @@ def test_a_base_without_the_adapted_modules_is_an_error_naming_them(gpt2_hub_lay
 
     _, llama_base, _ = peft_adapters
     _, _, adapter = gpt2_hub_layout
-    with pytest.raises(ValueError, match=r"no weight for 6 of 7 adapted module\(s\) \(transformer.h.0.attn.c_attn, .*keys look like"):
+    with pytest.raises(ValueError, match=r"no weight for 6 of 7 adapted module\(s\) "
+                                         r"\(transformer.h.0.attn.c_attn, .*keys look like"):
         inspect_adapter(adapter, llama_base)
     assert main(["inspect", str(adapter), "--base", str(llama_base), "--output-dir", str(adapter / "out")]) == 1
     captured = capsys.readouterr()
@@ -365,9 +394,12 @@ def test_no_dense_out_x_in_delta_is_ever_built(tmp_path):
 def test_a_zero_delta_has_rank_zero_and_strict_json(peft_adapters, tmp_path):
     """HF PEFT's default init saves B = 0: dW = 0 has no direction, so both ranks are 0 (not NaN / 1)."""
     hf, base, _ = peft_adapters
-    peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "zero")
+    peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "zero"
+    )
     stats = inspect_adapter(tmp_path / "zero", base)
-    assert all(s.stable_rank == 0 and s.effective_rank == 0 and s.delta_fro == 0 and s.relative_delta == 0 for s in stats)
+    assert all(s.stable_rank == 0 and s.effective_rank == 0 and s.delta_fro == 0 and s.relative_delta == 0
+               for s in stats)
     assert "inf" in format_table(stats)  # ||A|| / ||B|| with B = 0
     stats[0].relative_delta = float("nan")  # what a zero base weight would give
     text = write_json(stats, tmp_path / "inspect.json").read_text()
@@ -394,8 +426,9 @@ def test_dora_magnitude_change_equals_the_dense_row_norms(peft_adapters):
 def test_scale_and_factor_norms_under_rslora_and_patterns(peft_adapters, tmp_path):
     hf, base, _ = peft_adapters
     torch.manual_seed(3)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_rslora=True,
-                             rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 20})
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             use_rslora=True, rank_pattern={"v_proj": 2},
+                             alpha_pattern={r"layers\.1\.self_attn\.q_proj": 20})
     pm = peft.get_peft_model(copy.deepcopy(hf), config)
     pm.save_pretrained(tmp_path)
     modules = dict(pm.base_model.model.named_modules())
@@ -428,8 +461,11 @@ def test_comparing_adapters_of_different_widths_is_a_one_line_error(peft_adapter
     _, _, (plain, _) = peft_adapters
     wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=48,
                                                                   num_hidden_layers=2, num_attention_heads=4))
-    peft.get_peft_model(wide, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "w")
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: lora_A is \(4, 32\) in .* but \(2, 48\) in"):
+    peft.get_peft_model(wide, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "w"
+    )
+    with pytest.raises(ValueError,
+                       match=r"model.layers.0.self_attn.q_proj: lora_A is \(4, 32\) in .* but \(2, 48\) in"):
         compare_adapters(plain, tmp_path / "w")
     assert main(["inspect", str(plain), "--compare", str(tmp_path / "w"), "--output-dir", str(tmp_path / "o")]) == 1
     assert "(4, 32)" in capsys.readouterr().err
@@ -440,7 +476,9 @@ def test_a_bin_only_hf_adapter_is_read(peft_adapters, tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), plain)
     pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
-    assert [asdict_(s) for s in inspect_adapter(tmp_path / "bin", base)] == [asdict_(s) for s in inspect_adapter(plain, base)]
+    assert [asdict_(s) for s in inspect_adapter(tmp_path / "bin", base)] == [
+        asdict_(s) for s in inspect_adapter(plain, base)
+    ]
     (tmp_path / "bin" / "adapter_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors \\(or adapter_model.bin\\) in"):
         inspect_adapter(tmp_path / "bin")

@@ -15,12 +15,19 @@ from sacrebleu.tokenizers.tokenizer_char import TokenizerChar
 from torch import nn
 
 from peftcore.analysis.perplexity import (
-    bleu, chrf, glossary_adherence, load_terms, perplexity, repetition, sliding_windows, token_nll, tokenize_13a,
+    bleu,
+    chrf,
+    glossary_adherence,
+    load_terms,
+    perplexity,
+    repetition,
+    sliding_windows,
+    token_nll,
+    tokenize_13a,
     tokenize_char,
 )
 from peftcore.analysis.text_metrics import contains_term, has_phrase_loop
 from peftcore.models import load_pretrained
-
 
 EXACT = 1e-9  # same formulas in the same order: only float noise may differ (the brief allows 0.01)
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from peftcore import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-from peftcore.cli import main
 from peftcore.analysis.live import prompt_stats
+from peftcore.cli import main
 from peftcore.models import LlamaConfig, from_config, save_pretrained
 from peftcore.prompt.encoders import prefix_keys_values
 
@@ -74,7 +74,8 @@ def test_hf_peft_prompt_adapter_norms_and_nearest_tokens(hf_prompt, tmp_path, ca
     assert stats["vocab_norm"]["mean"] == pytest.approx(float(norms.mean()), rel=1e-5)
     assert sum(stats["vocab_norm"]["histogram"]["counts"]) == len(WORDS)
     assert all(t["vocab_percentile"] == 100.0 for t in stats["virtual_tokens"])  # 3x a row: louder than every row
-    assert "nearest vocabulary tokens (cosine)" in out and f"'{WORDS[COPIED[1]]}'" in out and "vocabulary norms: mean" in out
+    assert ("nearest vocabulary tokens (cosine)" in out and f"'{WORDS[COPIED[1]]}'" in out
+            and "vocabulary norms: mean" in out)
     assert (tmp_path / "inspect_prompt_norms.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -106,7 +107,9 @@ def test_peftcore_prompt_adapter_matches_the_live_model(peftcore_base, config, t
     assert [t["nearest_ids"] for t in stats["virtual_tokens"]] == brute_force_nearest(prompts, vocab, 4)
     live = prompt_stats(pm, top_k=4)  # the training-time path: the same computation on the live prompts
     assert [t["nearest_ids"] for t in live["virtual_tokens"]] == [t["nearest_ids"] for t in stats["virtual_tokens"]]
-    assert [t["norm"] for t in live["virtual_tokens"]] == pytest.approx([t["norm"] for t in stats["virtual_tokens"]], rel=1e-5)
+    assert [t["norm"] for t in live["virtual_tokens"]] == pytest.approx(
+        [t["norm"] for t in stats["virtual_tokens"]], rel=1e-5
+    )
 
 
 def test_prefix_adapter_per_layer_key_and_value_norms(peftcore_base, tmp_path, capsys):
@@ -137,11 +140,14 @@ def test_a_missing_base_skips_nearest_tokens_with_one_line(hf_prompt, tmp_path, 
     moved.mkdir()
     (moved / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    (moved / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")})
+    )
     code, out, err = cli(capsys, moved)
     assert code == 0, err
     (skipped,) = [line for line in out.splitlines() if "skipped" in line]
-    assert skipped.startswith(f"base '{tmp_path / 'gone'}' not available (base model '{tmp_path / 'gone'}': no such folder")
+    assert skipped.startswith(f"base '{tmp_path / 'gone'}' not available "
+                              f"(base model '{tmp_path / 'gone'}': no such folder")
     assert skipped.endswith("): nearest vocabulary tokens skipped")
     stats = json.loads((moved / "inspect.json").read_text())
     prompts = load_file(adapter / "adapter_model.safetensors")["prompt_embeddings"].float()
@@ -158,7 +164,9 @@ def test_a_base_without_tokenizer_lists_ids_and_a_wrong_base_is_one_line(hf_prom
     code, out, err = cli(capsys, adapter, "--base", bare, "--output-dir", tmp_path, "--top-k", 1)
     assert code == 0, err
     assert "nearest tokens shown as ids" in out and f"#{COPIED[0]} " in out
-    assert [t["nearest_ids"] for t in json.loads((tmp_path / "inspect.json").read_text())["virtual_tokens"]] == [[i] for i in COPIED]
+    assert [t["nearest_ids"] for t in json.loads((tmp_path / "inspect.json").read_text())["virtual_tokens"]] == [
+        [i] for i in COPIED
+    ]
     code, _, err = cli(capsys, adapter, "--base", peftcore_base[1], "--output-dir", tmp_path)  # 16 wide, not 32
     assert code == 1 and err.strip() == ("peftcore inspect: error: the prompts are 32 wide but the base's token "
                                          "embeddings 16: an adapter for another base? pass --base")

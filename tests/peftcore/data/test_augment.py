@@ -20,7 +20,8 @@ def write_jsonl(path, records):
     ("[1, 2]", "d.jsonl:2: a record must be a JSON object"),
     ('"just a string"', "d.jsonl:2: a record must be a JSON object"),
     ({"messages": ["hi", "hello"]}, r"d.jsonl:2: messages\[0\] needs a role"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, r"d.jsonl:2: messages\[0\]"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+     r"d.jsonl:2: messages\[0\]"),
     ({"messages": "hi"}, "d.jsonl:2: 'messages' must be a non-empty list"),
     ({"input": 3, "output": "x"}, "d.jsonl:2: field 'input' must be a string"),
     ({"output": "x"}, r"d.jsonl:2: missing field\(s\) input"),
@@ -41,10 +42,12 @@ def test_bad_classification_records_name_file_and_line_with_augmentation_on(tmp_
 
 
 def test_augmented_copies_follow_the_checked_records(tmp_path):
-    chat = {"messages": [{"role": "user", "content": "where is my order today"}, {"role": "assistant", "content": "here"}]}
+    chat = {"messages": [{"role": "user", "content": "where is my order today"},
+                         {"role": "assistant", "content": "here"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [{"input": "how do I reset it", "output": "hold the button"}, chat])
     records = parse_records(str(path), PromptTemplate(), augment=ON)
-    assert [r.where for r in records] == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:1 (augmented #1)", "d.jsonl:2 (augmented #1)",
+    assert [r.where for r in records] == ["d.jsonl:1", "d.jsonl:2",
+                                          "d.jsonl:1 (augmented #1)", "d.jsonl:2 (augmented #1)",
                                           "d.jsonl:1 (augmented #2)", "d.jsonl:2 (augmented #2)"]
     assert {r.reference for r in records} == {"hold the button", "here"}  # outputs are never perturbed
 

@@ -13,13 +13,15 @@ STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 
           "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
 # re-renders history: past assistant turns lose their <think> part, as some reasoning models' templates do
 DROPS_THINKING = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
-                  "A: {{ m['content'].split('</think>')[-1] }}\n{% else %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n"
+                  "A: {{ m['content'].split('</think>')[-1] }}\n"
+                  "{% else %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n"
                   "{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
 
 # what checkpoints ship: the date through strftime_now, {% continue %} / {% break %}, raise_exception,
 # and tojson that leaves markup alone (jinja's own would write "<" as "\u003c")
 REALISTIC = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% else %}"
-             "{% set system = 'be helpful' %}{% endif %}<|system|>{{ system }} (today: {{ strftime_now('%Y-%m-%d') }})\n"
+             "{% set system = 'be helpful' %}{% endif %}"
+             "<|system|>{{ system }} (today: {{ strftime_now('%Y-%m-%d') }})\n"
              "{% for m in messages %}{% if m['role'] == 'system' %}{% if not loop.first %}"
              "{{ raise_exception('the system message must come first') }}{% endif %}{% continue %}{% endif %}"
              "{% if m['content'] == '/end' %}{% break %}{% endif %}<|{{ m['role'] }}|>{{ m['content'] | tojson }}\n"
@@ -49,18 +51,22 @@ def test_a_template_that_rewrites_history_trains_the_last_turn_only():
 
 
 def test_raise_exception_in_a_template_names_file_and_line():
-    with pytest.raises(DataError, match="chat.jsonl:3: the chat template refuses this conversation: roles must alternate"):
+    with pytest.raises(DataError,
+                       match="chat.jsonl:3: the chat template refuses this conversation: roles must alternate"):
         segments([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], STRICT)
 
 
 def test_a_template_that_does_not_parse_names_file_line_and_its_own_line():
-    with pytest.raises(DataError, match=r"^chat.jsonl:3: the chat template does not parse \(its line 2\): Unexpected end"):
+    with pytest.raises(DataError,
+                       match=r"^chat.jsonl:3: the chat template does not parse \(its line 2\): Unexpected end"):
         segments(TURNS, "{% for m in messages %}\n{{ m.content }}")
 
 
 def test_the_generation_prompt_ends_in_the_assistant_header():
     turn = [{"role": "user", "content": "hi"}]
-    assert chat_prompt(turn, PromptTemplate(chat_template=CHATML)) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_prompt(turn, PromptTemplate(chat_template=CHATML)) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert chat_prompt(turn, PromptTemplate()) == "<|user|>\nhi\n<|assistant|>\n"
     # the default roles render a training record as prompt + answer: the prompt is that record's prompt
     record = to_example({"messages": [*turn, {"role": "assistant", "content": "yo"}]}, "c:1", PromptTemplate())
@@ -81,7 +87,8 @@ def test_a_realistic_checkpoint_template_renders_with_its_helpers():
 
 
 def test_raise_exception_in_a_realistic_template_names_file_and_line():
-    turns = [{"role": "user", "content": "q"}, {"role": "system", "content": "late"}, {"role": "assistant", "content": "a"}]
+    turns = [{"role": "user", "content": "q"}, {"role": "system", "content": "late"},
+             {"role": "assistant", "content": "a"}]
     with pytest.raises(DataError, match="^chat.jsonl:3: the chat template refuses this conversation: "
                                         "the system message must come first$"):
         segments(turns, REALISTIC)

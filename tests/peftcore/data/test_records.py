@@ -6,7 +6,15 @@ from hypothesis import strategies as st
 
 from peftcore.data.augment import AugmentConfig, augment_records, load_synonyms
 from peftcore.data.records import (
-    IGNORE_INDEX, DataError, PromptTemplate, collate, load_examples, pack, read_records, to_example, tokenize,
+    IGNORE_INDEX,
+    DataError,
+    PromptTemplate,
+    collate,
+    load_examples,
+    pack,
+    read_records,
+    to_example,
+    tokenize,
 )
 from peftcore.data.report import data_report, format_report, write_report
 from peftcore.jobs.tasks import parse_records, tokenize_records
@@ -124,7 +132,8 @@ def test_report_flags_empty_inputs_and_chat_turns_by_file_and_line(tmp_path):
     """The rendered prompt is never empty (it holds the template), so blank inputs are found in the
     fields the user wrote."""
     lines = [json.dumps(r) for r in ({"input": "", "output": "x"}, {"input": "   ", "output": "y"},
-                                     {"input": "fine", "output": "z"}, {"input": "\n\t", "output": "w", "instruction": "do"},
+                                     {"input": "fine", "output": "z"},
+                                     {"input": "\n\t", "output": "w", "instruction": "do"},
                                      chat("", "hello"), chat("hi", "  "), chat("hi", "hello"))]
     path = write_jsonl(tmp_path / "d.jsonl", lines)
     expected = ["d.jsonl:1", "d.jsonl:2", "d.jsonl:4", "d.jsonl:5", "d.jsonl:6"]  # an empty system turn is fine
@@ -135,12 +144,14 @@ def test_report_flags_empty_inputs_and_chat_turns_by_file_and_line(tmp_path):
 
 
 def test_report_flags_empty_classification_text(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"text": " ", "label": "yes"}), json.dumps({"text": "ok", "label": 1})])
+    path = write_jsonl(tmp_path / "c.jsonl",
+                       [json.dumps({"text": " ", "label": "yes"}), json.dumps({"text": "ok", "label": 1})])
     assert report_of(path, labels=["yes", "no"])["empty_fields"] == ["c.jsonl:1"]
 
 
 def test_report_conflicts_show_the_users_input_not_the_template(tmp_path):
-    lines = [json.dumps(r) for r in ({"input": "reset my password", "output": "a"}, {"input": "reset my password", "output": "b"},
+    lines = [json.dumps(r) for r in ({"input": "reset my password", "output": "a"},
+                                     {"input": "reset my password", "output": "b"},
                                      {"input": "other", "output": "c"})]
     report = report_of(write_jsonl(tmp_path / "d.jsonl", lines))
     assert report["conflicting_outputs"] == ["reset my password"]
@@ -151,7 +162,8 @@ def test_augmentation_is_seeded_and_touches_inputs_only(tmp_path):
     syn = tmp_path / "syn.txt"
     syn.write_text("# comment\nfast: quick, rapid\n")
     records = [({"input": "a fast red car drives home", "output": "keep me"}, "d:1")]
-    config = AugmentConfig(copies=2, ops=("synonym", "adjacent_swap", "char_noise"), probability=0.9, synonyms_file=str(syn), seed=3)
+    config = AugmentConfig(copies=2, ops=("synonym", "adjacent_swap", "char_noise"), probability=0.9,
+                           synonyms_file=str(syn), seed=3)
     first, second = augment_records(records, config), augment_records(records, config)
     assert first == second and len(first) == 3
     assert all(r["output"] == "keep me" for r, _ in first)
@@ -168,7 +180,8 @@ def test_augmentation_is_seeded_and_touches_inputs_only(tmp_path):
 ])
 def test_invalid_utf8_names_file_and_line(tmp_path, name, raw, line):
     (tmp_path / name).write_bytes(raw)
-    with pytest.raises(DataError, match=rf"^{name}:{line}: not valid UTF-8 \(byte 0x(e9|ff) at column \d+\)") as excinfo:
+    with pytest.raises(DataError,
+                       match=rf"^{name}:{line}: not valid UTF-8 \(byte 0x(e9|ff) at column \d+\)") as excinfo:
         read_records(tmp_path / name)
     assert "\n" not in str(excinfo.value)
 
@@ -189,7 +202,8 @@ def test_max_length_that_cuts_every_output_is_refused(tmp_path):
     records = parse_records(str(write_jsonl(tmp_path / "d.jsonl", lines)), PromptTemplate())
     prompt = 1 + len(PromptTemplate().render({"input": "question " * 3}))  # BOS + the rendered prompt
     with pytest.raises(DataError, match=rf"^d.jsonl: all 3 records are cut at max_length 20 before their output: "
-                                        rf"no token would train; raise \[data\] max_length to at least {prompt + 1}") as excinfo:
+                                        rf"no token would train; "
+                                        rf"raise \[data\] max_length to at least {prompt + 1}") as excinfo:
         tokenize_records(records, CharTokenizer(), 20)
     assert "\n" not in str(excinfo.value)
     rows = tokenize_records(records, CharTokenizer(), prompt + 1)  # the limit it names: one token trains

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from peftcore.jobs.generate import generate_texts
-from peftcore.jobs.train import parse_task, tokenize_tasks
 from peftcore.analysis.text_metrics import bleu, repetition
-from peftcore.models import load_pretrained, load_tokenizer
-from peftcore.multitask.model import MultiTaskModel
+from peftcore.jobs.generate import generate_texts
 from peftcore.jobs.recipe import load_recipe
 from peftcore.jobs.tasks import pad_id, resolve_base
+from peftcore.jobs.train import parse_task, tokenize_tasks
+from peftcore.models import load_pretrained, load_tokenizer
+from peftcore.multitask.model import MultiTaskModel
 from peftcore.training.loop import evaluate
-
 from tests.peftcore.jobs.test_train import run, tiny_builtin  # noqa: F401  (the autouse fixture: a tiny built-in model)
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -46,7 +45,9 @@ def direct_scores(adapter: Path) -> tuple[MultiTaskModel, object, dict, dict, di
     tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
     tokenizer = load_tokenizer(adapter)
     _, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, None, log=lambda *a: None)
-    model = MultiTaskModel.from_pretrained(load_pretrained(resolve_base("builtin:tiny-llama", log=lambda *a: None)), adapter)
+    model = MultiTaskModel.from_pretrained(
+        load_pretrained(resolve_base("builtin:tiny-llama", log=lambda *a: None)), adapter
+    )
     with model.backbone.disable_adapter():
         base = evaluate(model, eval_rows, 8, pad_id(tokenizer), task_weights=model.task_weights)
     adapted = evaluate(model, eval_rows, 8, pad_id(tokenizer), task_weights=model.task_weights)
@@ -72,7 +73,8 @@ def test_numbers_equal_evaluate_on_the_loaded_multitask_model(adapter, evaluated
     markdown, result, _ = evaluated
     model, tokenizer, tasks, base, adapted = direct_scores(adapter)
     intent, support = result["tasks"]["intent"]["metrics"], result["tasks"]["support"]["metrics"]
-    assert intent["accuracy"] == pytest.approx([base["eval_accuracy/intent"], adapted["eval_accuracy/intent"]], abs=1e-12)
+    assert intent["accuracy"] == pytest.approx([base["eval_accuracy/intent"], adapted["eval_accuracy/intent"]],
+                                               abs=1e-12)
     assert intent["loss"] == pytest.approx([base["eval_loss/intent"], adapted["eval_loss/intent"]], rel=1e-6)
     assert support["perplexity"] == pytest.approx([base["eval_ppl/support"], adapted["eval_ppl/support"]], rel=1e-6)
     assert result["weighted_loss"] == pytest.approx([base["eval_loss"], adapted["eval_loss"]], rel=1e-6)
@@ -86,7 +88,9 @@ def test_numbers_equal_evaluate_on_the_loaded_multitask_model(adapter, evaluated
     with model.backbone.disable_adapter():
         base_out = generate_texts(model.backbone, tokenizer, [r.prompt for r in records], settings)
     references = [r.reference for r in records]
-    assert support["BLEU (13a)"] == pytest.approx([bleu(base_out, references).score, bleu(adapted_out, references).score])
+    assert support["BLEU (13a)"] == pytest.approx(
+        [bleu(base_out, references).score, bleu(adapted_out, references).score]
+    )
     assert support["distinct-2 %"][1] == pytest.approx(100 * repetition(adapted_out)["distinct_2"])
     samples = result["tasks"]["support"]["samples"]
     assert [s["adapted"] for s in samples] == adapted_out[: len(samples)]

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from peftcore.data.augment import AugmentConfig
 from peftcore.config import LoraConfig
-from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftcore.data.augment import AugmentConfig
 from peftcore.jobs.recipe import RecipeError, load_recipe, parse_override
+from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
@@ -82,7 +82,9 @@ def test_unknown_section_and_nested_key(folder):
 def test_wrong_types(folder):
     assert error(folder, MINIMAL + '[train]\nlearning_rate = "fast"\n') == \
         "recipe.toml: [train] learning_rate must be a number, got a string 'fast'"
-    assert "[train] batch_size must be an integer, got a boolean True" in error(folder, MINIMAL + "[train]\nbatch_size = true\n")
+    assert "[train] batch_size must be an integer, got a boolean True" in error(
+        folder, MINIMAL + "[train]\nbatch_size = true\n"
+    )
     message = error(folder, MINIMAL + "[adapter]\ntarget_modules = [1, 2]\n")
     assert "[adapter] target_modules must be a list of strings or a string or unset, got a list [1, 2]" in message
     assert "[data] template must be a table" in error(folder, MINIMAL.replace("[data]\n", '[data]\ntemplate = "x"\n'))
@@ -100,7 +102,9 @@ def test_missing_required_values(folder):
         'recipe.toml: missing section [data]; a recipe needs at least [data] train = "train.jsonl"'
     assert error(folder, '[model]\nbuiltin = "tiny-llama"\n[data]\nmax_length = 64\n') == \
         "recipe.toml: missing required key [data] train"
-    assert "set exactly one of path (a checkpoint folder) or builtin" in error(folder, "[data]\ntrain = 'train.jsonl'\n")
+    assert "set exactly one of path (a checkpoint folder) or builtin" in error(
+        folder, "[data]\ntrain = 'train.jsonl'\n"
+    )
     assert "path and builtin both set" in error(folder, MINIMAL.replace("[model]\n", '[model]\npath = "."\n'))
 
 
@@ -117,7 +121,9 @@ def test_adapter_keys_depend_on_the_method(folder):
     message = error(folder, MINIMAL + '[adapter]\nmethod = "prompt"\nr = 8\n')
     assert message.startswith("recipe.toml: unknown key [adapter] r for method 'prompt'")
     assert "(set by the job from the model)" in error(folder, MINIMAL + '[adapter]\ntask_type = "SEQ_CLS"\n')
-    assert "did you mean num_virtual_tokens?" in error(folder, MINIMAL + '[adapter]\nmethod = "prefix"\nnum_virtual_token = 4\n')
+    assert "did you mean num_virtual_tokens?" in error(
+        folder, MINIMAL + '[adapter]\nmethod = "prefix"\nnum_virtual_token = 4\n'
+    )
 
 
 @pytest.mark.parametrize("method, cls", [("lora", LoraConfig), ("dora", LoraConfig), ("prompt", PromptTuningConfig),
@@ -147,7 +153,9 @@ def test_set_overrides(folder, monkeypatch):
 
 
 def test_set_errors_name_the_override(folder):
-    assert error(folder, MINIMAL, ["train.lr=1"]) == "--set train.lr=1: unknown key [train] lr; did you mean learning_rate?"
+    assert error(folder, MINIMAL, ["train.lr=1"]) == (
+        "--set train.lr=1: unknown key [train] lr; did you mean learning_rate?"
+    )
     assert error(folder, MINIMAL, ["train.batch_size=big"]) == \
         "--set train.batch_size=big: [train] batch_size must be an integer, got a string 'big'"
     with pytest.raises(RecipeError, match="expected section.key=value"):
@@ -220,15 +228,19 @@ OUT_OF_RANGE = [
 ]
 
 
-@pytest.mark.parametrize("section, line, message", OUT_OF_RANGE, ids=[f"{s} {line.splitlines()[-1]}" for s, line, _ in OUT_OF_RANGE])
+@pytest.mark.parametrize("section, line, message", OUT_OF_RANGE,
+                         ids=[f"{s} {line.splitlines()[-1]}" for s, line, _ in OUT_OF_RANGE])
 def test_impossible_numbers_are_refused_naming_the_key(folder, section, line, message):
-    text = MINIMAL.replace("[model]\n", f"[model]\n{line}\n") if section == "model" else MINIMAL + f"[{section}]\n{line}\n"
+    text = (MINIMAL.replace("[model]\n", f"[model]\n{line}\n") if section == "model"
+            else MINIMAL + f"[{section}]\n{line}\n")
     assert error(folder, text) == f"recipe.toml: [{section}] {message}"
 
 
 def test_an_impossible_override_names_the_set(folder):
-    assert error(folder, MINIMAL, ["train.learning_rate=-3e-4"]) == \
-        "recipe.toml (with --set train.learning_rate=-3e-4): [train] learning_rate must be a finite number > 0, got -0.0003"
+    assert error(folder, MINIMAL, ["train.learning_rate=-3e-4"]) == (
+        "recipe.toml (with --set train.learning_rate=-3e-4): "
+        "[train] learning_rate must be a finite number > 0, got -0.0003"
+    )
 
 
 def test_the_edges_of_each_range_are_accepted(folder):

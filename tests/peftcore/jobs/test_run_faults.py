@@ -21,10 +21,10 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
 from peftcore.cli import main  # noqa: E402
-from peftcore.models import safetensors_io  # noqa: E402
 from peftcore.jobs.recipe import load_recipe  # noqa: E402
 from peftcore.jobs.run_folder import RunFolderError, check_same_recipe, recipe_for  # noqa: E402
 from peftcore.jobs.tasks import load_adapter_folder  # noqa: E402
+from peftcore.models import safetensors_io  # noqa: E402
 from peftcore.training.state import MetricsLog  # noqa: E402
 from tests.peftcore.jobs.test_train import FAST, TINY, builtin_replaced_by, run, tiny_builtin  # noqa: E402,F401 (fixture)
 
@@ -180,7 +180,8 @@ def test_a_run_that_stays_nan_ends_in_one_error_line(tmp_path, monkeypatch):
         return loss * float("nan"), targets, tokens
 
     monkeypatch.setattr(loop, "loss_sum", nan_loss)
-    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 5, *QUICK, "--set", "train.max_bad_steps=2")
+    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 5, *QUICK,
+                       "--set", "train.max_bad_steps=2")
     assert code == 1
     assert error_line(err) == ("peftcore train: error: loss or gradients were NaN/inf for 2 steps in a row (step 2); "
                                "lower the learning rate, use fp32 or bf16 instead of fp16, or check the data")
@@ -226,7 +227,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
 @pytest.mark.parametrize("bad", ["garbage", '{"loss": 1.0}', "[1, 2]"])
 def test_a_bad_metrics_line_before_the_last_names_file_and_line(tmp_path, bad):
     lines = LINES.splitlines()
-    with pytest.raises(ValueError, match=rf"metrics\.jsonl:2: not a metrics record .*fix or delete line 2"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics record .*fix or delete line 2"):
         MetricsLog(metrics(tmp_path, f"{lines[0]}\n{bad}\n{lines[2]}\n"), resume_step=3)
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from peftcore.jobs import builtin
 from peftcore.cli import main
+from peftcore.jobs import builtin
 from peftcore.jobs.tasks import load_adapter_folder
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -68,7 +68,9 @@ def test_train_writes_adapter_metrics_and_data_report(trained):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() and r["tokens_per_s"] > 0 for r in records)
     evals = [r for r in records if "eval_loss" in r]  # eval_every=2 of 3 steps: steps 2 and 3 (the last)
-    assert [r["step"] for r in evals] == [2, 3] and all(r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+    assert [r["step"] for r in evals] == [2, 3] and all(
+        r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals
+    )
     report = json.loads((folder / "data_report.json").read_text())
     assert report["records"] == 240 and report["max_length"] == 96
     summary = json.loads((folder / "summary.json").read_text())
@@ -88,7 +90,8 @@ def test_after_is_measured_on_the_saved_adapter(trained):
 
 def test_eval_writes_a_before_after_report(trained, tmp_path):
     folder, _ = trained
-    code, out, err = run("eval", "--adapter", folder / "adapter", "--max-records", 4, "--output", tmp_path / "report.md")
+    code, out, err = run("eval", "--adapter", folder / "adapter", "--max-records", 4,
+                         "--output", tmp_path / "report.md")
     assert code == 0, err
     report = (tmp_path / "report.md").read_text()
     for row in ("| perplexity |", "| BLEU", "| chrF", "| glossary adherence % |", "| repeated 3-grams % |"):
@@ -102,7 +105,8 @@ def test_eval_writes_a_before_after_report(trained, tmp_path):
 def test_generate_is_greedy_and_repeatable(trained):
     folder, _ = trained
     first = run("generate", "--adapter", folder / "adapter", "--max-new-tokens", 6, "How long are restore points kept?")
-    second = run("generate", "--adapter", folder / "adapter", "--max-new-tokens", 6, "How long are restore points kept?")
+    second = run("generate", "--adapter", folder / "adapter", "--max-new-tokens", 6,
+                 "How long are restore points kept?")
     assert first[0] == 0 and first[1] == second[1]
     loaded = load_adapter_folder(folder / "adapter", log=lambda *a: None)
     prompt = loaded.template.render({"input": "How long are restore points kept?"})
@@ -130,12 +134,14 @@ def test_merge_output_loads_in_transformers_with_equal_logits(trained, tmp_path)
 
 
 def test_a_qlora_adapter_merges_into_original_or_quantized_weights(tmp_path):
-    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 2, *FAST, "--set", "model.quantize=nf4",
-                       "--set", "train.learning_rate=5e-2", "--set", "eval.samples=0")
+    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 2, *FAST,
+                       "--set", "model.quantize=nf4", "--set", "train.learning_rate=5e-2", "--set", "eval.samples=0")
     assert code == 0, err
     adapter = tmp_path / "run" / "adapter"
     loaded = load_adapter_folder(adapter, log=lambda *a: None)  # the nf4 base + the adapter: what training saw
-    ids = torch.tensor([[loaded.tokenizer.bos_token_id, *loaded.tokenizer.encode("Restore points", add_special_tokens=False)]])
+    ids = torch.tensor(
+        [[loaded.tokenizer.bos_token_id, *loaded.tokenizer.encode("Restore points", add_special_tokens=False)]]
+    )
     with torch.no_grad():
         trained = loaded.peft_model(ids)
     logits, logs = {}, {}
@@ -168,7 +174,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(train_module, "train_step", crash_on_step_3)
     code, _, err = run("train", "--output-dir", tmp_path / "part", *args)
-    assert code == 130 and f"interrupted; continue with: peftcore train --resume --output-dir {tmp_path / 'part'}" in err
+    assert code == 130 and (
+        f"interrupted; continue with: peftcore train --resume --output-dir {tmp_path / 'part'}" in err
+    )
     monkeypatch.undo()
     code, _, err = run("train", "--output-dir", tmp_path / "part", "--resume", *args)
     assert code == 0, err
@@ -187,7 +195,9 @@ def test_a_bad_data_line_exits_2_before_any_model_loads(tmp_path, monkeypatch):
     bad.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": \n')
     code, _, err = run("train", "--output-dir", tmp_path / "out", "--set", f"data.train={bad}")
     assert code == 2
-    assert err.strip().splitlines() == ["peftcore train: error: bad.jsonl:2: not valid JSON (Expecting value at column 26)"]
+    assert err.strip().splitlines() == [
+        "peftcore train: error: bad.jsonl:2: not valid JSON (Expecting value at column 26)"
+    ]
     bad.write_text('{"input": "q", "output": "a"}\n{"input": "q"}\n')
     code, _, err = run("train", "--output-dir", tmp_path / "out", "--set", f"data.train={bad}")
     assert code == 2 and "bad.jsonl:2: missing field(s) output" in err and "Traceback" not in err
@@ -203,7 +213,9 @@ def test_an_empty_dataset_exits_2(tmp_path, monkeypatch):
 def test_recipe_errors_exit_2(tmp_path):
     code, _, err = run("train", "--output-dir", tmp_path, "--set", "train.lr=1e-3")
     assert code == 2
-    assert err.strip() == "peftcore train: error: --set train.lr=1e-3: unknown key [train] lr; did you mean learning_rate?"
+    assert err.strip() == (
+        "peftcore train: error: --set train.lr=1e-3: unknown key [train] lr; did you mean learning_rate?"
+    )
 
 
 def test_intent_recipe_trains_minilm_and_reports_accuracy(tmp_path):
@@ -232,7 +244,8 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
     base = tmp_path / "base"
     shutil.copytree(builtin.ensure_builtin("tiny-llama", log=lambda *a: None), base)
     (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    chat = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+    chat = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}]}
             for i in range(4)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     recipe = tmp_path / "chat.toml"
@@ -257,8 +270,8 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
 
 
 def test_double_quant_reaches_the_loaded_base(tmp_path):
-    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 1, *FAST, "--set", "model.quantize=nf4",
-                       "--set", "model.double_quant=true", "--set", "eval.samples=0")
+    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 1, *FAST,
+                       "--set", "model.quantize=nf4", "--set", "model.double_quant=true", "--set", "eval.samples=0")
     assert code == 0, err
     loaded = load_adapter_folder(tmp_path / "run" / "adapter", log=lambda *a: None)  # as eval / generate load it
     layers = [m for m in loaded.peft_model.modules() if type(m).__name__ == "QuantLinear"]

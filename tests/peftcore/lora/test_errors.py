@@ -54,10 +54,12 @@ def test_modules_to_save_matching_nothing():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(target_modules=".*q_proj", layers_to_transform=[0]), "cannot be used when target_modules is a str"),
     (dict(target_modules=["q_proj"], layers_pattern="layers"), "only applies together with layers_to_transform"),
-    (dict(target_modules=["q_proj"], use_dora=True, lora_bias=True), "lora_bias=True is not supported together with use_dora"),
+    (dict(target_modules=["q_proj"], use_dora=True, lora_bias=True),
+     "lora_bias=True is not supported together with use_dora"),
     (dict(target_modules=["q_proj"], bias="some"), "bias must be 'none', 'all' or 'lora_only', got 'some'"),
     (dict(target_modules=["q_proj"], r=0), "r must be a positive integer, got 0"),
-    (dict(target_modules=["q_proj"], task_type="TOKEN_CLS"), "task_type 'TOKEN_CLS' is not supported; supported: CAUSAL_LM"),
+    (dict(target_modules=["q_proj"], task_type="TOKEN_CLS"),
+     "task_type 'TOKEN_CLS' is not supported; supported: CAUSAL_LM"),
 ])
 def test_inconsistent_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -77,12 +79,14 @@ def test_bad_init_schemes(scheme, message):
 # -- adapter files --------------------------------------------------------------------------------
 def test_file_shapes_that_do_not_fit_the_config_name_key_and_both_shapes(saved):
     edit_config(saved, r=2)  # the file holds r=4 tensors
-    with pytest.raises(AdapterLoadError, match=rf"{PREFIX}.q_proj.lora_A.weight has shape \(4, 16\) but the model expects \(2, 16\)"):
+    with pytest.raises(AdapterLoadError,
+                       match=rf"{PREFIX}.q_proj.lora_A.weight has shape \(4, 16\) but the model expects \(2, 16\)"):
         PeftModel.from_pretrained(tiny_llama(), saved)
 
 
 def test_an_adapter_for_another_width_names_key_and_both_shapes(saved):
-    with pytest.raises(AdapterLoadError, match=rf"{PREFIX}.q_proj.lora_A.weight has shape \(4, 16\) but the model expects \(4, 24\)"):
+    with pytest.raises(AdapterLoadError,
+                       match=rf"{PREFIX}.q_proj.lora_A.weight has shape \(4, 16\) but the model expects \(4, 24\)"):
         PeftModel.from_pretrained(tiny_llama(hidden=24), saved)
 
 
@@ -116,15 +120,18 @@ def test_a_failed_load_changes_nothing(tmp_path):
     expected = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(AdapterLoadError, match=r"has shape \(4, 16\) but the model expects \(2, 16\)"):
         PeftModel.from_pretrained(fresh, tmp_path)
-    assert all(torch.equal(v, expected[k.replace(".base_layer", "")]) for k, v in fresh.state_dict().items() if "lora_" not in k)
+    assert all(torch.equal(v, expected[k.replace(".base_layer", "")])
+               for k, v in fresh.state_dict().items() if "lora_" not in k)
 
 
 def test_missing_adapter_files(saved, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
-    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in .*empty.*: expected an adapter saved by peftcore or HF PEFT"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no adapter_config.json in .*empty.*: expected an adapter saved by peftcore or HF PEFT"):
         PeftModel.from_pretrained(tiny_llama(), empty)
     (saved / "adapter_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no adapter_model.safetensors \(or adapter_model.bin\) in .*: expected the adapter's weights"):
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model.safetensors \(or adapter_model.bin\) in .*: "
+                                                r"expected the adapter's weights"):
         PeftModel.from_pretrained(tiny_llama(), saved)
 
 
@@ -180,10 +187,12 @@ def test_mixed_batch_misuse(two):
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with pytest.raises(ValueError, match="adapter_names has 3 entries for a batch of 2"):
         two.eval()(ids, adapter_names=["a", "b", "a"])
-    with pytest.raises(RuntimeError, match=r"adapter_names \(a mixed-adapter batch\) is for inference; call .eval\(\) first"):
+    with pytest.raises(RuntimeError,
+                       match=r"adapter_names \(a mixed-adapter batch\) is for inference; call .eval\(\) first"):
         two.train()(ids, adapter_names=["a", "b"])
     two.eval().merge_adapter()
-    with pytest.raises(RuntimeError, match=r"a mixed-adapter batch needs unmerged adapters; call unmerge_adapter\(\) first"):
+    with pytest.raises(RuntimeError,
+                       match=r"a mixed-adapter batch needs unmerged adapters; call unmerge_adapter\(\) first"):
         two(ids, adapter_names=["a", "b"])
 
 

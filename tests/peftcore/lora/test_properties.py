@@ -81,7 +81,8 @@ def test_identity_inits_give_the_base_output(spec, init):
         with torch.no_grad():
             W = layer.base_layer.weight
             norm = layer.dora_norm(W, "a") if spec["kind"] == "embedding" else dora_row_norm(
-                W.T if spec["kind"] == "conv1d" else W, layer.lora_A["a"].weight, layer.lora_B["a"].weight, layer.scaling["a"])
+                W.T if spec["kind"] == "conv1d" else W, layer.lora_A["a"].weight, layer.lora_B["a"].weight,
+                layer.scaling["a"])
             layer.lora_magnitude_vector["a"].weight.copy_(norm)
     x = layer_input(spec)
     with torch.no_grad():
@@ -108,15 +109,16 @@ def test_pissa_and_olora_move_the_top_part_into_the_adapter(spec, scheme):
     with torch.no_grad():
         expected = base(x)
         layer = LoraLinear(base)
-        config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], init_lora_weights=scheme, use_rslora=spec["use_rslora"],
-                            use_dora=spec["use_dora"])
+        config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], init_lora_weights=scheme,
+                            use_rslora=spec["use_rslora"], use_dora=spec["use_dora"])
         layer.add_adapter("a", config, spec["r"], spec["alpha"])
         assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)  # residual + s*B*A == W up to an SVD's rounding
         assert (base.weight - W).abs().max() > 1e-4 and layer.lora_B["a"].weight.abs().max() > 1e-4
 
 
 def spec(kind, use_dora=False, lora_bias=False):
-    return dict(kind=kind, n_in=5, n_out=3, r=2, alpha=2.5, use_dora=use_dora, use_rslora=False, lora_bias=lora_bias, seed=1)
+    return dict(kind=kind, n_in=5, n_out=3, r=2, alpha=2.5, use_dora=use_dora, use_rslora=False, lora_bias=lora_bias,
+                seed=1)
 
 
 @settings(deadline=None)
@@ -177,8 +179,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, attention_bias=True, initializer_range=0.2)
+    config = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True, initializer_range=0.2)
     model = from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -262,7 +264,8 @@ def test_an_adamw_step_moves_the_adapter_and_leaves_the_base_alone(config):
 def two_adapters():
     """Adapter "a": LoRA + a trained lm_head copy; "b": DoRA, on an embedding too; both random."""
     pm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], r=2,
-                                                 modules_to_save=["lm_head"], init_lora_weights=False), adapter_name="a")
+                                                 modules_to_save=["lm_head"], init_lora_weights=False),
+                        adapter_name="a")
     pm.add_adapter("b", LoraConfig(target_modules=["v_proj", "o_proj", "up_proj", "embed_tokens"], r=3, lora_alpha=6,
                                    use_dora=True, init_lora_weights=False))
     for name in ("a", "b"):
@@ -306,7 +309,8 @@ def test_set_adapter_switches_and_disable_adapter_gives_the_base(two_adapters):
 
 
 def test_delete_adapter_removes_its_keys():
-    pm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter_name="a")
+    pm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                        adapter_name="a")
     pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "v_proj"], use_dora=True))
     assert any(".b." in k for k in pm.state_dict())
     pm.delete_adapter("b")

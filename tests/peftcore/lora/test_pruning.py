@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from peftcore import LoraConfig, get_peft_model
-from peftcore.models import Conv1D
 from peftcore.lora.pruning import format_sparsity_report, prune_model, two_four_mask, unstructured_mask
+from peftcore.models import Conv1D
 
 
 def tiny_model() -> nn.Module:

@@ -124,7 +124,8 @@ class Pair:
         self.kwargs = kwargs
         self.checkpoints = checkpoints
         torch.manual_seed(0)
-        self.hf = peft.get_peft_model(hf_model(checkpoints, self.family), peft.LoraConfig(**kwargs, init_lora_weights=False))
+        self.hf = peft.get_peft_model(hf_model(checkpoints, self.family),
+                                      peft.LoraConfig(**kwargs, init_lora_weights=False))
         perturb(p for p in self.hf.parameters() if p.requires_grad)
         self.hf.eval()
         self.hf_dir = tmp_path_factory.mktemp(f"peft_{case}")
@@ -145,7 +146,8 @@ def test_peft_adapter_loaded_here_gives_peft_logits(pair):
 
 
 def test_trainable_and_total_parameter_counts_equal_peft(pair):
-    trainable = PeftModel.from_pretrained(load_pretrained(pair.checkpoints[pair.family]), pair.hf_dir, is_trainable=True)
+    trainable = PeftModel.from_pretrained(load_pretrained(pair.checkpoints[pair.family]), pair.hf_dir,
+                                          is_trainable=True)
     reference = peft.PeftModel.from_pretrained(hf_model(pair.checkpoints, pair.family), pair.hf_dir, is_trainable=True)
     assert trainable.get_nb_trainable_parameters() == reference.get_nb_trainable_parameters()
     # Loaded for inference nothing trains here. PEFT leaves requires_grad on for the biases that
@@ -162,7 +164,8 @@ def test_in_memory_state_dict_keys_equal_peft(pair):
 
 def test_our_adapter_loaded_by_peft_gives_our_logits(pair, tmp_path):
     torch.manual_seed(1)
-    ours = get_peft_model(load_pretrained(pair.checkpoints[pair.family]), LoraConfig(**pair.kwargs, init_lora_weights=False))
+    ours = get_peft_model(load_pretrained(pair.checkpoints[pair.family]),
+                          LoraConfig(**pair.kwargs, init_lora_weights=False))
     perturb(p for p in ours.parameters() if p.requires_grad)
     ours.eval()
     ours.save_pretrained(tmp_path)

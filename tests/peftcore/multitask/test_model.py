@@ -11,13 +11,12 @@ from hypothesis import strategies as st
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
 from peftcore.data.records import IGNORE_INDEX, DataError, TokenizedExample, collate, qa_example, tokenize_span
-from peftcore.models import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, from_config
-from peftcore.multitask.model import HEADS_CONFIG, HEADS_WEIGHTS, MultiTaskModel
-from peftcore.multitask.heads import TaskSpec, best_spans, count_correct
 from peftcore.jobs.recipe import RecipeError, load_recipe
+from peftcore.models import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, from_config
+from peftcore.multitask.heads import TaskSpec, best_spans, count_correct
+from peftcore.multitask.model import HEADS_CONFIG, HEADS_WEIGHTS, MultiTaskModel
 from peftcore.training.config import TrainConfig
 from peftcore.training.loop import build_optimizer, evaluate, loss_sum, train, train_step
-
 from tests.peftcore.jobs.test_train import run, tiny_builtin  # noqa: F401  (the autouse fixture: a tiny built-in model)
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -166,7 +165,8 @@ def test_doubling_a_weight_doubles_that_tasks_gradient_contribution():
     for name in one:  # shared LoRA tensors: the cls term counts twice, the gen term once
         cls_part = cls_only.get(name, torch.zeros_like(one[name]))  # lm_head's LoRA: generation only
         torch.testing.assert_close(two[name], one[name] + cls_part, atol=1e-6, rtol=1e-5, msg=name)
-    assert any(cls_only[n].abs().sum() > 0 and (one[n] - cls_only[n]).abs().sum() > 0 for n in cls_only if "lora_B" in n)
+    assert any(cls_only[n].abs().sum() > 0 and (one[n] - cls_only[n]).abs().sum() > 0
+               for n in cls_only if "lora_B" in n)
 
 
 def test_per_task_normalisation_equals_the_hand_computation():
@@ -241,7 +241,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
                 p.normal_()
     state = train(resumed, rows, [], config, tmp_path / "part", resume=True)
     assert set(state.task_positions) == {"cls", "gen", "qa"}
-    read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+
+    def read(p):
+        return [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+
     part, whole = read(tmp_path / "part"), read(tmp_path / "full")
     # steps 1-3 were logged before the crash; resuming from step 2 drops step 3's line and logs 3-6 again
     assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6]
@@ -261,8 +264,10 @@ def test_pooling_and_spans_are_the_same_under_left_right_and_no_padding():
     alone = torch.tensor([short])
     with torch.no_grad():
         expected = model(alone, task="cls")[0]
-        torch.testing.assert_close(model(right[0], attention_mask=right[1], task="cls")[0], expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(model(left[0], attention_mask=left[1], task="cls")[0], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(right[0], attention_mask=right[1], task="cls")[0], expected,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(left[0], attention_mask=left[1], task="cls")[0], expected,
+                                   atol=1e-5, rtol=1e-4)
         start, _ = model(left[0], attention_mask=left[1], task="qa")
         alone_start, _ = model(alone, task="qa")
     torch.testing.assert_close(start[0, 3:], alone_start[0], atol=1e-5, rtol=1e-4)
@@ -318,7 +323,8 @@ def test_save_and_load_round_trip_gives_identical_outputs_for_every_task(tmp_pat
     ids, mask = collate(qa_rows(3), 0)["input_ids"], collate(qa_rows(3), 0)["attention_mask"]
     with torch.no_grad():
         for task in ("cls", "gen"):
-            torch.testing.assert_close(loaded(ids, attention_mask=mask, task=task), model(ids, attention_mask=mask, task=task))
+            torch.testing.assert_close(loaded(ids, attention_mask=mask, task=task),
+                                       model(ids, attention_mask=mask, task=task))
         for a, b in zip(loaded(ids, attention_mask=mask, task="qa"), model(ids, attention_mask=mask, task="qa")):
             torch.testing.assert_close(a, b)
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -350,7 +356,9 @@ def test_qa_span_labels_point_at_the_answer_tokens():
     assert row.input_ids[0] == 1 and CharTokenizer().decode(row.input_ids[1:11]) == "How long?\n"
     second = tokenize_span(qa_example({**record, "answer_start": record["context"].rindex("30 days")}, "qa.jsonl:2"),
                            CharTokenizer(), 200)
-    assert second.span[0] > start and CharTokenizer().decode(second.input_ids[second.span[0] : second.span[1] + 1]) == "30 days"
+    assert second.span[0] > start and (
+        CharTokenizer().decode(second.input_ids[second.span[0] : second.span[1] + 1]) == "30 days"
+    )
     assert collate([row, second], 0)["labels"].tolist() == [list(row.span), list(second.span)]
 
 
@@ -376,9 +384,12 @@ def test_exact_match_counts_the_best_valid_span_not_two_argmaxes():
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"context": "abc", "question": "q", "answer": "xyz"}, "qa.jsonl:3: the answer 'xyz' does not occur in the context"),
-    ({"context": "abc", "question": "q", "answer": "b", "answer_start": 2}, "does not occur in the context at answer_start 2"),
-    ({"context": "abc", "question": "q"}, 'qa.jsonl:3: a QA record needs string fields "context", "question" and "answer"'),
+    ({"context": "abc", "question": "q", "answer": "xyz"},
+     "qa.jsonl:3: the answer 'xyz' does not occur in the context"),
+    ({"context": "abc", "question": "q", "answer": "b", "answer_start": 2},
+     "does not occur in the context at answer_start 2"),
+    ({"context": "abc", "question": "q"},
+     'qa.jsonl:3: a QA record needs string fields "context", "question" and "answer"'),
     ({"context": "abc", "question": "q", "answer": " "}, "qa.jsonl:3: the answer is empty"),
     ({"context": "30 days, then 30 days", "question": "q", "answer": "30 days"},
      r'qa.jsonl:3: the answer \'30 days\' occurs 2 times in the context \(at characters 0, 14\); add "answer_start"'),
@@ -425,12 +436,18 @@ def test_task_recipe_errors_name_the_table_and_key(tmp_path):
             load_recipe(tmp_path / "r.toml")
         return str(e.value)
 
-    assert error(base + "num_labels = 2\nwieght = 2\n") == "r.toml: unknown key [tasks.intent] wieght; did you mean weight?"
+    assert error(base + "num_labels = 2\nwieght = 2\n") == (
+        "r.toml: unknown key [tasks.intent] wieght; did you mean weight?"
+    )
     assert error(base) == 'r.toml: [tasks.intent] a classification task needs labels = "labels.json" or num_labels'
-    assert "kind = 'clasify'; choose from classification, generation, qa" in error(base.replace('"classification"', '"clasify"') + "num_labels = 2\n")
+    assert "kind = 'clasify'; choose from classification, generation, qa" in error(
+        base.replace('"classification"', '"clasify"') + "num_labels = 2\n"
+    )
     assert error(base + "num_labels = 2\n[data]\ntrain = \"t.jsonl\"\n").startswith(
         "r.toml: [data] train: a multi-task recipe reads each task's data from [tasks.<name>] train")
-    assert "[train] task_weights: set each task's weight in [tasks.<name>] weight" in error(base + "num_labels = 2\n[train]\ntask_weights = {intent = 2.0}\n")
+    assert "[train] task_weights: set each task's weight in [tasks.<name>] weight" in error(
+        base + "num_labels = 2\n[train]\ntask_weights = {intent = 2.0}\n"
+    )
     assert "task name 'bad-name'" in error(base.replace("tasks.intent", 'tasks."bad-name"') + "num_labels = 2\n")
     recipe = load_recipe(EXAMPLES / "multitask.toml", ["tasks.intent.weight=0.5"])
     assert recipe.tasks["intent"].weight == 0.5 and recipe.tasks["support"].kind == "generation"

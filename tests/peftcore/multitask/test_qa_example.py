@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
-from peftcore.models import load_tokenizer
 
 from peftcore.jobs import builtin
-from peftcore.multitask.model import HEADS_CONFIG, HEADS_WEIGHTS
 from peftcore.jobs.recipe import load_recipe
 from peftcore.jobs.tasks import parse_records, qa_record, tokenize_records
-
+from peftcore.models import load_tokenizer
+from peftcore.multitask.model import HEADS_CONFIG, HEADS_WEIGHTS
 from tests.peftcore.jobs.test_train import builtin_replaced_by, run
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -88,7 +87,9 @@ def test_an_answer_inside_a_bpe_merge_takes_the_merged_tokens(tokenizer):
     assert len(tokenizer.encode(" 4", add_special_tokens=False)) == 1
     records = parse_records_from([{"context": context, "question": "How often?", "answer": "4 hours"}])
     row = tokenize_records(records, tokenizer, 256)[0]
-    assert row.input_ids == [tokenizer.bos_token_id, *tokenizer.encode("How often?\n" + context, add_special_tokens=False)]
+    assert row.input_ids == [
+        tokenizer.bos_token_id, *tokenizer.encode("How often?\n" + context, add_special_tokens=False)
+    ]
     start, end = row.span
     assert tokenizer.decode(row.input_ids[start : end + 1]) == " 4 hours"
 

@@ -30,7 +30,8 @@ def tokenizer_folder(tmp_path):
 
 def test_text_init_copies_the_texts_token_embeddings_repeated_to_length(tmp_path):
     model = tiny_llama()
-    config = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT", prompt_tuning_init_text="restore point",
+    config = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="restore point",
                                 tokenizer_name_or_path=str(tokenizer_folder(tmp_path)))
     pm = get_peft_model(model, config)
     ids = torch.tensor([6, 7, 6, 7, 6])  # "restore point" repeated and cut to 5, as PEFT does

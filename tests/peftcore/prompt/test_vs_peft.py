@@ -19,9 +19,11 @@ VOCAB = 61
 METHODS = {
     "prompt": (peft.PromptTuningConfig, PromptTuningConfig, {}),
     "ptuning-mlp": (peft.PromptEncoderConfig, PromptEncoderConfig, {"encoder_hidden_size": 12}),
-    "ptuning-lstm": (peft.PromptEncoderConfig, PromptEncoderConfig, {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12}),
+    "ptuning-lstm": (peft.PromptEncoderConfig, PromptEncoderConfig,
+                     {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12}),
     "prefix": (peft.PrefixTuningConfig, PrefixTuningConfig, {}),
-    "prefix-projection": (peft.PrefixTuningConfig, PrefixTuningConfig, {"prefix_projection": True, "encoder_hidden_size": 12}),
+    "prefix-projection": (peft.PrefixTuningConfig, PrefixTuningConfig,
+                          {"prefix_projection": True, "encoder_hidden_size": 12}),
 }
 
 
@@ -29,7 +31,8 @@ METHODS = {
 def llama_folder(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, bos_token_id=None)
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      eos_token_id=None, bos_token_id=None)
     hf = transformers.LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("llama")
     hf.save_pretrained(folder)
@@ -46,7 +49,8 @@ def batch():
 def peft_adapter(hf, method, tmp_path):
     peft_cls, _, extra = METHODS[method]
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(hf),
+                             peft_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra)).eval()
     pm.save_pretrained(tmp_path / "theirs")
     return pm, tmp_path / "theirs"
 
@@ -90,7 +94,8 @@ def test_peft_adapter_loads_here_with_equal_logits_and_generation(llama_folder, 
 def test_our_adapter_loads_in_peft_with_equal_logits(llama_folder, method, tmp_path):
     folder, hf = llama_folder
     _, ours_cls, extra = METHODS[method]
-    ours = get_peft_model(load_pretrained(folder), ours_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra)).eval()
+    ours = get_peft_model(load_pretrained(folder),
+                          ours_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra)).eval()
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
     ids, mask = batch()
@@ -102,8 +107,10 @@ def test_our_adapter_loads_in_peft_with_equal_logits(llama_folder, method, tmp_p
 def test_trainable_counts_match_peft_and_only_prompt_params_learn(llama_folder, method):
     folder, hf = llama_folder
     peft_cls, ours_cls, extra = METHODS[method]
-    theirs = peft.get_peft_model(copy.deepcopy(hf), peft_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra))
-    ours = get_peft_model(load_pretrained(folder), ours_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra))
+    theirs = peft.get_peft_model(copy.deepcopy(hf),
+                                 peft_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra))
+    ours = get_peft_model(load_pretrained(folder),
+                          ours_cls(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **extra))
     assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
     ids, _ = batch()
     ours(ids).sum().backward()

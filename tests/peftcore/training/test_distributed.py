@@ -17,14 +17,15 @@ ROOT = Path(__file__).resolve().parents[3]
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
+# E402: these imports follow the sys.path insert above, which the worker run as a script needs
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from peftcore import PeftModel  # noqa: E402
 from peftcore.models import safetensors_io  # noqa: E402
-from peftcore.training.order import rank_share  # noqa: E402
-from peftcore.training.config import TrainConfig
+from peftcore.training.config import TrainConfig  # noqa: E402
 from peftcore.training.loop import train  # noqa: E402
+from peftcore.training.order import rank_share  # noqa: E402
 from tests.peftcore.multitask.test_model import all_rows, tiny_multitask  # noqa: E402
 from tests.peftcore.training.test_loop import rows, tiny_peft_model  # noqa: E402
 
@@ -48,7 +49,8 @@ def worker_equivalence(out: Path) -> None:
         train(tiny_peft_model(), rows(N_ROWS), rows(N_EVAL, seed=9), config(PER_RANK_BATCH, strategy=strategy),
               out / strategy)
     train(tiny_multitask(), all_rows(), all_rows(seed=10), config(PER_RANK_BATCH, strategy="fsdp"), out / "multitask")
-    train(tiny_multitask(), all_rows(), all_rows(seed=10), config(PER_RANK_BATCH, strategy="ddp"), out / "multitask_ddp")
+    train(tiny_multitask(), all_rows(), all_rows(seed=10), config(PER_RANK_BATCH, strategy="ddp"),
+          out / "multitask_ddp")
     resumable = dict(strategy="ddp", checkpoint_every=4, eval_every=0)
     train(tiny_peft_model(dropout=0.1), rows(N_ROWS), [], config(PER_RANK_BATCH, **resumable), out / "dropout_full")
     import peftcore.training.loop as loop
@@ -156,8 +158,8 @@ def test_two_ranks_train_exactly_like_one_process_with_the_global_batch(launched
     # the same adapter: the final checkpoint's and the best evaluation's
     adapter = "adapter/adapter_model.safetensors"
     assert_same_tensors(parallel / "checkpoint" / adapter, reference / "checkpoint" / adapter, atol=tolerance)
-    assert_same_tensors(parallel / "best" / "adapter_model.safetensors", reference / "best" / "adapter_model.safetensors",
-                        atol=tolerance)
+    assert_same_tensors(parallel / "best" / "adapter_model.safetensors",
+                        reference / "best" / "adapter_model.safetensors", atol=tolerance)
     moved = dict(safetensors_io.iter_tensors(parallel / "checkpoint" / adapter))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in moved.items()), "the adapter never moved"
     # ... which a single process loads and runs like the reference model
@@ -214,7 +216,8 @@ def test_a_failing_rank_makes_the_other_exit_with_an_error_instead_of_hanging(tm
     procs = []
     for r in range(WORLD):
         with logs[r].open("w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "fail", str(tmp_path / "run")],
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "fail",
+                                           str(tmp_path / "run")],
                                           env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
                                           stdout=log, stderr=subprocess.STDOUT))
     try:
@@ -228,7 +231,8 @@ def test_a_failing_rank_makes_the_other_exit_with_an_error_instead_of_hanging(tm
     text = [log.read_text() for log in logs]
     assert procs[1].returncode != 0 and "rank 1 failed on purpose" in text[1], text[1][-3000:]
     assert procs[0].returncode != 0, text[0][-3000:]
-    assert "rank 1 failed on purpose" not in text[0] and "Error" in text[0], text[0][-3000:]  # its own collective failed
+    # its own collective failed
+    assert "rank 1 failed on purpose" not in text[0] and "Error" in text[0], text[0][-3000:]
     assert gap < 35, f"rank 0 exited {gap:.0f} s after rank 1"
 
 

@@ -127,7 +127,8 @@ def test_lr_schedules_and_weight_decay_groups():
 
 
 def test_no_trainable_parameters_is_a_clear_error():
-    model = from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2))
+    model = from_config(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                    num_attention_heads=2))
     model.requires_grad_(False)
     with pytest.raises(TrainingError, match="no trainable parameters"):
         build_optimizer(model, TrainConfig())
@@ -150,7 +151,8 @@ def test_fused_loss_equals_the_loss_from_logits(config):
     fused, targets, tokens = loss_sum(model, batch)
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     labels = batch["labels"][:, 1:].flatten()
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
     assert targets == int((labels != IGNORE_INDEX).sum()) and tokens == int(batch["attention_mask"].sum())
     fused.backward()
