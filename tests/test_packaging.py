@@ -62,3 +62,11 @@ def test_the_test_extra_installs_everything_the_library_imports():
     assert not undeclared, (
         f"library code imports these, but neither dependencies nor the test extra install them: {undeclared}"
     )
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists packages by hand (package-dir maps kernels/ and models/): a new folder under
+    peftcore/ that is not listed is left out of the wheel while an editable install still finds it."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "peftcore").rglob("__init__.py")}
+    assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
