@@ -10,7 +10,6 @@ Older PEFT saves hold `adapter_model.bin` (a pickle) instead: read (`adapter_wei
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftcore._json import read_json_object
 from peftcore.config import CONFIG_NAME, LoraConfig, PeftConfig
 from peftcore.lora.layer import LORA_LAYERS
 from peftcore.lora.modules_to_save import ModulesToSave
@@ -162,13 +162,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: expected an adapter saved by peftcore or HF PEFT")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e}): expected the adapter_config.json PEFT writes") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
-    return config
+    return read_json_object(path)
 
 
 def config_from_dict(d: dict, source: str = CONFIG_NAME):

@@ -25,6 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from peftcore import __version__
+from peftcore.data.records import one_line
 from peftcore.models import checkpoint, safetensors_io
 
 KINDS = ("embeddings", "attention", "mlp", "norms", "head", "other")
@@ -81,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except failures() as e:
         print(f"peftcore {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def input_errors() -> tuple[type[Exception], ...]:

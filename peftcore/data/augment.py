@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftcore.data.records import read_text
+from peftcore._json import read_text
 
 OPS = ("word_dropout", "adjacent_swap", "char_noise", "synonym")
 
@@ -45,7 +45,7 @@ def check_config(config: AugmentConfig) -> None:
 
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     table, path = {}, Path(path)
-    for lineno, line in enumerate(read_text(path, path.name, error=ValueError).splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, path.name).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         word, sep, rest = line.partition(":")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from peftcore._json import read_text
 from peftcore.models.fused import IGNORE_INDEX  # noqa: F401  re-exported: data code reads it from here
 
 DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -82,7 +83,7 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = read_text(path, path.name)
+    text = read_text(path, path.name, error=DataError)
     if path.suffix == ".json":
         return read_json_array(text, path.name)
     records = []
@@ -94,20 +95,6 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path.name}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return records
-
-
-def read_text(path: Path, name: str, error: type[Exception] = DataError) -> str:
-    """The file as UTF-8 text. A byte-order mark (Windows editors write one) is dropped, and a byte
-    that is not UTF-8 is an error at its `name:line`: the decoder alone only tells a byte offset."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line_start = raw.rfind(b"\n", 0, e.start) + 1
-        # the bytes before the first bad one decode: the column counts characters, as an editor does
-        line, column = raw.count(b"\n", 0, e.start) + 1, len(raw[line_start : e.start].decode("utf-8-sig")) + 1
-        raise error(f"{name}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}): "
-                    "save the file as UTF-8") from None
 
 
 def read_json_array(text: str, name: str) -> list[tuple[dict, str]]:
@@ -249,7 +236,8 @@ class TemplateRefusal(Exception):
     """raise_exception(...) called by a chat template: its verdict on the conversation, not a bug."""
 
 
-def one_line(error: Exception) -> str:
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a template's or a decoder's may span several): how the CLI prints errors."""
     return " ".join(str(error).split()) or type(error).__name__
 
 

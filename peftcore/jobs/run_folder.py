@@ -16,6 +16,7 @@ import shutil
 import typing
 from pathlib import Path
 
+from peftcore._json import read_json_object
 from peftcore.jobs.recipe import (
     ADAPTER_DEFAULTS,
     INTERNAL_ADAPTER_FIELDS,
@@ -81,13 +82,7 @@ def recipe_for(config: Path | None, resume_dir: Path | None, overrides: list[str
 
 
 def read_saved(path: Path) -> dict:
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"{path}: not valid JSON ({e}): pass the run's recipe file instead") from None
-    if not isinstance(saved, dict):
-        raise RunFolderError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    return saved
+    return read_json_object(path, RunFolderError)
 
 
 def recipe_tables(saved: dict) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftcore import _json
 from peftcore.config import TaskType
 from peftcore.data.augment import AugmentConfig, augment_records
 from peftcore.data.records import (
@@ -28,7 +29,6 @@ from peftcore.data.records import (
     TokenizedExample,
     qa_example,
     read_records,
-    read_text,
     to_example,
     tokenize_span,
 )
@@ -174,19 +174,12 @@ class Record:
 
 
 def read_json(path: Path):
-    """A JSON file someone else may have written (a label list, an adapter folder's configs): a bad
-    byte or a syntax error is a one-line error at its file:line[:column], not a decoder traceback."""
-    try:
-        return json.loads(read_text(path, str(path), error=TaskError))
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    """A JSON file someone else may have written (a label list): errors at its file:line[:column]."""
+    return _json.read_json(path, TaskError)
 
 
 def read_json_object(path: Path) -> dict:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise TaskError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return _json.read_json_object(path, TaskError)
 
 
 def read_labels(path: str | None) -> list[str]:
