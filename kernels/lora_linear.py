@@ -18,11 +18,10 @@ import torch.nn.functional as F
 # Modules, not names: the kernel tests reload them under TRITON_INTERPRET=1, and this entry must then
 # call the reloaded kernels (and see the reloaded dispatch switch).
 from . import dispatch, lora_matmul, quant_matmul
-from .lora_torch import SPARSE_DROPOUT_MAX_P, LoraLinearFunction
+from .lora_torch import SPARSE_DROPOUT_MAX_P, SPARSE_DROPOUT_MIN_P, LoraLinearFunction
 from .quant_matmul import QuantWeight
 
 TRITON, TORCH = "triton", "torch"
-MIN_SPARSE_DROPOUT_P = 1e-6  # below it the sum of the sampled gaps between drops could overflow int64
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def path(x: torch.Tensor, base: LinearWeights, A: torch.Tensor, B: torch.Tensor,
         return TRITON
     # LoraLinearFunction returns no gradient for W, and autocast would re-type its GEMMs inside it
     trainable_weight = not base.quantized and base.weight.requires_grad
-    sparse_dropout = dropout_p == 0.0 or MIN_SPARSE_DROPOUT_P <= dropout_p <= SPARSE_DROPOUT_MAX_P
+    sparse_dropout = dropout_p == 0.0 or SPARSE_DROPOUT_MIN_P <= dropout_p <= SPARSE_DROPOUT_MAX_P
     if trainable_weight or not sparse_dropout or torch.is_autocast_enabled(x.device.type):
         return None
     return TORCH

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 SPARSE_DROPOUT_MAX_P = 0.25  # the fused path samples dropped positions; above this rate it falls back
+SPARSE_DROPOUT_MIN_P = 1e-6  # below it the sum of the sampled gaps between drops could overflow int64
 
 
 def dropped_positions(numel: int, p: float, device=None) -> torch.Tensor:

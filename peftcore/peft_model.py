@@ -120,7 +120,7 @@ class LoraBackend:
         config = self.peft_model.peft_config[name]
         for layer in self.layers():
             layer.active_adapters = [name]
-            for held in getattr(layer, "r", None) or getattr(layer, "modules_to_save", {}):  # its adapter names
+            for held in layer.r if isinstance(layer, LORA_LAYERS) else layer.modules_to_save:  # its adapter names
                 for p in layer.adapter_params(held):
                     p.requires_grad_(held == name and not config.inference_mode)
         self.set_bias_trainable(config)
@@ -138,6 +138,7 @@ class LoraBackend:
                     p.requires_grad_(trainable)
         elif config.bias == "lora_only":
             for layer in self.model.modules():
+                # getattr: an nn.Embedding base has no bias attribute at all
                 if isinstance(layer, LORA_LAYERS) and getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(trainable)
 
@@ -170,7 +171,7 @@ class LoraBackend:
                 p.requires_grad_(True)
 
     def is_merged(self) -> bool:
-        return any(getattr(layer, "merged_adapters", None) for layer in self.layers())
+        return any(layer.merged_adapters for layer in self.layers() if isinstance(layer, LORA_LAYERS))
 
     def merge(self, names: list[str]) -> None:
         layers = [layer for layer in self.layers() if isinstance(layer, LORA_LAYERS)]
@@ -201,6 +202,7 @@ class LoraBackend:
         self.peft_model.check_known(adapter_names, allow_base=True)
         if self.peft_model.training:
             raise RuntimeError("adapter_names (a mixed-adapter batch) is for inference; call .eval() first")
+
         def route(mod, args, kwargs):
             return args, {**kwargs, "adapter_names": adapter_names}
 

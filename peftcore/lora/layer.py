@@ -24,6 +24,7 @@ from peftcore.config import LoraConfig
 # The module, not its names: the kernel tests reload the kernels under TRITON_INTERPRET=1, and the
 # layers must then call the reloaded ones.
 from peftcore.kernels import lora_linear
+from peftcore.lora.init import init_adapter
 from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
 
@@ -147,9 +148,7 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, config.use_rslora)
-        from peftcore.lora.init import init_adapter  # init schemes may rewrite the base weight (PiSSA, OLoRA)
-
-        init_adapter(self, name, config.init_lora_weights)
+        init_adapter(self, name, config.init_lora_weights)  # PiSSA / OLoRA also rewrite the base weight
         if config.use_dora:
             with torch.no_grad():
                 norm = dora_row_norm(base_weight(self.base_layer), self.lora_A[name].weight,
