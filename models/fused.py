@@ -342,3 +342,9 @@ def causal_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
         return linear_cross_entropy(flat, head.weight, targets, ignore_index)
     logits = head(hidden[:, :-1]).flatten(0, 1)
     return F.cross_entropy(upcast(logits), labels[:, 1:].reshape(-1), ignore_index=ignore_index, reduction="sum")
+
+
+def computes_own_loss(model: nn.Module) -> bool:
+    """Whether model(..., labels=) returns the summed next-token loss: our model classes declare
+    `computes_causal_lm_loss`; others (transformers' models) do not have the flag and return logits."""
+    return getattr(model, "computes_causal_lm_loss", False) is True

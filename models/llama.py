@@ -175,12 +175,6 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
-def computes_own_loss(model: nn.Module) -> bool:
-    """Whether model(..., labels=) returns the summed next-token loss: our model classes declare
-    `computes_causal_lm_loss`; others (transformers' models) do not have the flag and return logits."""
-    return getattr(model, "computes_causal_lm_loss", False) is True
-
-
 class LlamaModel(nn.Module):
     """The decoder stack: token ids (or embeddings) -> final normed hidden states (B, T, hidden)."""
 

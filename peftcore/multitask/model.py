@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from peftcore.models import BertForSequenceClassification, BertModel, GPT2LMHeadModel, LlamaForCausalLM, safetensors_io
-from peftcore.models.fused import IGNORE_INDEX, causal_lm_loss
-from peftcore.models.llama import computes_own_loss
+from peftcore.models.fused import IGNORE_INDEX, causal_lm_loss, computes_own_loss
 from peftcore.multitask.heads import (
     TaskSpec,
     build_head,

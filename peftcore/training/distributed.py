@@ -81,6 +81,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peftcore import adapter_io
+from peftcore.config import LoraConfig
+
 STRATEGIES = ("auto", "ddp", "fsdp")
 BLOCK_SUFFIXES = ("DecoderLayer", "BertLayer", "GPT2Block")
 DEFAULT_TIMEOUT_S = 600.0
@@ -308,9 +311,6 @@ def shard_base(model: nn.Module, device: torch.device) -> None:
 def replicated_params(model: nn.Module) -> set[nn.Parameter]:
     """Every parameter an adapter file or the optimizer touches: trainable tensors, every adapter's
     own tensors, saved biases and embedding tables, modules_to_save copies, prompt encoders."""
-    from peftcore import adapter_io
-    from peftcore.config import LoraConfig
-
     named = dict(model.named_parameters())
     keep = {n for n, p in named.items() if p.requires_grad}
     keep |= {n for n in named if n.startswith("prompt_encoder.")}

@@ -34,7 +34,7 @@ from torch import nn
 from peftcore.analysis.live import AdapterActivations, lora_layers, training_stats
 from peftcore.analysis.plots import plot_training_curves
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
-from peftcore.models.llama import computes_own_loss as models_computes_own_loss
+from peftcore.models.fused import computes_own_loss as models_computes_own_loss
 from peftcore.multitask.heads import count_correct, count_targets, head_loss
 from peftcore.training import distributed
 from peftcore.training.config import TrainConfig

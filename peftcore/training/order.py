@@ -9,15 +9,12 @@ TrainState, so a resumed run draws exactly the batches an uninterrupted one woul
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
 
 import torch
 
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
+from peftcore.training.config import TrainConfig
 from peftcore.training.state import TaskCursor, TrainState
-
-if TYPE_CHECKING:
-    from peftcore.training.config import TrainConfig
 
 
 def task_weight(config: TrainConfig, task: str | None) -> float:

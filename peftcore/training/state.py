@@ -22,13 +22,15 @@ from safetensors import SafetensorError
 
 from peftcore._json import json_safe
 from peftcore.models import safetensors_io
+from peftcore.training import distributed
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 # What a failed write raises: OSError (ENOSPC, EIO, a quota), safetensors' own error type, and torch.save's
-# RuntimeError ("PytorchStreamWriter failed writing file", "unexpected pos": its words for a full disk).
+# RuntimeError, recognised by its words for a full disk (any other RuntimeError is a bug, not a full disk).
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+TORCH_SAVE_WRITE_FAILURES = ("PytorchStreamWriter failed writing file", "unexpected pos")
 
 
 class SaveError(OSError):
@@ -122,6 +124,8 @@ def replace_atomically(build, target: Path) -> None:
         build(tmp)
     except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the partial copy: its space back
+        if type(e) is RuntimeError and not any(words in str(e) for words in TORCH_SAVE_WRITE_FAILURES):
+            raise
         raise save_failed(target, e) from e
     if target.exists():
         os.replace(target, old)
@@ -189,8 +193,6 @@ class Checkpointer:
         """Every rank calls this (the RNG states are gathered); rank 0 writes."""
         self.settle()
         if self.world_size > 1:
-            from peftcore.training import distributed
-
             state.rng = {"per_rank": distributed.all_gather_object(capture_rng())}
         else:
             state.rng = capture_rng()
