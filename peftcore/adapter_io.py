@@ -182,8 +182,8 @@ def load_config_for(folder: str | Path, is_trainable: bool):
     """The saved config, set for inference or training. A reparameterised prompt (P-tuning, a prefix
     projection) can only resume training when its encoder weights were saved too."""
     config = load_config(folder)
-    reparameterized = (getattr(config, "encoder_reparameterization_type", None) is not None
-                       or getattr(config, "prefix_projection", False))
+    reparameterized = (isinstance(config, PromptEncoderConfig)
+                       or isinstance(config, PrefixTuningConfig) and config.prefix_projection)
     if is_trainable and reparameterized and not has_encoder_weights(folder):
         raise ValueError(
             f"{folder} holds only the prompts this {config.peft_type.value} encoder produced, not the encoder: "
