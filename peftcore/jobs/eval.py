@@ -40,6 +40,7 @@ from peftcore.training.loop import evaluate
 
 PERCENT = ("accuracy", "exact match")  # fractions in the results, shown as percentages
 
+
 def mostly_cjk(texts: list[str]) -> bool:
     chars = [c for t in texts for c in t if not c.isspace()]
     return bool(chars) and sum(map(_is_cjk, chars)) > len(chars) / 2
