@@ -34,7 +34,7 @@ from peftcore.jobs.tasks import (
     read_adapter_info,
     tokenize_records,
 )
-from peftcore.multitask.heads import TaskSpec, best_spans
+from peftcore.multitask.heads import Classification, Generation, HeadKind, QuestionAnswering, TaskSpec, best_spans
 from peftcore.multitask.model import HEADS_CONFIG, read_task_specs
 from peftcore.training.loop import evaluate
 
@@ -52,7 +52,7 @@ class EvalData:
     """One task's eval records (a single-task adapter: its one task, named None)."""
 
     path: str
-    kind: str  # "generation" | "classification" | "qa"
+    head: HeadKind
     labels: list[str] | None  # classification: the class names, in the head's order
     records: list[Record]
 
@@ -77,7 +77,7 @@ def run_eval(adapter: Path, base: str | None = None, data: str | None = None, gl
     for name, task in tasks.items():
         scores = [s if name is None else {key.rpartition("/")[0]: v for key, v in s.items() if key.endswith(f"/{name}")}
                   for s in (base_scores, adapted_scores)]
-        scored[name] = {"kind": task.kind, "data": str(task.path), "records": len(task.records),
+        scored[name] = {"kind": task.head.name, "data": str(task.path), "records": len(task.records),
                         **task_metrics(name, task, loaded, rows[name], scores, settings, glossary or settings.glossary)}
     result = {"adapter": str(adapter), "base": loaded.base_name}
     if None in scored:
@@ -101,8 +101,8 @@ def eval_tasks(adapter: Path, info: dict, data: str | None) -> dict[str | None, 
     if not data:
         raise TaskError("no evaluation data: pass --data FILE (the adapter's recipe had no [data] eval)")
     labels, template = info.get("labels"), PromptTemplate(**info["data"]["template"])
-    kind = "generation" if labels is None else "classification"
-    return {None: EvalData(data, kind, labels, parse_records(data, template, labels))}
+    head = Generation if labels is None else Classification
+    return {None: EvalData(data, head, labels, parse_records(data, template, labels))}
 
 
 def write_reports(result: dict, markdown: str, adapter: Path, output: Path | None, log=print) -> dict:
@@ -270,8 +270,8 @@ def task_eval_records(adapter: Path, info: dict, specs: dict[str, TaskSpec]) -> 
     for name, spec in specs.items():
         path = (tables.get(name) or {}).get("eval")
         if path:
-            labels = class_names(spec) if spec.kind == "classification" else None
-            out[name] = EvalData(path, spec.kind, labels, parse_records(path, template, labels, kind=spec.kind))
+            labels = class_names(spec) if spec.head is Classification else None
+            out[name] = EvalData(path, spec.head, labels, parse_records(path, template, labels, kind=spec.kind))
     if not out:
         raise TaskError(f"no evaluation data: none of the recipe's tasks ({', '.join(specs)}) has eval = \"FILE\"")
     return out
@@ -281,19 +281,19 @@ def task_metrics(name: str | None, task: EvalData, loaded: Loaded, rows, scores:
                  glossary) -> dict:
     """One task's base / adapted metrics (`scores`: evaluate()'s numbers for this task, base then adapted)."""
     pad = pad_id(loaded.tokenizer)
-    if task.kind == "generation":  # the (shared) adapter and the LM head: the generation metrics
+    if task.head is Generation:  # the (shared) adapter and the LM head: the generation metrics
         return generation_metrics(loaded, task.records, settings, glossary, [s["eval_ppl"] for s in scores])
     loss = [s["eval_loss"] for s in scores]
-    guess = predict_spans if task.kind == "qa" else predict
+    guess = predict_spans if task.head is QuestionAnswering else predict
     route = {} if name is None else {"task": name}  # a multi-task model's head
     with loaded.peft_model.disable_adapter():
         base_pred = guess(loaded.model, rows, settings.batch_size, pad, **route)
     adapted_pred = guess(loaded.model, rows, settings.batch_size, pad, **route)
-    if task.kind == "qa":
-        return {"metrics": {"exact match": [s["eval_exact_match"] for s in scores], "loss": loss},
-                **wrong_answers(task.records, rows, base_pred, adapted_pred, loaded.tokenizer, settings.samples)}
-    return {"metrics": {"accuracy": [s["eval_accuracy"] for s in scores], "loss": loss},
-            **misclassified(task.records, base_pred, adapted_pred, task.labels, settings.samples)}
+    metrics = {"metrics": {task.head.metric_words: [s[task.head.metric] for s in scores], "loss": loss}}
+    if task.head is QuestionAnswering:
+        return {**metrics, **wrong_answers(task.records, rows, base_pred, adapted_pred, loaded.tokenizer,
+                                           settings.samples)}
+    return {**metrics, **misclassified(task.records, base_pred, adapted_pred, task.labels, settings.samples)}
 
 
 def class_names(spec) -> list[str]:

@@ -29,7 +29,7 @@ from peftcore.config import LoraConfig
 from peftcore.data.augment import AugmentConfig
 from peftcore.data.records import PromptTemplate
 from peftcore.jobs.builtin import EXAMPLES_DIR
-from peftcore.multitask.heads import KINDS, POOLINGS, check_task_name
+from peftcore.multitask.heads import HEAD_KINDS, KINDS, POOLINGS, Classification, check_task_name
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.training.config import (
     COUNT,
@@ -162,9 +162,10 @@ class TaskSection:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind = {self.kind!r}; choose from {', '.join(KINDS)}")
-        if self.kind == "classification" and self.labels is None and self.num_labels is None:
+        classifies = HEAD_KINDS[self.kind] is Classification
+        if classifies and self.labels is None and self.num_labels is None:
             raise ValueError('a classification task needs labels = "labels.json" or num_labels')
-        if self.kind != "classification" and (self.labels, self.num_labels, self.pooling) != (None, None, "auto"):
+        if not classifies and (self.labels, self.num_labels, self.pooling) != (None, None, "auto"):
             raise ValueError(f"labels, num_labels and pooling are for classification tasks, not {self.kind}")
         if self.pooling not in (*POOLINGS, "auto"):
             raise ValueError(f"pooling = {self.pooling!r}; choose from {', '.join(POOLINGS)}, auto")

@@ -34,6 +34,7 @@ from peftcore.data.records import (
 )
 from peftcore.data.records import tokenize as tokenize_example
 from peftcore.models import checkpoint, load_pretrained, load_tokenizer
+from peftcore.multitask.heads import Classification, Generation, QuestionAnswering
 from peftcore.multitask.model import HEADS_CONFIG, MultiTaskModel
 
 RECIPE_FILE = "peftcore_recipe.json"
@@ -196,17 +197,19 @@ def parse_records(path: str, template: PromptTemplate, labels: list[str] | None 
                   augment: AugmentConfig | None = None, kind: str | None = None) -> list[Record]:
     """Read and check every record (no tokenizer needed, so bad data fails before any model loads).
 
-    `kind`: "generation" | "classification" | "qa" (default: classification when labels are given)."""
-    kind = kind or ("classification" if labels is not None else "generation")
+    `kind`: a head kind's name (peftcore.multitask.heads; default: classification when labels are given)."""
+    kind = kind or (Classification.name if labels is not None else Generation.name)
     raw = read_records(path)
-    parse = {"classification": lambda r, where: classification_record(r, where, labels), "qa": qa_record,
-             "generation": lambda r, where: causal_record(r, where, template)}[kind]
+    parse = {Classification.name: lambda r, where: classification_record(r, where, labels),
+             QuestionAnswering.name: qa_record,
+             Generation.name: lambda r, where: causal_record(r, where, template)}[kind]
     # Every record is checked as the user wrote it before any is perturbed: a bad record then fails
     # with its file:line whether augmentation is on or not, not somewhere inside the perturbing.
     records = [parse(r, where) for r, where in raw]
     if not records:
         raise DataError(f"{Path(path).name}: no records: the dataset is empty")
-    if augment is not None and augment.copies and kind != "qa":  # perturbed contexts would lose their answers
+    # QA records are not perturbed: perturbed contexts would lose their answers
+    if augment is not None and augment.copies and kind != QuestionAnswering.name:
         copies = augment_records(raw, augment, kind)[len(raw):]
         records += [parse(r, where) for r, where in copies]
     return records
@@ -265,7 +268,7 @@ def refuse_untrainable(records: list[Record], rows: list[TokenizedExample], toke
     """A max_length that cuts every generation row before its output leaves no token to train: the
     loss would be empty and a run would "finish" having learned nothing. A few cut rows are only
     reported (the data report's truncated count)."""
-    generation = [(r, row) for r, row in zip(records, rows) if row.kind == "generation"]
+    generation = [(r, row) for r, row in zip(records, rows) if row.kind == Generation.name]
     if not generation or any(lab != IGNORE_INDEX for _, row in generation for lab in row.labels):
         return
     shortest = min(prompt_tokens(r.example, tokenizer) for r, _ in generation)

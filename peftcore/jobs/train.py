@@ -44,7 +44,7 @@ from peftcore.jobs.tasks import (
     tokenize_records,
 )
 from peftcore.models.tokenizer import read_chat_template, read_json
-from peftcore.multitask.heads import TaskSpec
+from peftcore.multitask.heads import Classification, Generation, HeadKind, TaskSpec, head_kind
 from peftcore.multitask.model import MultiTaskModel, parts_of
 from peftcore.peft_model import get_peft_model
 from peftcore.training.loop import evaluate, train
@@ -221,7 +221,7 @@ def describe_eval(result: dict) -> str:
 class TaskData:
     """One task of a job, parsed: a [tasks.<name>] table, or a single-task recipe's [data] (the job's one task)."""
 
-    kind: str  # "generation" | "classification" | "qa"
+    head: HeadKind
     labels: list[str] | None  # classification: the class names
     train_records: list[Record]
     eval_records: list[Record]
@@ -235,12 +235,12 @@ def job_tasks(recipe: Recipe) -> dict[str | None, TaskData]:
     labels = read_labels(recipe.data.labels) if recipe.model.task == "SEQ_CLS" else None
     train_records = parse_records(recipe.data.train, recipe.data.template, labels, recipe.data.augment)
     eval_records = parse_records(recipe.data.eval, recipe.data.template, labels) if recipe.data.eval else []
-    return {None: TaskData("generation" if labels is None else "classification", labels, train_records, eval_records)}
+    return {None: TaskData(Generation if labels is None else Classification, labels, train_records, eval_records)}
 
 
 def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
-    labels = None
-    if task.kind == "classification":
+    labels, head = None, head_kind(task.kind)
+    if head is Classification:
         labels = read_labels(task.labels) if task.labels else [str(i) for i in range(task.num_labels)]
         if task.num_labels is not None and task.num_labels != len(labels):
             raise TaskError(f"[tasks.{name}] num_labels = {task.num_labels}, "
@@ -248,7 +248,7 @@ def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
     spec = TaskSpec(task.kind, labels=labels, pooling=task.pooling, weight=task.weight)
     train_records = parse_records(task.train, recipe.data.template, labels, recipe.data.augment, task.kind)
     eval_records = parse_records(task.eval, recipe.data.template, labels, kind=task.kind) if task.eval else []
-    return TaskData(task.kind, labels, train_records, eval_records, spec)
+    return TaskData(head, labels, train_records, eval_records, spec)
 
 
 def tokenize_tasks(tasks: dict[str | None, TaskData], tokenizer, max_length: int, report_dir: Path | None, log=print,
@@ -263,7 +263,7 @@ def tokenize_tasks(tasks: dict[str | None, TaskData], tokenizer, max_length: int
         train_rows += rows
     if report_dir is not None:
         write_report(reports[None] if None in tasks else {"tasks": reports}, report_dir)
-    if packing and all(task.kind == "generation" for task in tasks.values()):
+    if packing and all(task.head is Generation for task in tasks.values()):
         train_rows = pack(train_rows, max_length)
         log(f"  packed into {len(train_rows)} rows of up to {max_length} tokens")
     return train_rows, eval_rows
@@ -275,10 +275,10 @@ def task_report(name: str | None, task: TaskData, rows, max_length: int, log=pri
     if task.labels is not None:
         report["label_counts"] = {label: sum(r.label == i for r in task.train_records)
                                   for i, label in enumerate(task.labels)}
-    if task.kind != "generation":
+    if task.head is not Generation:
         report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
     if name is not None:
-        log(f"task {name} ({task.kind}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
+        log(f"task {name} ({task.head.name}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
     log(format_report(report))
     if task.labels:
         log("  labels: " + ", ".join(f"{label} {n}" for label, n in report["label_counts"].items()))
@@ -303,10 +303,8 @@ def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:
     for name, task in tasks.items():
         if f"eval_loss/{name}" not in result:  # a task without eval data
             continue
-        if task.kind == "classification":
-            metric = f"accuracy {100 * result[f'eval_accuracy/{name}']:.1f}%"
-        elif task.kind == "qa":
-            metric = f"exact match {100 * result[f'eval_exact_match/{name}']:.1f}%"
+        if task.head.metric is not None:
+            metric = f"{task.head.metric_words} {100 * result[f'{task.head.metric}/{name}']:.1f}%"
         else:
             metric = f"perplexity {result[f'eval_ppl/{name}']:.2f}"
         parts.append(f"{name} {metric} (loss {result[f'eval_loss/{name}']:.3f})")
@@ -315,7 +313,7 @@ def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:
 
 def job_samples(loaded: Loaded, tasks: dict[str | None, TaskData], settings, log=print) -> list[dict]:
     """Sample generations of the first generation task with eval records (multi-task: the shared adapter + LM head)."""
-    names = [n for n, t in tasks.items() if t.kind == "generation" and t.eval_records]
+    names = [n for n, t in tasks.items() if t.head is Generation and t.eval_records]
     if not names or not settings.samples:
         return []
     name = names[0]

@@ -1,9 +1,11 @@
-"""Task heads of a multi-task model: what each kind computes from the backbone's hidden states.
+"""Task heads of a multi-task model: one class per head kind says what it computes from the backbone's
+hidden states, what its labels look like, its loss, its targets and its correct predictions.
 
-    classification  nn.Linear(hidden, num_labels) over one pooled vector per row -> logits (B, num_labels)
-    qa              nn.Linear(hidden, 2, bias=False) over every token -> start and end logits (B, T) each
-    generation      no new parameters: the backbone's own LM head (peftcore.multitask)
+    Classification  nn.Linear(hidden, num_labels) over one pooled vector per row -> logits (B, num_labels)
+    QuestionAnswering  nn.Linear(hidden, 2, bias=False) over every token -> start and end logits (B, T) each
+    Generation      no new parameters: the backbone's own LM head (peftcore.multitask.model)
 
+`TaskSpec.kind` is the kind's name as task_heads.json and recipes spell it; `TaskSpec.head` is its class.
 Losses are SUMS over what they score (rows for classification and QA, trained tokens for
 generation), as the training loop expects: it divides by the step's count per task.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +22,124 @@ from torch import nn
 
 from peftcore.models.fused import IGNORE_INDEX
 
-KINDS = ("classification", "generation", "qa")
 POOLINGS = ("last", "first", "mean")  # "auto" resolves to last (causal models) or first (encoders)
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ANSWER_TOKENS = 30  # a predicted QA span's longest length, as transformers' run_qa (max_answer_length)
+
+
+class Classification:
+    """One class id per row, read from one pooled vector (the last real token of a causal model)."""
+
+    name: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "eval_accuracy"
+    metric_words: ClassVar[str] = "accuracy"
+    labels_are: ClassVar[str] = "one class id per row"
+
+    @staticmethod
+    def label_shape(B: int, T: int) -> tuple[int, ...]:
+        return (B,)
+
+    @staticmethod
+    def new_head(spec: TaskSpec, hidden_size: int) -> nn.Linear:
+        head = nn.Linear(hidden_size, spec.num_labels)
+        nn.init.zeros_(head.bias)
+        return head
+
+    @staticmethod
+    def outputs(spec: TaskSpec, head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return head(pool(hidden, mask, spec.pooling))  # (B, num_labels)
+
+    @staticmethod
+    def loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy; rows labelled IGNORE_INDEX (padding rows) add nothing."""
+        return F.cross_entropy(outputs.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    @staticmethod
+    def correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
+        return int((outputs.argmax(-1) == labels).sum())
+
+    @staticmethod
+    def targets(labels: torch.Tensor) -> int:
+        return int((labels != IGNORE_INDEX).sum())
+
+
+class QuestionAnswering:
+    """The answer's first and last token in the row, from a start and an end logit per token."""
+
+    name: ClassVar[str] = "qa"
+    metric: ClassVar[str] = "eval_exact_match"
+    metric_words: ClassVar[str] = "exact match"
+    labels_are: ClassVar[str] = "start and end token per row"
+
+    @staticmethod
+    def label_shape(B: int, T: int) -> tuple[int, ...]:
+        return (B, 2)
+
+    @staticmethod
+    def new_head(spec: TaskSpec, hidden_size: int) -> nn.Linear:
+        # No bias: a constant added to every position's logit cancels in the softmax over positions, so
+        # its true gradient is 0, and AdamW would turn the rounding noise in it into full-size steps.
+        return nn.Linear(hidden_size, 2, bias=False)
+
+    @staticmethod
+    def outputs(spec: TaskSpec, head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor | None):
+        """-> (start, end) logits (B, T) each, padding at the dtype's minimum so no span starts or ends on a pad."""
+        start, end = head(hidden).unbind(-1)  # (B, T) each
+        if mask is not None:
+            pad = mask.to(start.device) == 0
+            start = start.masked_fill(pad, torch.finfo(start.dtype).min)
+            end = end.masked_fill(pad, torch.finfo(end.dtype).min)
+        return start, end
+
+    @staticmethod
+    def loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+        """Per row (CE(start) + CE(end)) / 2, as transformers' QA models (summed here, not averaged)."""
+        start, end = outputs
+        start_loss = F.cross_entropy(start.float(), labels[:, 0], ignore_index=IGNORE_INDEX, reduction="sum")
+        end_loss = F.cross_entropy(end.float(), labels[:, 1], ignore_index=IGNORE_INDEX, reduction="sum")
+        return (start_loss + end_loss) / 2
+
+    @staticmethod
+    def correct(outputs, labels: torch.Tensor) -> int:
+        """Exact match: the best valid span's first and last token both right."""
+        return int((best_spans(*outputs) == labels).all(-1).sum())
+
+    @staticmethod
+    def targets(labels: torch.Tensor) -> int:
+        return int((labels[:, 0] != IGNORE_INDEX).sum())
+
+
+class Generation:
+    """Next-token prediction through the backbone's own LM head: the loss is the causal LM loss."""
+
+    name: ClassVar[str] = "generation"
+    metric: ClassVar[None] = None  # perplexity, from the loss
+    metric_words: ClassVar[str] = "perplexity"
+    labels_are: ClassVar[str] = "one label per token"
+
+    @staticmethod
+    def label_shape(B: int, T: int) -> tuple[int, ...]:
+        return (B, T)
+
+    @staticmethod
+    def new_head(spec: TaskSpec, hidden_size: int) -> None:
+        return None
+
+    @staticmethod
+    def targets(labels: torch.Tensor) -> int:
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())  # the last token predicts nothing
+
+
+HeadKind = type[Classification] | type[QuestionAnswering] | type[Generation]
+HEAD_KINDS: dict[str, HeadKind] = {kind.name: kind for kind in (Classification, Generation, QuestionAnswering)}
+KINDS = tuple(HEAD_KINDS)
+
+
+def head_kind(name: str) -> HeadKind:
+    """The class of a kind spelled as in files and recipes ("classification", "generation", "qa")."""
+    if name not in HEAD_KINDS:
+        raise ValueError(f"kind {name!r}; choose from {', '.join(KINDS)}")
+    return HEAD_KINDS[name]
 
 
 @dataclass
@@ -37,21 +154,24 @@ class TaskSpec:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r}; choose from {', '.join(KINDS)}")
+        head_kind(self.kind)
         if self.labels is not None:
             self.labels = list(self.labels)
             if self.num_labels is not None and self.num_labels != len(self.labels):
                 raise ValueError(f"num_labels {self.num_labels} but {len(self.labels)} labels")
             self.num_labels = len(self.labels)
-        if self.kind == "classification" and (self.num_labels is None or self.num_labels < 2):
+        if self.head is Classification and (self.num_labels is None or self.num_labels < 2):
             raise ValueError("a classification task needs num_labels >= 2 (or a list of labels)")
-        if self.kind != "classification" and (self.num_labels is not None or self.pooling != "auto"):
+        if self.head is not Classification and (self.num_labels is not None or self.pooling != "auto"):
             raise ValueError(f"num_labels / labels / pooling are for classification tasks, not {self.kind}")
         if self.pooling not in (*POOLINGS, "auto"):
             raise ValueError(f"pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}, auto")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"weight must be a finite number >= 0, got {self.weight}")
+
+    @property
+    def head(self) -> HeadKind:
+        return HEAD_KINDS[self.kind]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,20 +195,20 @@ def check_task_name(name: str) -> None:
 def build_head(spec: TaskSpec, hidden_size: int, std: float) -> nn.Linear | None:
     """A new head, initialised as transformers initialises score / qa_outputs heads (normal std, zero bias):
     logits start near 0, so the untrained head predicts (nearly) uniformly."""
-    if spec.kind == "generation":
-        return None
-    if spec.kind == "qa":
-        # No bias: a constant added to every position's logit cancels in the softmax over positions, so
-        # its true gradient is 0, and AdamW would turn the rounding noise in it into full-size steps.
-        head = nn.Linear(hidden_size, 2, bias=False)
-    else:
-        head = nn.Linear(hidden_size, spec.num_labels)
-        nn.init.zeros_(head.bias)
-    nn.init.normal_(head.weight, std=std)
+    head = spec.head.new_head(spec, hidden_size)
+    if head is not None:
+        nn.init.normal_(head.weight, std=std)
     return head
 
 
-# -- pooling and outputs ------------------------------------------------------------------------
+def check_labels(task: str, spec: TaskSpec, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
+    expected = spec.head.label_shape(*input_ids.shape[:2])
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"task {task!r} ({spec.kind}) takes labels {expected} ({spec.head.labels_are}), "
+                         f"got {tuple(labels.shape)}")
+
+
+# -- pooling and span decoding ------------------------------------------------------------------
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 0/1 -> position ids counting real tokens only: left padding then gives every row the
     positions it has unpadded (what generate() does), for absolute-position models too."""
@@ -109,41 +229,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
     return hidden[torch.arange(B, device=hidden.device), index]
 
 
-def head_outputs(kind: str, pooling: str, head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor | None):
-    """classification -> logits (B, num_labels); qa -> (start, end) logits (B, T) each, padding at the
-    dtype's minimum so no span starts or ends on a pad."""
-    hidden = hidden.to(head.weight.dtype)  # a bf16 base under a float32 head (autocast casts back as it likes)
-    if kind == "classification":
-        return head(pool(hidden, mask, pooling))
-    start, end = head(hidden).unbind(-1)  # (B, T) each
-    if mask is not None:
-        pad = mask.to(start.device) == 0
-        start = start.masked_fill(pad, torch.finfo(start.dtype).min)
-        end = end.masked_fill(pad, torch.finfo(end.dtype).min)
-    return start, end
-
-
-# -- losses and metrics -----------------------------------------------------------------------------
-def check_labels(task: str, kind: str, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
-    B, T = input_ids.shape[:2]
-    expected = {"classification": (B,), "qa": (B, 2), "generation": (B, T)}[kind]
-    if tuple(labels.shape) != expected:
-        what = {"classification": "one class id per row", "qa": "start and end token per row",
-                "generation": "one label per token"}[kind]
-        raise ValueError(f"task {task!r} ({kind}) takes labels {expected} ({what}), got {tuple(labels.shape)}")
-
-
-def head_loss(kind: str, outputs, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy; QA: per row (CE(start) + CE(end)) / 2, as transformers' QA models (summed
-    here, not averaged). Rows labelled IGNORE_INDEX (padding rows) add nothing."""
-    if kind == "classification":
-        return F.cross_entropy(outputs.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    start, end = outputs
-    start_loss = F.cross_entropy(start.float(), labels[:, 0], ignore_index=IGNORE_INDEX, reduction="sum")
-    end_loss = F.cross_entropy(end.float(), labels[:, 1], ignore_index=IGNORE_INDEX, reduction="sum")
-    return (start_loss + end_loss) / 2
-
-
 def best_spans(start: torch.Tensor, end: torch.Tensor, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> torch.Tensor:
     """(B, T) start / end logits -> (B, 2) [first, last] token of the span with the highest start + end
     logit among spans with first <= last < first + max_answer_tokens. Two separate argmaxes can end
@@ -156,20 +241,3 @@ def best_spans(start: torch.Tensor, end: torch.Tensor, max_answer_tokens: int = 
     best = (start[:, :, None] + ends).flatten(1).argmax(-1)  # (B,) over (first, length - 1) pairs
     first = best // L
     return torch.stack([first, first + best % L], -1)
-
-
-def count_correct(kind: str, outputs, labels: torch.Tensor) -> int:
-    """Classification: argmax == label; QA: exact match, the best valid span's first and last token right."""
-    if kind == "classification":
-        return int((outputs.argmax(-1) == labels).sum())
-    spans = best_spans(*outputs)
-    return int((spans == labels).all(-1).sum())
-
-
-def count_targets(kind: str, labels: torch.Tensor) -> int:
-    """What a task's loss sums over: labelled rows (classification, qa) or trained next tokens (generation)."""
-    if kind == "classification":
-        return int((labels != IGNORE_INDEX).sum())
-    if kind == "qa":
-        return int((labels[:, 0] != IGNORE_INDEX).sum())
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -28,12 +28,12 @@ from torch import nn
 from peftcore.models import BertForSequenceClassification, BertModel, GPT2LMHeadModel, LlamaForCausalLM, safetensors_io
 from peftcore.models.fused import IGNORE_INDEX, causal_lm_loss, computes_own_loss
 from peftcore.multitask.heads import (
+    Classification,
+    Generation,
     TaskSpec,
     build_head,
     check_labels,
     check_task_name,
-    head_loss,
-    head_outputs,
     positions_from_mask,
 )
 from peftcore.peft_model import PeftModel
@@ -78,10 +78,10 @@ class MultiTaskModel(nn.Module):
         std = getattr(backbone.model.config, "initializer_range", 0.02)
         for name, spec in tasks.items():
             check_task_name(name)
-            if spec.kind == "generation" and lm_head is None:
+            if spec.head is Generation and lm_head is None:
                 raise ValueError(f"task {name!r}: generation needs a model with an LM head; "
                                  f"{type(backbone.model).__name__} has none")
-            if spec.kind == "classification" and spec.pooling == "auto":
+            if spec.head is Classification and spec.pooling == "auto":
                 spec = replace(spec, pooling="last" if causal else "first")  # the token that has read the whole row
             self.specs[name] = spec
             head = build_head(spec, hidden_size_of(backbone.model), std)
@@ -113,12 +113,14 @@ class MultiTaskModel(nn.Module):
         (start, end) logits (B, T) each for qa. With labels: the task's summed loss (fp32 scalar)."""
         spec = self.spec_of(task)
         if labels is not None:
-            check_labels(task, spec.kind, labels, input_ids)
-        if spec.kind == "generation":
+            check_labels(task, spec, labels, input_ids)
+        if spec.head is Generation:
             return self.generation(input_ids, attention_mask, labels)
-        outputs = head_outputs(spec.kind, spec.pooling, self.heads[task], self.hidden_states(input_ids, attention_mask),
-                               attention_mask)
-        return outputs if labels is None else head_loss(spec.kind, outputs, labels)
+        head = self.heads[task]
+        # a bf16 base under a float32 head (autocast casts back as it likes)
+        hidden = self.hidden_states(input_ids, attention_mask).to(head.weight.dtype)
+        outputs = spec.head.outputs(spec, head, hidden, attention_mask)
+        return outputs if labels is None else spec.head.loss(outputs, labels)
 
     def hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
         """The backbone's final hidden states (B, T, H), through its LoRA layers."""

@@ -35,7 +35,7 @@ from peftcore.analysis.live import AdapterActivations, lora_layers, training_sta
 from peftcore.analysis.plots import plot_training_curves
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
 from peftcore.models.fused import computes_own_loss as models_computes_own_loss
-from peftcore.multitask.heads import count_correct, count_targets, head_loss
+from peftcore.multitask.heads import Classification, Generation, HeadKind, head_kind
 from peftcore.training import distributed
 from peftcore.training.config import TrainConfig
 from peftcore.training.distributed import Parallel
@@ -80,14 +80,14 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
     """-> (summed loss over trained targets, number of trained targets, number of input tokens).
 
-    A causal LM that computes its own loss (`computes_causal_lm_loss`: ours fuse the lm_head with the
+    A causal LM that computes its own loss (`computes_own_loss`: ours fuse the lm_head with the
     cross-entropy and never hold the (B, T, V) logits) gets `labels=`; other models return logits."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     tokens, targets = int(mask.sum()), trained_targets(batch)
     if route := task_route(batch):  # a multi-task model: the task's head returns its summed loss
         return model(ids, attention_mask=mask, labels=labels, **route), targets, tokens
-    if labels.ndim == 1:  # sequence classification: one label per row (IGNORE_INDEX: a padding row)
-        return classification_loss(model(ids, attention_mask=mask), labels), targets, tokens
+    if kind_of(batch) is Classification:  # one label per row (IGNORE_INDEX: a padding row)
+        return Classification.loss(model(ids, attention_mask=mask), labels), targets, tokens
     if computes_own_loss(model):
         return model(ids, attention_mask=mask, labels=labels), targets, tokens
     logits = model(ids, attention_mask=mask)  # token t predicts token t + 1
@@ -102,21 +102,22 @@ def task_route(batch: dict) -> dict:
     return {"task": batch["task"]} if "task" in batch else {}
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def computes_own_loss(model: nn.Module) -> bool:
     """Whether forward(..., labels=) returns the summed next-token loss (seen through a DDP wrapper)."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return models_computes_own_loss(inner)
 
 
-def trained_targets(batch: dict) -> int:
-    labels = batch["labels"]
+def kind_of(batch: dict) -> HeadKind:
+    """A multi-task batch names its head kind (collate adds it); a single-task batch is a sequence
+    classifier's (one label per row) or a causal LM's (one label per token)."""
     if "kind" in batch:
-        return count_targets(batch["kind"], labels)
-    return int((labels != IGNORE_INDEX).sum()) if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return head_kind(batch["kind"])
+    return Classification if batch["labels"].ndim == 1 else Generation
+
+
+def trained_targets(batch: dict) -> int:
+    return kind_of(batch).targets(batch["labels"])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -202,7 +203,7 @@ def evaluate(model, rows: list[TokenizedExample], batch_size: int, pad_token_id:
     result, weights = {}, task_weights or {}
     for task, task_rows in groups.items():
         scores = evaluate_split(model, task_rows, batch_size, pad_token_id, parallel)
-        if task_rows[0].kind != "generation":
+        if head_kind(task_rows[0].kind) is not Generation:
             del scores["eval_ppl"]
         result.update({f"{key}/{task}": value for key, value in scores.items()})
     result["eval_loss"] = sum(weights.get(task, 1.0) * result[f"eval_loss/{task}"] for task in groups)
@@ -234,21 +235,21 @@ def evaluate_split(model, rows: list[TokenizedExample], batch_size: int, pad_tok
     model.train(was_training)
     result = {"eval_loss": total / max(count, 1)}
     result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
-    kind = rows[0].kind if rows else "generation"
-    if kind != "generation":
-        result["eval_accuracy" if kind == "classification" else "eval_exact_match"] = correct / len(rows)
+    kind = head_kind(rows[0].kind) if rows else Generation
+    if kind.metric is not None:
+        result[kind.metric] = correct / len(rows)
     return result
 
 
 def score_batch(model, batch: dict) -> tuple[float, int, int]:
     """-> (summed loss, targets, correct predictions) of one eval batch, from one forward."""
     labels = batch["labels"]
-    kind = batch.get("kind") or ("classification" if labels.ndim == 1 else "generation")
-    if kind == "generation":
+    kind = kind_of(batch)
+    if kind is Generation:
         loss, n, _ = loss_sum(model, batch)
         return float(loss), n, 0
     outputs = model(batch["input_ids"], attention_mask=batch["attention_mask"], **task_route(batch))
-    return float(head_loss(kind, outputs, labels)), trained_targets(batch), count_correct(kind, outputs, labels)
+    return float(kind.loss(outputs, labels)), kind.targets(labels), kind.correct(outputs, labels)
 
 
 # -- the loop -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from peftcore import LoraConfig, PeftModel, get_peft_model
 from peftcore.data.records import IGNORE_INDEX, DataError, TokenizedExample, collate, qa_example, tokenize_span
 from peftcore.jobs.recipe import RecipeError, load_recipe
 from peftcore.models import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, from_config
-from peftcore.multitask.heads import TaskSpec, best_spans, count_correct
+from peftcore.multitask.heads import QuestionAnswering, TaskSpec, best_spans
 from peftcore.multitask.model import HEADS_CONFIG, HEADS_WEIGHTS, MultiTaskModel
 from peftcore.training.config import TrainConfig
 from peftcore.training.loop import build_optimizer, evaluate, loss_sum, train, train_step
@@ -379,8 +379,8 @@ def test_exact_match_counts_the_best_valid_span_not_two_argmaxes():
     start = torch.tensor([[0.0, 1.0, 5.0, 0.0]])  # start's argmax (2) comes after end's (1)
     end = torch.tensor([[0.0, 6.0, 0.0, 4.0]])
     assert best_spans(start, end).tolist() == [[2, 3]]
-    assert count_correct("qa", (start, end), torch.tensor([[2, 3]])) == 1
-    assert count_correct("qa", (start, end), torch.tensor([[2, 1]])) == 0  # an impossible span is never predicted
+    assert QuestionAnswering.correct((start, end), torch.tensor([[2, 3]])) == 1
+    assert QuestionAnswering.correct((start, end), torch.tensor([[2, 1]])) == 0  # an impossible span is never predicted
 
 
 @pytest.mark.parametrize("record, message", [
