@@ -137,9 +137,13 @@ def run_child(method: str, args: argparse.Namespace) -> dict:
 
 def prepare_base() -> str:
     """Build the built-in model once here, so no child pays for (or races on) the first build."""
+    import logging
+
     from peftcore.jobs.builtin import ensure_builtin
 
-    return str(ensure_builtin("tiny-llama", log=lambda *a, **k: print(*a, file=sys.stderr, **k)))
+    logging.basicConfig(stream=sys.stderr, format="%(message)s")  # the build's progress: stdout holds the results
+    logging.getLogger("peftcore").setLevel(logging.INFO)
+    return str(ensure_builtin("tiny-llama"))
 
 
 def cpu_name() -> str:
@@ -295,7 +299,7 @@ def measure_method(method: str, args: argparse.Namespace) -> dict:
     recipe = load_method_recipe(method, args)
     device = set_runtime(recipe.model)
     torch.set_num_threads(args.threads)
-    base_folder = resolve_base(recipe.model.base_name, log=lambda *a, **k: None)
+    base_folder = resolve_base(recipe.model.base_name)
     tokenizer = load_tokenizer(base_folder)
     pad = pad_id(tokenizer)
     train_rows, eval_rows = load_rows(recipe, tokenizer, args.eval_rows)

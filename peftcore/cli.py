@@ -25,6 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from peftcore import __version__
+from peftcore._logging import log_to_stdout
 from peftcore.data.records import one_line
 from peftcore.models import checkpoint, safetensors_io
 
@@ -71,6 +72,7 @@ def inspect_adapter_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_stdout()
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ LAYERS = [
     ["peftcore.peft_model"],
     ["peftcore.adapter_io"],
     ["peftcore.lora", "peftcore.prompt"],
-    ["peftcore.config", "peftcore.data", "peftcore._json"],
+    ["peftcore.config", "peftcore.data", "peftcore._json", "peftcore._logging"],
     ["peftcore.models"],
     ["peftcore.kernels"],
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BUILD_VERSION = 1  # bump when the build procedure changes: old caches are then ignored
 
@@ -100,17 +103,17 @@ def cache_dir(name: str) -> Path:
     return cache_root() / f"builtin-{name}-{digest.hexdigest()[:12]}"
 
 
-def ensure_builtin(name: str = "tiny-llama", log=print) -> Path:
+def ensure_builtin(name: str = "tiny-llama") -> Path:
     """The checkpoint folder of built-in `name`, built (once) if the cache lacks it."""
     folder = cache_dir(name)
     if (folder / "model.safetensors").is_file():
         return folder
     spec = spec_for(name)
-    log(f"building the built-in base model {name!r} (once; cached in {folder})")
+    log.info(f"building the built-in base model {name!r} (once; cached in {folder})")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        build(spec, tmp, log)
+        build(spec, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             os.rename(tmp, folder)
@@ -171,7 +174,7 @@ def train_tokenizer(spec: BuiltinSpec, folder: Path) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def build(spec: BuiltinSpec, folder: Path, log=print) -> None:
+def build(spec: BuiltinSpec, folder: Path) -> None:
     from peftcore.data.records import IGNORE_INDEX, TokenizedExample, pack
     from peftcore.models import LlamaConfig, from_config, load_tokenizer, save_pretrained
     from peftcore.training.config import TrainConfig
@@ -198,9 +201,9 @@ def build(spec: BuiltinSpec, folder: Path, log=print) -> None:
             rows.append(TokenizedExample("pretrain", ids, [IGNORE_INDEX, *ids[1:]]))
         packed = [row for row in pack(rows, spec.pretrain_length) if len(row.input_ids) > 1]
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"  tokenizer: byte-level BPE, {len(tokenizer)} tokens; model: Llama, {n_params / 1e6:.2f}M parameters; "
-            f"pre-training on {sum(len(r.input_ids) for r in packed):,} tokens of prompt text "
-            f"for {spec.pretrain_steps} steps")
+        log.info(f"  tokenizer: byte-level BPE, {len(tokenizer)} tokens; model: Llama, "
+                 f"{n_params / 1e6:.2f}M parameters; pre-training on {sum(len(r.input_ids) for r in packed):,} "
+                 f"tokens of prompt text for {spec.pretrain_steps} steps")
         train_config = TrainConfig(learning_rate=spec.pretrain_learning_rate, batch_size=spec.pretrain_batch_size,
                                    max_steps=spec.pretrain_steps, warmup_steps=max(1, spec.pretrain_steps // 10),
                                    eval_every=0, patience=0, seed=spec.seed, progress=True)
@@ -215,4 +218,4 @@ def build(spec: BuiltinSpec, folder: Path, log=print) -> None:
     record = {"spec": asdict(spec), "version": BUILD_VERSION, "pretrain_loss_first": losses[0],
               "pretrain_loss_last": sum(losses[-5:]) / len(losses[-5:])}
     (folder / "builtin.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"  pre-training loss {losses[0]:.2f} -> {record['pretrain_loss_last']:.2f}")
+    log.info(f"  pre-training loss {losses[0]:.2f} -> {record['pretrain_loss_last']:.2f}")

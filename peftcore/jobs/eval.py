@@ -15,6 +15,7 @@ column measures what the adapter adds under its head, not the model before train
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from peftcore.multitask.heads import Classification, Generation, HeadKind, Quest
 from peftcore.multitask.model import HEADS_CONFIG, read_task_specs
 from peftcore.training.loop import evaluate
 
+log = logging.getLogger(__name__)
+
 PERCENT = ("accuracy", "exact match")  # fractions in the results, shown as percentages
 
 
@@ -58,13 +61,13 @@ class EvalData:
 
 
 def run_eval(adapter: Path, base: str | None = None, data: str | None = None, glossary: str | None = None,
-             output: Path | None = None, max_records: int | None = None, log=print) -> dict:
+             output: Path | None = None, max_records: int | None = None) -> dict:
     """Every task of the adapter folder (a single-task adapter: its one): the base (adapter disabled) vs
     the adapted model, one evaluate() over every task's rows as training's before / after."""
     adapter = Path(adapter)
     _, info = read_adapter_info(adapter)
     tasks = eval_tasks(adapter, info, data)  # bad data fails before the model loads
-    loaded = load_adapter_folder(adapter, base, log=log)
+    loaded = load_adapter_folder(adapter, base)
     settings = eval_settings(loaded, max_records=max_records)
     max_length = loaded.info["data"].get("max_length", 512)
     rows = {name: tokenize_records(task.records, loaded.tokenizer, max_length, task=name)
@@ -82,12 +85,12 @@ def run_eval(adapter: Path, base: str | None = None, data: str | None = None, gl
     result = {"adapter": str(adapter), "base": loaded.base_name}
     if None in scored:
         result.update({key: v for key, v in scored[None].items() if key != "kind"})
-        log(text_table(result))
-        return write_reports(result, markdown_report(result), adapter, output, log)
+        log.info(text_table(result))
+        return write_reports(result, markdown_report(result), adapter, output)
     result.update(tasks=scored, weighted_loss=[base_scores["eval_loss"], adapted_scores["eval_loss"]])
     for name, task in scored.items():
-        log(f"task {name} ({task['kind']}, {describe_records(task)}):\n{text_table(task)}")
-    return write_reports(result, multitask_report(result), adapter, output, log)
+        log.info(f"task {name} ({task['kind']}, {describe_records(task)}):\n{text_table(task)}")
+    return write_reports(result, multitask_report(result), adapter, output)
 
 
 def eval_tasks(adapter: Path, info: dict, data: str | None) -> dict[str | None, EvalData]:
@@ -105,12 +108,12 @@ def eval_tasks(adapter: Path, info: dict, data: str | None) -> dict[str | None, 
     return {None: EvalData(data, head, labels, parse_records(data, template, labels))}
 
 
-def write_reports(result: dict, markdown: str, adapter: Path, output: Path | None, log=print) -> dict:
+def write_reports(result: dict, markdown: str, adapter: Path, output: Path | None) -> dict:
     """The markdown report (default: report.md beside the adapter folder) and its numbers as JSON beside it."""
     output = Path(output) if output else Path(adapter).resolve().parent / "report.md"
     output.write_text(markdown, encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log(f"report written to {output}")
+    log.info(f"report written to {output}")
     return result
 
 

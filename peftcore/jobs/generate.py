@@ -2,16 +2,19 @@
 continuations with an adapter, in the settings of the adapter's recipe ([eval])."""
 from __future__ import annotations
 
+import logging
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
+from peftcore._logging import quiet
 from peftcore.data.records import PromptTemplate, chat_prompt
 from peftcore.jobs.recipe import EvalSection
 from peftcore.jobs.tasks import Loaded, Record, TaskError, load_adapter_folder, pad_id
 from peftcore.models.generate import SamplingConfig
 
+log = logging.getLogger(__name__)
 
 def eval_settings(loaded: Loaded, **overrides) -> EvalSection:
     """The adapter's recipe [eval] section (an adapter from elsewhere: the defaults), then the
@@ -24,7 +27,8 @@ def eval_settings(loaded: Loaded, **overrides) -> EvalSection:
 def run_generate(adapter: Path, prompt: str, base: str | None = None, raw: bool = False, instruction: str | None = None,
                  chat: bool = False, sampling: dict | None = None, seed: int = 0) -> str:
     """`sampling`: SamplingConfig fields to override the adapter's recorded [eval] ones with (None: keep)."""
-    loaded = load_adapter_folder(adapter, base, log=lambda *a: None)
+    with quiet():  # stdout carries the generated text alone
+        loaded = load_adapter_folder(adapter, base)
     if loaded.labels is not None:
         raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore eval")
     text = prompt if raw else render_prompt(loaded.template, prompt, instruction, chat)
@@ -66,14 +70,14 @@ def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, 
     return outputs
 
 
-def show_samples(loaded: Loaded, records: list[Record], settings, log=print) -> list[dict]:
+def show_samples(loaded: Loaded, records: list[Record], settings) -> list[dict]:
     generated = generate_texts(loaded.peft_model, loaded.tokenizer, [r.prompt for r in records], settings,
                                loaded.device)
     mode = "greedy" if not settings.temperature else f"temperature {settings.temperature}"
-    log(f"samples ({mode}, up to {settings.max_new_tokens} new tokens):")
+    log.info(f"samples ({mode}, up to {settings.max_new_tokens} new tokens):")
     out = []
     for i, (record, text) in enumerate(zip(records, generated), start=1):
-        log(f"[{i}] prompt:    {one_line(record.shown)}\n    reference: {one_line(record.reference)}\n"
+        log.info(f"[{i}] prompt:    {one_line(record.shown)}\n    reference: {one_line(record.reference)}\n"
             f"    generated: {one_line(text)}")
         out.append({"where": record.where, "prompt": record.shown, "reference": record.reference, "generated": text})
     return out

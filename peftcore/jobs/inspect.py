@@ -2,18 +2,21 @@
 learned (peftcore.analysis: low-rank spectra for LoRA / DoRA, norms and nearest tokens for prompts)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
+from peftcore._logging import quiet
 from peftcore.adapter_io import read_adapter_config
 from peftcore.analysis import plots
 from peftcore.analysis.lowrank import compare_adapters, format_table, inspect_adapter, write_json
 from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
 from peftcore.jobs.tasks import resolve_base
 
+log = logging.getLogger(__name__)
 
 def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = None, output_dir: Path | None = None,
-                top_k: int = 5, log=print) -> list[Path]:
+                top_k: int = 5) -> list[Path]:
     """The table on the terminal, inspect.json and the PNG plots (in output_dir, default: the adapter
     folder) of a LoRA / DoRA or prompt-learning adapter. -> the files written."""
     adapter = Path(adapter)
@@ -26,28 +29,28 @@ def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = N
     base_folder = None  # prefix tuning needs no base: its vectors are keys and values, not token embeddings
     if config.get("peft_type") != "PREFIX_TUNING":
         base_folder = available_base(base or config.get("base_model_name_or_path"),
-                                     "nearest vocabulary tokens" if prompt else "relative norms", log)
+                                     "nearest vocabulary tokens" if prompt else "relative norms")
     out = Path(output_dir or adapter)
     out.mkdir(parents=True, exist_ok=True)
-    report = (report_prompt(adapter, base_folder, top_k, out, log) if prompt
-              else report_lora(adapter, base_folder, compare, out, log))
-    written = [out / "inspect.json"] + write_plots(report, out, log)
-    log("wrote " + ", ".join(str(p) for p in written))
+    report = (report_prompt(adapter, base_folder, top_k, out) if prompt
+              else report_lora(adapter, base_folder, compare, out))
+    written = [out / "inspect.json"] + write_plots(report, out)
+    log.info("wrote " + ", ".join(str(p) for p in written))
     return written
 
 
-def report_prompt(adapter: Path, base: Path | None, top_k: int, out: Path, log=print) -> list[tuple]:
+def report_prompt(adapter: Path, base: Path | None, top_k: int, out: Path) -> list[tuple]:
     """Prints the table and writes inspect.json. -> the plots to draw (see write_plots)."""
-    stats = inspect_prompt_adapter(adapter, base, prompt_tokenizer(adapter, base, log), top_k)
-    log(format_prompt_table(stats))
+    stats = inspect_prompt_adapter(adapter, base, prompt_tokenizer(adapter, base), top_k)
+    log.info(format_prompt_table(stats))
     write_prompt_json(stats, out / "inspect.json")
     return [(plots.plot_prompt_norms, stats, "inspect_prompt_norms.png")]
 
 
-def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Path, log=print) -> list[tuple]:
+def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Path) -> list[tuple]:
     stats = inspect_adapter(adapter, base)
     comparison = compare_adapters(adapter, compare) if compare else None
-    log(format_table(stats))
+    log.info(format_table(stats))
     write_json(stats, out / "inspect.json", comparison)
     drawn = [(plots.plot_spectra, stats, "inspect_spectra.png")]
     if base is not None:
@@ -57,19 +60,20 @@ def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Pat
     return drawn
 
 
-def available_base(name: str | None, skipped: str, log=print) -> Path | None:
+def available_base(name: str | None, skipped: str) -> Path | None:
     """The base folder, or None and one line naming what is left out: the adapter alone still has its numbers."""
     if not name:
-        log(f"no base (adapter_config.json names none; pass --base): {skipped} skipped")
+        log.info(f"no base (adapter_config.json names none; pass --base): {skipped} skipped")
         return None
     try:
-        return resolve_base(name, log=lambda *a, **k: None)
+        with quiet():
+            return resolve_base(name)
     except Exception as e:  # the adapter names a base that is not on this machine
-        log(f"base {name!r} not available ({' '.join(str(e).split())}): {skipped} skipped")
+        log.info(f"base {name!r} not available ({' '.join(str(e).split())}): {skipped} skipped")
         return None
 
 
-def prompt_tokenizer(adapter: Path, base: Path | None, log=print):
+def prompt_tokenizer(adapter: Path, base: Path | None):
     """The adapter's tokenizer (peftcore train copies it there), else the base's; None: ids are shown."""
     from peftcore.models import load_tokenizer
 
@@ -77,15 +81,15 @@ def prompt_tokenizer(adapter: Path, base: Path | None, log=print):
         return None
     folder = adapter if (adapter / "tokenizer.json").is_file() else base
     if not (folder / "tokenizer.json").is_file():
-        log(f"no tokenizer.json in {adapter} or {base}: nearest tokens shown as ids")
+        log.info(f"no tokenizer.json in {adapter} or {base}: nearest tokens shown as ids")
         return None
     return load_tokenizer(folder)
 
 
-def write_plots(drawn: list[tuple[Callable, object, str]], out: Path, log=print) -> list[Path]:
+def write_plots(drawn: list[tuple[Callable, object, str]], out: Path) -> list[Path]:
     """(a peftcore.analysis.plots function, what it draws, file name) each; none without matplotlib."""
     try:
         return [plot(value, out / file) for plot, value, file in drawn]
     except ImportError as e:  # matplotlib is the optional `plot` extra
-        log(f"plots skipped: {e}")
+        log.info(f"plots skipped: {e}")
         return []

@@ -1,6 +1,7 @@
 """`peftcore merge`: fold an adapter folder's adapter into its base, a plain checkpoint folder out."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -9,15 +10,16 @@ from peftcore.lora.quantized_merge import format_merge_report
 from peftcore.models import save_pretrained
 from peftcore.peft_model import PeftModel
 
+log = logging.getLogger(__name__)
 
-def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = "original", log=print) -> Path:
+def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = "original") -> Path:
     """Fold the adapter into its base. A QLoRA adapter (trained over a quantized base) merges into the
     base's original weights by default, or with into="quantized" into the dequantized weights it was
     trained against (the merged model then computes exactly what training saw; the log reports what
     re-quantizing each merged layer would cost)."""
     if into not in ("original", "quantized"):
         raise TaskError(f"--into {into!r}: choose original or quantized")
-    loaded = load_adapter_folder(adapter, base, merge_ready=into == "original", log=log)
+    loaded = load_adapter_folder(adapter, base, merge_ready=into == "original")
     if not isinstance(loaded.peft_model, PeftModel) or loaded.peft_model.is_prompt_learning:
         raise TaskError(f"{adapter} holds a prompt-learning adapter: it adds inputs, not weights, so there is "
                         "nothing to merge; load it with the base instead")
@@ -27,9 +29,9 @@ def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = 
                         "(its recipe has no quantize)")
     merged = loaded.peft_model.merge_and_unload()
     if into == "quantized":
-        log(format_merge_report(loaded.peft_model.merge_report))
+        log.info(format_merge_report(loaded.peft_model.merge_report))
     elif quantized:
-        log(f"the adapter trained over the {quantized} rounding of the base; merged into the original weights "
+        log.info(f"the adapter trained over the {quantized} rounding of the base; merged into the original weights "
             "(--into quantized: into the rounded ones it saw)")
     output = Path(output)
     save_pretrained(merged, output)
@@ -37,5 +39,5 @@ def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = 
         source = Path(adapter) / name if (Path(adapter) / name).is_file() else loaded.base_folder / name
         if source.is_file():
             shutil.copy2(source, output / name)
-    log(f"merged {loaded.base_name} + {adapter} -> {output} (config.json, model.safetensors, tokenizer)")
+    log.info(f"merged {loaded.base_name} + {adapter} -> {output} (config.json, model.safetensors, tokenizer)")
     return output

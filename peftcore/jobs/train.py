@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -50,6 +51,8 @@ from peftcore.peft_model import get_peft_model
 from peftcore.training.loop import evaluate, train
 from peftcore.training.state import replace_atomically, set_seed
 
+log = logging.getLogger(__name__)
+
 ADAPTER_DIR = "adapter"
 
 
@@ -63,7 +66,7 @@ def default_output_dir(resume: bool) -> Path:
     return runs / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print, overwrite: bool = False) -> dict:
+def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite: bool = False) -> dict:
     """overwrite: start afresh in a folder that holds a run (run_folder.prepare); resume: continue it.
 
     One pipeline for every recipe: a single-task recipe is a one-task job (its task named None)."""
@@ -72,24 +75,23 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print,
 
     started, output_dir = time.perf_counter(), Path(output_dir)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
-    log = log if main else (lambda *args, **kwargs: None)
-    recipe = start_run(recipe, output_dir, resume, overwrite, log)
+    recipe = start_run(recipe, output_dir, resume, overwrite)
     # 1. the data, every task's, parsed and checked before anything loads
     tasks = job_tasks(recipe)
     # 2. base + tokenizer; 3. tokens and the data report(s)
     device = set_runtime(recipe.model)
-    base_folder = resolve_base(recipe.model.base_name, log=log)
+    base_folder = resolve_base(recipe.model.base_name)
     tokenizer = load_tokenizer(base_folder)
     pad, batch = pad_id(tokenizer), recipe.train.batch_size
-    train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None, log,
+    train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None,
                                            packing=recipe.data.packing)
     # 4. model + adapter (+ task heads); 5. before (the adapter disabled)
-    model = build_model(recipe, base_folder, device, tasks, log)
+    model = build_model(recipe, base_folder, device, tasks)
     info = {**recipe.to_dict(), "labels": tasks[None].labels if None in tasks else None}
     if main:
         write_recipe(output_dir, info)
     describe = functools.partial(describe_scores, tasks=tasks)
-    before = score(backbone(model).disable_adapter, model, eval_rows, batch, pad, "before: ", log,
+    before = score(backbone(model).disable_adapter, model, eval_rows, batch, pad, "before: ",
                    describe=describe, task_weights=task_weights(model))
     # 6. train
     state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
@@ -99,24 +101,24 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, log=print,
     # 7. the adapter: the best evaluation's, else the last step's; 8. after, from the files
     chosen, adapter = keep_chosen_adapter(output_dir)
     model = None  # frees the trained copy before the files load
-    loaded = load_adapter_folder(adapter, log=log)
-    after = score(contextlib.nullcontext, loaded.model, eval_rows, batch, pad, "after:  ", log,
+    loaded = load_adapter_folder(adapter)
+    after = score(contextlib.nullcontext, loaded.model, eval_rows, batch, pad, "after:  ",
                   best_note(chosen, state), describe=describe, task_weights=loaded.task_weights)
-    samples = job_samples(loaded, tasks, recipe.eval, log)
+    samples = job_samples(loaded, tasks, recipe.eval)
     summary = write_summary(output_dir, state, before, after, adapter, started, samples)
     if None in tasks:
-        log(f"adapter saved to {adapter}  "
+        log.info(f"adapter saved to {adapter}  "
             f"(metrics: {output_dir / 'metrics.jsonl'}; try: peftcore eval --adapter {adapter})")
     else:
-        log(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
+        log.info(f"adapter and task heads saved to {adapter}  (metrics: {output_dir / 'metrics.jsonl'})")
     return summary
 
 
-def start_run(recipe: Recipe, output_dir: Path, resume: bool, overwrite: bool, log=print) -> Recipe:
+def start_run(recipe: Recipe, output_dir: Path, resume: bool, overwrite: bool) -> Recipe:
     """The run folder checked (occupied: refused; resumed: a whole checkpoint, the run's recipe), then the
     recipe as the run uses it: the checkpoint's chat template filled in. Nothing loads before this."""
     run_folder.prepare(output_dir, resume, overwrite)
-    recipe = with_checkpoint_chat_template(recipe, log)
+    recipe = with_checkpoint_chat_template(recipe)
     if resume:
         run_folder.check_same_recipe(recipe, output_dir)
     return recipe
@@ -129,7 +131,7 @@ def write_recipe(output_dir: Path, info: dict) -> None:
         write_json(path, info)
 
 
-def with_checkpoint_chat_template(recipe: Recipe, log=print) -> Recipe:
+def with_checkpoint_chat_template(recipe: Recipe) -> Recipe:
     """The base checkpoint's own chat template (chat_template.jinja / tokenizer_config.json) renders
     chat records unless the recipe sets one: the adapter then learns the format the model was tuned
     on. Read from the tokenizer files before any record is parsed, so records are parsed once. The
@@ -139,42 +141,42 @@ def with_checkpoint_chat_template(recipe: Recipe, log=print) -> Recipe:
     if template.chat_template or recipe.model.builtin:
         return recipe
     try:
-        folder = resolve_base(recipe.model.base_name, log=lambda *a: None)  # a path or a pip package: a lookup
+        folder = resolve_base(recipe.model.base_name)  # a path or a pip package: a lookup
     except TaskError:
         return recipe
     chat_template = read_chat_template(folder, read_json(folder / "tokenizer_config.json"))
     if not chat_template:
         return recipe
-    log("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
+    log.info("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
     return replace(recipe, data=replace(recipe.data, template=replace(template, chat_template=chat_template)))
 
 
-def build_model(recipe: Recipe, base_folder: Path, device, tasks: dict, log=print):
+def build_model(recipe: Recipe, base_folder: Path, device, tasks: dict):
     """The base with the recipe's adapter (seeded): a PeftModel for a single-task job, else a MultiTaskModel."""
     if None in tasks:
-        return build_adapted(recipe, base_folder, device, tasks[None].labels, log)
-    return build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()}, log)
+        return build_adapted(recipe, base_folder, device, tasks[None].labels)
+    return build_multitask(recipe, base_folder, device, {name: task.spec for name, task in tasks.items()})
 
 
-def build_adapted(recipe: Recipe, base_folder: Path, device, labels: list[str] | None, log=print):
+def build_adapted(recipe: Recipe, base_folder: Path, device, labels: list[str] | None):
     """The base with the recipe's adapter (seeded), its trainable share logged. -> PeftModel."""
     set_seed(recipe.train.seed)
     model = load_base(base_folder, recipe.model, labels, device=device, seed=recipe.train.seed)
     peft_model = get_peft_model(model, adapter_config(recipe, model, recipe.model.base_name, base_folder))
     trainable, total = peft_model.get_nb_trainable_parameters()
-    log(f"model: {recipe.model.base_name} ({type(model).__name__}), adapter {recipe.adapter.method}: "
+    log.info(f"model: {recipe.model.base_name} ({type(model).__name__}), adapter {recipe.adapter.method}: "
         f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
     return peft_model
 
 
-def score(context, model, eval_rows, batch: int, pad: int, label: str, log=print, note: str = "",
+def score(context, model, eval_rows, batch: int, pad: int, label: str, note: str = "",
           describe=None, **evaluate_kw) -> dict:
     """evaluate() inside `context()` (e.g. the adapter disabled), logged as `label` + the description."""
     if not eval_rows:
         return {}
     with context():
         result = evaluate(model, eval_rows, batch, pad, **evaluate_kw)
-    log(label + (describe or describe_eval)(result) + note)
+    log.info(label + (describe or describe_eval)(result) + note)
     return result
 
 
@@ -251,7 +253,7 @@ def parse_task(name: str, task: TaskSection, recipe: Recipe) -> TaskData:
     return TaskData(head, labels, train_records, eval_records, spec)
 
 
-def tokenize_tasks(tasks: dict[str | None, TaskData], tokenizer, max_length: int, report_dir: Path | None, log=print,
+def tokenize_tasks(tasks: dict[str | None, TaskData], tokenizer, max_length: int, report_dir: Path | None,
                    packing: bool = False):
     """-> (train rows, eval rows), every row stamped with its task; logs each task's data report and writes
     them (a single-task job: its one report); packs generation rows if asked."""
@@ -259,17 +261,17 @@ def tokenize_tasks(tasks: dict[str | None, TaskData], tokenizer, max_length: int
     for name, task in tasks.items():
         rows = tokenize_records(task.train_records, tokenizer, max_length, task=name)
         eval_rows += tokenize_records(task.eval_records, tokenizer, max_length, task=name)
-        reports[name] = task_report(name, task, rows, max_length, log)
+        reports[name] = task_report(name, task, rows, max_length)
         train_rows += rows
     if report_dir is not None:
         write_report(reports[None] if None in tasks else {"tasks": reports}, report_dir)
     if packing and all(task.head is Generation for task in tasks.values()):
         train_rows = pack(train_rows, max_length)
-        log(f"  packed into {len(train_rows)} rows of up to {max_length} tokens")
+        log.info(f"  packed into {len(train_rows)} rows of up to {max_length} tokens")
     return train_rows, eval_rows
 
 
-def task_report(name: str | None, task: TaskData, rows, max_length: int, log=print) -> dict:
+def task_report(name: str | None, task: TaskData, rows, max_length: int) -> dict:
     """One task's data report, logged (a named task: under a line naming it, its kind and weight)."""
     report = data_report(task.train_records, rows, max_length)
     if task.labels is not None:
@@ -278,14 +280,14 @@ def task_report(name: str | None, task: TaskData, rows, max_length: int, log=pri
     if task.head is not Generation:
         report["trained_tokens"] = len(rows)  # one trained target (a label, a span) per record
     if name is not None:
-        log(f"task {name} ({task.head.name}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
-    log(format_report(report))
+        log.info(f"task {name} ({task.head.name}, weight {task.spec.weight:g}, {len(task.eval_records)} eval records)")
+    log.info(format_report(report))
     if task.labels:
-        log("  labels: " + ", ".join(f"{label} {n}" for label, n in report["label_counts"].items()))
+        log.info("  labels: " + ", ".join(f"{label} {n}" for label, n in report["label_counts"].items()))
     return report
 
 
-def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, TaskSpec], log=print) -> MultiTaskModel:
+def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, TaskSpec]) -> MultiTaskModel:
     set_seed(recipe.train.seed)
     base = load_base(base_folder, recipe.model, None, device=device, seed=recipe.train.seed)
     task_type = "CAUSAL_LM" if parts_of(base)[2] else "FEATURE_EXTRACTION"  # an encoder has no LM task
@@ -293,7 +295,7 @@ def build_multitask(recipe: Recipe, base_folder: Path, device, specs: dict[str, 
     model = MultiTaskModel(peft_model, specs)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"model: {recipe.model.base_name}, adapter {recipe.adapter.method} + heads for {', '.join(specs)}: "
+    log.info(f"model: {recipe.model.base_name}, adapter {recipe.adapter.method} + heads for {', '.join(specs)}: "
         f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")
     return model
 
@@ -311,12 +313,12 @@ def describe_tasks(result: dict, tasks: dict[str, TaskData]) -> str:
     return "; ".join(parts) + f"; weighted loss {result['eval_loss']:.3f}"
 
 
-def job_samples(loaded: Loaded, tasks: dict[str | None, TaskData], settings, log=print) -> list[dict]:
+def job_samples(loaded: Loaded, tasks: dict[str | None, TaskData], settings) -> list[dict]:
     """Sample generations of the first generation task with eval records (multi-task: the shared adapter + LM head)."""
     names = [n for n, t in tasks.items() if t.head is Generation and t.eval_records]
     if not names or not settings.samples:
         return []
     name = names[0]
     if name is not None:
-        log(f"task {name}:")
-    return show_samples(loaded, tasks[name].eval_records[: settings.samples], settings, log)
+        log.info(f"task {name}:")
+    return show_samples(loaded, tasks[name].eval_records[: settings.samples], settings)

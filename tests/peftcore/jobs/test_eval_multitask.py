@@ -44,9 +44,9 @@ def direct_scores(adapter: Path) -> tuple[MultiTaskModel, object, dict, dict, di
     recipe = load_recipe(EXAMPLES / "multitask.toml", SETTINGS[1::2])
     tasks = {name: parse_task(name, task, recipe) for name, task in recipe.tasks.items()}
     tokenizer = load_tokenizer(adapter)
-    _, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, None, log=lambda *a: None)
+    _, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, None)
     model = MultiTaskModel.from_pretrained(
-        load_pretrained(resolve_base("builtin:tiny-llama", log=lambda *a: None)), adapter
+        load_pretrained(resolve_base("builtin:tiny-llama")), adapter
     )
     with model.backbone.disable_adapter():
         base = evaluate(model, eval_rows, 8, pad_id(tokenizer), task_weights=model.task_weights)

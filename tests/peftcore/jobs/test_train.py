@@ -108,7 +108,7 @@ def test_generate_is_greedy_and_repeatable(trained):
     second = run("generate", "--adapter", folder / "adapter", "--max-new-tokens", 6,
                  "How long are restore points kept?")
     assert first[0] == 0 and first[1] == second[1]
-    loaded = load_adapter_folder(folder / "adapter", log=lambda *a: None)
+    loaded = load_adapter_folder(folder / "adapter")
     prompt = loaded.template.render({"input": "How long are restore points kept?"})
     ids = torch.tensor([[loaded.tokenizer.bos_token_id, *loaded.tokenizer.encode(prompt, add_special_tokens=False)]])
     tokens = loaded.peft_model.generate(ids, max_new_tokens=6, eos_token_id=loaded.tokenizer.eos_token_id)
@@ -121,7 +121,7 @@ def test_merge_output_loads_in_transformers_with_equal_logits(trained, tmp_path)
     assert code == 0, err
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
-    loaded = load_adapter_folder(folder / "adapter", log=lambda *a: None)
+    loaded = load_adapter_folder(folder / "adapter")
     with torch.no_grad():  # a non-zero adapter, so the comparison can fail
         for name, p in loaded.peft_model.named_parameters():
             if "lora_B" in name:
@@ -138,7 +138,7 @@ def test_a_qlora_adapter_merges_into_original_or_quantized_weights(tmp_path):
                        "--set", "model.quantize=nf4", "--set", "train.learning_rate=5e-2", "--set", "eval.samples=0")
     assert code == 0, err
     adapter = tmp_path / "run" / "adapter"
-    loaded = load_adapter_folder(adapter, log=lambda *a: None)  # the nf4 base + the adapter: what training saw
+    loaded = load_adapter_folder(adapter)  # the nf4 base + the adapter: what training saw
     ids = torch.tensor(
         [[loaded.tokenizer.bos_token_id, *loaded.tokenizer.encode("Restore points", add_special_tokens=False)]]
     )
@@ -242,7 +242,7 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
     """A base whose tokenizer ships a chat template (chat_template.jinja, as transformers saves it):
     chat records are rendered with it, the log says so, and the saved recipe keeps it for eval."""
     base = tmp_path / "base"
-    shutil.copytree(builtin.ensure_builtin("tiny-llama", log=lambda *a: None), base)
+    shutil.copytree(builtin.ensure_builtin("tiny-llama"), base)
     (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     chat = [{"messages": [{"role": "user", "content": f"question {i}"},
                           {"role": "assistant", "content": f"answer {i}"}]}
@@ -262,7 +262,7 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
     code, out, err = run("generate", "--adapter", tmp_path / "run" / "adapter", "--chat", "--max-new-tokens", 3,
                          "question 1")
     assert code == 0, err
-    loaded = load_adapter_folder(tmp_path / "run" / "adapter", log=lambda *a: None)
+    loaded = load_adapter_folder(tmp_path / "run" / "adapter")
     prompt = loaded.tokenizer.encode("<<user>> question 1\n<<assistant>> ", add_special_tokens=False)
     ids = torch.tensor([[loaded.tokenizer.bos_token_id, *prompt]])
     tokens = loaded.peft_model.generate(ids, max_new_tokens=3, eos_token_id=loaded.tokenizer.eos_token_id)
@@ -273,7 +273,7 @@ def test_double_quant_reaches_the_loaded_base(tmp_path):
     code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 1, *FAST,
                        "--set", "model.quantize=nf4", "--set", "model.double_quant=true", "--set", "eval.samples=0")
     assert code == 0, err
-    loaded = load_adapter_folder(tmp_path / "run" / "adapter", log=lambda *a: None)  # as eval / generate load it
+    loaded = load_adapter_folder(tmp_path / "run" / "adapter")  # as eval / generate load it
     layers = [m for m in loaded.peft_model.modules() if type(m).__name__ == "QuantLinear"]
     assert layers and all(m.double_quant for m in layers)
     code, _, err = run("train", "--output-dir", tmp_path / "bad", "--set", "model.double_quant=true")

@@ -37,7 +37,7 @@ def small_builtin(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer():
     assert SMALL.vocab_size == builtin.BuiltinSpec().vocab_size  # the built-in tokenizer, not a test one
-    return load_tokenizer(builtin.ensure_builtin("tiny-llama", log=lambda *a: None))
+    return load_tokenizer(builtin.ensure_builtin("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
