@@ -251,7 +251,7 @@ def import_lazy_modules() -> None:
 
 
 def build_model(recipe, base_folder: Path, device: torch.device):
-    from peftcore.jobs.tasks import adapter_config, load_base
+    from peftcore.jobs.bases import adapter_config, load_base
     from peftcore.peft_model import get_peft_model
     from peftcore.training.state import set_seed
 
@@ -292,7 +292,8 @@ class StepTimer:
 def measure_method(method: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: load, evaluate, train `args.steps` steps, evaluate -> the figures."""
     torch.set_num_threads(args.threads)
-    from peftcore.jobs.tasks import pad_id, resolve_base, set_runtime
+    from peftcore.jobs.bases import resolve_base, set_runtime
+    from peftcore.jobs.tasks import pad_id
     from peftcore.models import load_tokenizer
     from peftcore.training.loop import evaluate, train
 

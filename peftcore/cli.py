@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def input_errors() -> tuple[type[Exception], ...]:
     from peftcore.data.records import DataError
+    from peftcore.jobs.bases import TaskError
     from peftcore.jobs.builtin import BuiltinError
     from peftcore.jobs.recipe import RecipeError
     from peftcore.jobs.run_folder import RunFolderError
-    from peftcore.jobs.tasks import TaskError
 
     return RecipeError, DataError, TaskError, BuiltinError, RunFolderError
 

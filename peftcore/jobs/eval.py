@@ -23,18 +23,10 @@ import torch
 
 from peftcore.analysis.text_metrics import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
 from peftcore.data.records import PromptTemplate, collate
+from peftcore.jobs.adapter_folder import RECIPE_FILE, Loaded, load_adapter_folder, read_adapter_info
+from peftcore.jobs.bases import TaskError
 from peftcore.jobs.generate import eval_settings, generate_texts, one_line
-from peftcore.jobs.tasks import (
-    RECIPE_FILE,
-    Loaded,
-    Record,
-    TaskError,
-    load_adapter_folder,
-    pad_id,
-    parse_records,
-    read_adapter_info,
-    tokenize_records,
-)
+from peftcore.jobs.tasks import Record, pad_id, parse_records, tokenize_records
 from peftcore.multitask.heads import Classification, Generation, HeadKind, QuestionAnswering, TaskSpec, best_spans
 from peftcore.multitask.model import HEADS_CONFIG, read_task_specs
 from peftcore.training.loop import evaluate

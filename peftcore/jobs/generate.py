@@ -10,8 +10,10 @@ import torch
 
 from peftcore._logging import quiet
 from peftcore.data.records import PromptTemplate, chat_prompt
+from peftcore.jobs.adapter_folder import Loaded, load_adapter_folder
+from peftcore.jobs.bases import TaskError
 from peftcore.jobs.recipe import EvalSection
-from peftcore.jobs.tasks import Loaded, Record, TaskError, load_adapter_folder, pad_id
+from peftcore.jobs.tasks import Record, pad_id
 from peftcore.models.generate import SamplingConfig
 
 log = logging.getLogger(__name__)

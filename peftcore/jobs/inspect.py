@@ -11,7 +11,7 @@ from peftcore.adapter_io import read_adapter_config
 from peftcore.analysis import plots
 from peftcore.analysis.lowrank import compare_adapters, format_table, inspect_adapter, write_json
 from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
-from peftcore.jobs.tasks import resolve_base
+from peftcore.jobs.bases import resolve_base
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from peftcore.jobs.tasks import TOKENIZER_FILES, TaskError, load_adapter_folder
+from peftcore.jobs.adapter_folder import TOKENIZER_FILES, load_adapter_folder
+from peftcore.jobs.bases import TaskError
 from peftcore.lora.quantized_merge import format_merge_report
 from peftcore.models import save_pretrained
 from peftcore.peft_model import PeftModel

@@ -25,25 +25,11 @@ from pathlib import Path
 from peftcore.data.records import pack
 from peftcore.data.report import data_report, format_report, write_report
 from peftcore.jobs import run_folder
+from peftcore.jobs.adapter_folder import Loaded, backbone, load_adapter_folder, save_adapter_folder, task_weights
+from peftcore.jobs.bases import TaskError, adapter_config, load_base, resolve_base, set_runtime
 from peftcore.jobs.generate import show_samples
 from peftcore.jobs.recipe import Recipe, TaskSection
-from peftcore.jobs.tasks import (
-    Loaded,
-    Record,
-    TaskError,
-    adapter_config,
-    backbone,
-    load_adapter_folder,
-    load_base,
-    pad_id,
-    parse_records,
-    read_labels,
-    resolve_base,
-    save_adapter_folder,
-    set_runtime,
-    task_weights,
-    tokenize_records,
-)
+from peftcore.jobs.tasks import Record, pad_id, parse_records, read_labels, tokenize_records
 from peftcore.models.tokenizer import read_chat_template, read_json
 from peftcore.multitask.heads import Classification, Generation, HeadKind, TaskSpec, head_kind
 from peftcore.multitask.model import MultiTaskModel, parts_of

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from peftcore.data.records import DataError, PromptTemplate, chat_prompt, to_example
-from peftcore.jobs.tasks import TaskError, read_adapter_info, read_labels, resolve_base
+from peftcore.jobs.adapter_folder import read_adapter_info
+from peftcore.jobs.bases import TaskError, resolve_base
+from peftcore.jobs.tasks import read_labels
 from peftcore.models.tokenizer import read_chat_template, read_json
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -76,7 +78,7 @@ def test_pip_names_resolve_without_importing_anything():
     no module ran. A subprocess, since the test process may have imported anything."""
     script = (
         "import sys\n"
-        "from peftcore.jobs.tasks import TaskError, resolve_base\n"
+        "from peftcore.jobs.bases import TaskError, resolve_base\n"
         "assert 'this' not in sys.modules\n"
         "for name in ('pip:this.model', 'pip:this'):\n"
         "    try:\n"

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from peftcore.analysis.text_metrics import bleu, repetition
+from peftcore.jobs.bases import resolve_base
 from peftcore.jobs.generate import generate_texts
 from peftcore.jobs.recipe import load_recipe
-from peftcore.jobs.tasks import pad_id, resolve_base
+from peftcore.jobs.tasks import pad_id
 from peftcore.jobs.train import parse_task, tokenize_tasks
 from peftcore.models import load_pretrained, load_tokenizer
 from peftcore.multitask.model import MultiTaskModel

@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
 from peftcore.cli import main  # noqa: E402
+from peftcore.jobs.adapter_folder import load_adapter_folder  # noqa: E402
 from peftcore.jobs.recipe import load_recipe  # noqa: E402
 from peftcore.jobs.run_folder import RunFolderError, check_same_recipe, recipe_for  # noqa: E402
-from peftcore.jobs.tasks import load_adapter_folder  # noqa: E402
 from peftcore.models import safetensors_io  # noqa: E402
 from peftcore.training.state import MetricsLog  # noqa: E402
 from tests.peftcore.jobs.test_train import FAST, TINY, builtin_replaced_by, run, tiny_builtin  # noqa: E402,F401 (fixture)

@@ -14,7 +14,7 @@ import transformers
 
 from peftcore.cli import main
 from peftcore.jobs import builtin
-from peftcore.jobs.tasks import load_adapter_folder
+from peftcore.jobs.adapter_folder import load_adapter_folder
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = dataclasses.replace(builtin.BuiltinSpec(), vocab_size=400, hidden_size=32, intermediate_size=64,

