@@ -7,20 +7,28 @@ import torch
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How generate() decodes, passed whole. eos_token_id None: the model config's eos_token_id (as
-    transformers' generate); [] never stops. pad_token_id None: EOS (else 0) pads rows that finished."""
+class SamplingOptions:
+    """The decoding choices a person makes: a recipe's [eval] section and `peftcore generate`'s flags
+    are these fields (peftcore.jobs.recipe.EvalSection extends it; the CLI adds one flag per field)."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = 40
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None  # 0 or None: off
     top_p: float | None = None  # None or 1: off
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig(SamplingOptions):
+    """How generate() decodes, passed whole: the options plus the stop and pad tokens. eos_token_id None:
+    the model config's eos_token_id (as transformers' generate); [] never stops. pad_token_id None: EOS
+    (else 0) pads rows that finished."""
+
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     @classmethod
     def of(cls, settings, **overrides) -> SamplingConfig:
@@ -94,7 +102,7 @@ def generate(
 ) -> torch.Tensor:
     """-> (B, T + new) token ids. Rows that hit EOS are padded (pad_token_id, else EOS) after it.
 
-    `sampling` holds the decoding options whole (default SamplingConfig(): 32 new tokens, greedy); the
+    `sampling` holds the decoding options whole (default SamplingConfig(): 40 new tokens, greedy); the
     keyword options, where given (not None), override its values.
     `cache` may arrive pre-filled (prefix tuning) and `inputs_embeds` may be longer than
     `input_ids` (prompt tuning); the mask is extended with ones in front to cover both.

@@ -148,10 +148,7 @@ def add_job_commands(commands) -> None:
     gen.add_argument("--chat", action="store_true",
                      help="for chat-trained adapters: the prompt as a user turn in the chat template "
                           "(--instruction: the system turn)")
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--temperature", type=float, help="0 (default): greedy")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
+    add_sampling_flags(gen)
     gen.add_argument("--seed", type=int, default=0, help="for sampling (temperature > 0)")
     gen.set_defaults(run=generate_command)
 
@@ -211,11 +208,25 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLING_HELP = {"temperature": "0: greedy", "top_k": "0: off", "top_p": "1: off"}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingOptions field (--max-new-tokens, --temperature, ...); unset ones keep the
+    adapter's recorded [eval] values."""
+    from peftcore.models.generate import SamplingOptions
+
+    for f in dataclasses.fields(SamplingOptions):
+        kind = float if "float" in str(f.type) else int
+        help_text = "; ".join(filter(None, [SAMPLING_HELP.get(f.name), "default: the adapter's recipe [eval]"]))
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, help=help_text)
+
+
 def generate_command(args: argparse.Namespace) -> int:
     from peftcore.jobs.generate import run_generate
-    from peftcore.models.generate import SamplingConfig
+    from peftcore.models.generate import SamplingOptions
 
-    sampling = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if hasattr(args, f.name)}
+    sampling = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)}
     print(run_generate(args.adapter, args.prompt, args.base, raw=args.raw, instruction=args.instruction, chat=args.chat,
                        sampling=sampling, seed=args.seed))
     return 0

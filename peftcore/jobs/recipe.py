@@ -29,6 +29,7 @@ from peftcore.config import LoraConfig
 from peftcore.data.augment import AugmentConfig
 from peftcore.data.records import PromptTemplate
 from peftcore.jobs.builtin import EXAMPLES_DIR
+from peftcore.models.generate import SamplingOptions
 from peftcore.multitask.heads import HEAD_KINDS, KINDS, POOLINGS, Classification, check_task_name
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.training.config import (
@@ -135,13 +136,12 @@ class AdapterSection:
         return cls(**{**ADAPTER_DEFAULTS[self.method], **self.options, **extra, **filled})
 
 
-@dataclass
-class EvalSection:
+@dataclass(frozen=True)
+class EvalSection(SamplingOptions):
+    """[eval]: the decoding options (peftcore.models.SamplingOptions: max_new_tokens, temperature, top_k,
+    top_p) and what the evaluation shows and scores."""
+
     samples: int = 3  # sample generations shown after training
-    max_new_tokens: int = 40
-    temperature: float = 0.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
     max_records: int | None = None  # `peftcore eval`: records generated for BLEU / chrF (None: all)
     batch_size: int = 8
     glossary: str | None = field(default=None, metadata={"path": True})
