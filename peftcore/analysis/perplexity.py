@@ -9,6 +9,11 @@ of context. One deliberate difference: the guide weights each window's mean loss
 (unmasked labels - 1), which is one too few for every window after the first (its first label
 is already masked, so the shift drops nothing real); here NLL is summed per scored token, so the
 result is the exact token-weighted mean.
+
+This is the same perplexity `peftcore eval` and training's evaluate() report (exp of the summed
+next-token NLL over scored tokens), over a different scope: one long token stream here, the trained
+(output) tokens of each record there. A stream that fits one window gives both the same number
+(tests/peftcore/analysis/test_perplexity.py).
 """
 from __future__ import annotations
 

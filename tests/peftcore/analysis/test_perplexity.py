@@ -403,3 +403,17 @@ def test_repetition_char_tokens_and_empty():
 ])
 def test_has_phrase_loop(text, loops):
     assert has_phrase_loop(text.split()) is loops
+
+
+def test_one_window_perplexity_is_the_eval_perplexity_of_peftcore_eval(llama_pair):
+    """One definition of perplexity: `peftcore eval` / training's evaluate() report exp of the summed
+    next-token NLL over a record's trained tokens; a stream that fits one window (every token trained)
+    gives the same number here. The two differ only in scope: records vs. a long stream."""
+    from peftcore.data.records import TokenizedExample
+    from peftcore.training.loop import evaluate
+
+    _, ours = llama_pair
+    ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    row = TokenizedExample("stream:1", ids, list(ids))  # every next token trained
+    eval_ppl = evaluate(ours, [row], batch_size=1, pad_token_id=0)["eval_ppl"]
+    assert perplexity(ours, ids, max_length=len(ids), stride=len(ids)) == pytest.approx(eval_ppl, rel=1e-6)
