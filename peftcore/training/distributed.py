@@ -83,6 +83,7 @@ from torch import nn
 
 from peftcore import adapter_io
 from peftcore.config import LoraConfig
+from peftcore.multitask.model import MultiTaskModel
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 BLOCK_SUFFIXES = ("DecoderLayer", "BertLayer", "GPT2Block")
@@ -282,8 +283,9 @@ def wrap_model(model: nn.Module, strategy: str = "auto") -> Parallel:
         from torch.nn.parallel import DistributedDataParallel
 
         parallel.module = DistributedDataParallel(
+            # a multi-task batch trains one task's head: the other heads get no gradient that step
             model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
-            init_sync=False, find_unused_parameters=hasattr(model, "heads"), gradient_as_bucket_view=True)
+            init_sync=False, find_unused_parameters=isinstance(model, MultiTaskModel), gradient_as_bucket_view=True)
     elif not already_sharded:
         shard_base(model, device)
     return parallel
