@@ -6,6 +6,9 @@ dequantizes inside the GEMM on GPU. LoRA / DoRA wrap these layers like any linea
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
@@ -17,6 +20,25 @@ METHODS = ("nf4", "int4", "int8")
 DEFAULT_GROUP_SIZE = 128
 SKIP_BY_DEFAULT = ("lm_head", "score", "classifier")  # heads stay dense, as in QLoRA / bitsandbytes
 
+log = logging.getLogger(__name__)
+
+
+def default_group_size(in_features: int) -> int:
+    """The largest power of two <= DEFAULT_GROUP_SIZE that divides in_features: 128 does not divide
+    SmolLM2's 576-wide layers, 64 does. Said once per width, as the user did not choose it."""
+    group = DEFAULT_GROUP_SIZE
+    while group > 2 and in_features % group:
+        group //= 2
+    if group != DEFAULT_GROUP_SIZE:
+        announce_group_size(in_features, group)
+    return group
+
+
+@functools.lru_cache(maxsize=None)
+def announce_group_size(in_features: int, group: int) -> None:
+    log.info(f"int4: group size {group} for {in_features}-wide layers ({DEFAULT_GROUP_SIZE} does not divide "
+             f"{in_features}; set group_size to choose another)")
+
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, method: str, bias: bool = False,
@@ -26,7 +48,7 @@ class QuantLinear(nn.Module):
         if method not in METHODS:
             raise ValueError(f"quantize={method!r} is not supported; supported: {', '.join(METHODS)}")
         self.in_features, self.out_features, self.method = in_features, out_features, method
-        self.group_size = group_size or DEFAULT_GROUP_SIZE if method == "int4" else None
+        self.group_size = (group_size or default_group_size(in_features)) if method == "int4" else None
         self.double_quant = double_quant
         # GPT-2's Conv1D stores (in, out): its QuantLinear holds the (out, in) transpose like every
         # other, and a dense copy (merge, save) goes back to a Conv1D so checkpoints keep their layout

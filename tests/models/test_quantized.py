@@ -1,5 +1,6 @@
 """Quantized base weights: loading while quantizing, storage, dtypes, and QLoRA against HF PEFT + bitsandbytes."""
 import copy
+import logging
 import sys
 import warnings
 
@@ -74,6 +75,29 @@ def test_int4_group_that_does_not_divide_in_features_is_a_clear_error(llama):
         load_pretrained(folder, quantize="int4", group_size=48)
     with pytest.raises(ValueError, match="quantize='fp8' is not supported"):
         load_pretrained(folder, quantize="fp8")
+
+
+def test_int4_without_a_group_size_takes_the_largest_power_of_two_that_divides_the_width(caplog):
+    """SmolLM2's 576-wide layers: 128 does not divide 576, 64 does (and the log says so, once)."""
+    from peftcore.models.quantized import QuantLinear, announce_group_size
+
+    announce_group_size.cache_clear()
+    logger = logging.getLogger("peftcore")
+    logger.addHandler(caplog.handler)  # the CLI's handler stops propagation to the root, where caplog listens
+    try:
+        with caplog.at_level("INFO", logger="peftcore"):
+            layers = [QuantLinear(576, 8, "int4"), QuantLinear(576, 8, "int4"), QuantLinear(1536, 8, "int4")]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert [layer.group_size for layer in layers] == [64, 64, 128]
+    assert {r.getMessage() for r in caplog.records} == {
+        "int4: group size 64 for 576-wide layers (128 does not divide 576; set group_size to choose another)"}
+    assert announce_group_size.cache_info().misses == 1  # said once for the two 576-wide layers
+    assert QuantLinear(576, 8, "int4", group_size=32).group_size == 32  # the user's choice stands
+    weight = torch.randn(8, 576)
+    layer = QuantLinear(576, 8, "int4")
+    layer.load_dense_weight(weight)
+    assert (layer.dequantize() - weight).abs().max() < 0.2 * weight.abs().max()  # it quantizes, not just builds
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
