@@ -35,6 +35,9 @@ class DataError(ValueError):
 class Example:
     where: str  # "file:line", for every message about this record
     segments: list[tuple[str, bool]]  # (text, trained?) in order; trained segments carry the loss
+    # A chat template closes each turn itself (SmolLM2: "...<|im_end|>\n"): no EOS is appended then,
+    # which would train "<|im_end|>\n<|im_end|>", a turn end the model never sees at inference.
+    ends_turn: bool = False
 
     @property
     def prompt(self) -> str:
@@ -71,6 +74,10 @@ class PromptTemplate:
     chat_template: str | None = None  # a jinja chat template (a checkpoint's own) for chat records
     chat_roles: dict = field(
         default_factory=lambda: {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"})
+    # With a chat_template, input/output records become a (system,) user, assistant exchange in it: an
+    # instruct model trained on "### Response:" would leak that header into its answers. False: keep them
+    # in with_instruction / without_instruction.
+    io_as_chat: bool = True
 
     def render(self, record: dict) -> str:
         template = self.with_instruction if record.get("instruction") else self.without_instruction
@@ -137,7 +144,16 @@ def to_example(record, where: str, template: PromptTemplate) -> Example:
     for key in ("instruction", "input", "output"):
         if key in record and not isinstance(record[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+    if template.chat_template and template.io_as_chat:
+        return chat_example(io_messages(record), where, template)
     return Example(where, [(template.render(record), False), (record["output"], True)])
+
+
+def io_messages(record: dict) -> list[dict]:
+    """An input/output record as a conversation: the instruction (if any) as the system turn."""
+    system = [{"role": "system", "content": record["instruction"]}] if record.get("instruction") else []
+    user = [{"role": "user", "content": record["input"]}]
+    return system + user + ([{"role": "assistant", "content": record["output"]}] if "output" in record else [])
 
 
 def chat_example(messages, where: str, template: PromptTemplate) -> Example:
@@ -149,7 +165,7 @@ def chat_example(messages, where: str, template: PromptTemplate) -> Example:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message: nothing to learn from")
     if template.chat_template:
-        return Example(where, jinja_segments(messages, template.chat_template, where))
+        return Example(where, jinja_segments(messages, template.chat_template, where), ends_turn=True)
     segments = []
     for m in messages:
         header = template.chat_roles[m["role"]]
@@ -309,17 +325,29 @@ def load_examples(path: str | Path, template: PromptTemplate | None = None) -> l
 
 
 # -- tokenizing ---------------------------------------------------------------------------------
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's own post-processor puts before and after a text: [BOS] for Llama 2 / 3,
+    [CLS] ... [SEP] for BERT, nothing for GPT-2 or SmolLM2 (whose BOS, <|im_start|>, starts chat turns
+    and is never prepended). Read off one encoding, so tokenizer.json's processor is the only rule."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    return [], []  # a processor that rewrites the text's own ids: add nothing rather than guess
+
+
 def tokenize(example: Example, tokenizer, max_length: int) -> TokenizedExample:
-    """Prompt segments get label -100; trained segments keep their ids; EOS is appended and trained."""
-    ids, labels = [], []
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        ids, labels = [bos], [IGNORE_INDEX]
+    """Prompt segments get label -100; trained segments keep their ids; the tokenizer's leading special
+    tokens (special_tokens_around) stay untrained; EOS is appended and trained unless the chat template
+    already ended the turn."""
+    lead, _ = special_tokens_around(tokenizer)
+    ids, labels = list(lead), [IGNORE_INDEX] * len(lead)
     for text, trained in example.segments:
         piece = tokenizer.encode(text, add_special_tokens=False)
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer.eos_token_id is not None and not example.ends_turn:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     truncated = len(ids) > max_length
@@ -341,12 +369,9 @@ def tokenize_span(example: Example, tokenizer, max_length: int) -> TokenizedExam
     inside = [i for i, (lo, hi) in enumerate(offsets) if lo < char_end and hi > char_start]
     if not inside:
         raise DataError(f"{example.where}: the answer has no tokens")
-    lead = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
-    shift = 0 if lead is None else 1
-    ids = ([] if lead is None else [lead]) + ids
-    start, end = inside[0] + shift, inside[-1] + shift
-    sep = getattr(tokenizer, "sep_token_id", None)
-    ids += [] if sep is None else [sep]
+    lead, tail = special_tokens_around(tokenizer)  # BERT: [CLS] ... [SEP]; Llama: [BOS]
+    ids = lead + ids + tail
+    start, end = inside[0] + len(lead), inside[-1] + len(lead)
     if end >= max_length:
         raise DataError(f"{example.where}: the answer ends at token {end}, past max_length {max_length}; "
                         "raise [data] max_length or shorten the context")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from peftcore._logging import quiet
-from peftcore.data.records import PromptTemplate, chat_prompt
+from peftcore.data.records import PromptTemplate, chat_prompt, special_tokens_around
 from peftcore.jobs.adapter_folder import Loaded, load_adapter_folder
 from peftcore.jobs.bases import TaskError
 from peftcore.jobs.recipe import EvalSection
@@ -39,18 +39,19 @@ def run_generate(adapter: Path, prompt: str, base: str | None = None, raw: bool 
 
 
 def render_prompt(template: PromptTemplate, prompt: str, instruction: str | None, chat: bool) -> str:
-    """The prompt in the format the adapter trained on: the input template, or (chat) one user turn
-    (after a system turn holding `instruction`, if given) in the chat template."""
-    if not chat:
+    """The prompt in the format the adapter trained on: the input template, or one user turn (after a
+    system turn holding `instruction`, if given) in the chat template: for --chat, and for input/output
+    adapters trained on a base with a chat template (PromptTemplate.io_as_chat)."""
+    if not chat and not (template.chat_template and template.io_as_chat):
         return template.render({"input": prompt, "instruction": instruction or ""})
     system = [{"role": "system", "content": instruction}] if instruction else []
     return chat_prompt([*system, {"role": "user", "content": prompt}], template)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """As the training rows begin: BOS (when the tokenizer has one), then the prompt's tokens."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(prompt, add_special_tokens=False)
+    """As the training rows begin: the tokenizer's leading special tokens (if it adds any), then the prompt's."""
+    lead, _ = special_tokens_around(tokenizer)
+    return lead + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 @torch.no_grad()

@@ -133,7 +133,9 @@ def with_checkpoint_chat_template(recipe: Recipe) -> Recipe:
     chat_template = read_chat_template(folder, read_json(folder / "tokenizer_config.json"))
     if not chat_template:
         return recipe
-    log.info("chat records: rendered with the checkpoint's chat_template (tokenizer_config.json)")
+    source = "chat_template.jinja" if (folder / "chat_template.jinja").is_file() else "tokenizer_config.json"
+    what = "chat and input/output records" if template.io_as_chat else "chat records"
+    log.info(f"{what}: rendered with the checkpoint's chat template ({folder.name}/{source})")
     return replace(recipe, data=replace(recipe.data, template=replace(template, chat_template=chat_template)))
 
 

@@ -25,8 +25,8 @@ class CharTokenizer:
 
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
 
-    def encode(self, text, add_special_tokens=False):
-        return [3 + (ord(c) % 500) for c in text]
+    def encode(self, text, add_special_tokens=False):  # a Llama-style post-processor: BOS first
+        return [self.bos_token_id] * add_special_tokens + [3 + (ord(c) % 500) for c in text]
 
 
 def write_jsonl(path, lines):
@@ -216,3 +216,41 @@ def test_max_length_that_cuts_some_outputs_is_only_reported(tmp_path):
     rows = tokenize_records(records, CharTokenizer(), 40)
     assert [row.truncated for row in rows] == [False, True]
     assert data_report(records, rows, 40)["truncated"] == ["d.jsonl:2"]
+
+
+class NoBosTokenizer(CharTokenizer):
+    """A post-processor that adds nothing (GPT-2, SmolLM2), though the tokenizer names a BOS token."""
+
+    def encode(self, text, add_special_tokens=False):
+        return super().encode(text, add_special_tokens=False)
+
+
+SMOL_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_rows_start_with_what_the_tokenizers_post_processor_adds_and_nothing_else():
+    ex = to_example({"input": "ab", "output": "xyz"}, "d:1", PromptTemplate(io_as_chat=False))
+    assert tokenize(ex, CharTokenizer(), 100).input_ids[0] == CharTokenizer.bos_token_id
+    row = tokenize(ex, NoBosTokenizer(), 100)
+    assert row.input_ids == NoBosTokenizer().encode(ex.prompt + "xyz") + [NoBosTokenizer.eos_token_id]
+
+
+def test_a_chat_template_ends_the_turn_so_no_second_end_token_is_trained():
+    ex = to_example({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "c:1",
+                    PromptTemplate(chat_template=SMOL_TEMPLATE))
+    row = tokenize(ex, NoBosTokenizer(), 200)
+    rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert row.input_ids == NoBosTokenizer().encode(rendered)
+    trained = [i for i, lab in zip(row.input_ids, row.labels) if lab != IGNORE_INDEX]
+    assert trained == NoBosTokenizer().encode("yo<|im_end|>\n")
+
+
+def test_input_output_records_on_a_chat_template_become_a_user_assistant_exchange():
+    record = {"instruction": "be brief", "input": "hi", "output": "yo"}
+    ex = to_example(record, "d:1", PromptTemplate(chat_template=SMOL_TEMPLATE))
+    assert ex.prompt == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                         "<|im_start|>assistant\n")
+    assert ex.response == "yo<|im_end|>\n" and "###" not in ex.prompt
+    opted_out = to_example(record, "d:1", PromptTemplate(chat_template=SMOL_TEMPLATE, io_as_chat=False))
+    assert opted_out.prompt.startswith("### Instruction:")

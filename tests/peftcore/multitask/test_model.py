@@ -337,11 +337,11 @@ def test_save_and_load_round_trip_gives_identical_outputs_for_every_task(tmp_pat
 class CharTokenizer:
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
 
-    def encode(self, text, add_special_tokens=False):
-        return [3 + (ord(c) % 500) for c in text]
+    def encode(self, text, add_special_tokens=False):  # a Llama-style post-processor: BOS first
+        return [self.bos_token_id] * add_special_tokens + [3 + (ord(c) % 500) for c in text]
 
     def encode_with_offsets(self, text, add_special_tokens=False):
-        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+        return self.encode(text, add_special_tokens), [(i, i + 1) for i in range(len(text))]
 
     def decode(self, ids):
         return "".join(chr(i - 3) for i in ids)
