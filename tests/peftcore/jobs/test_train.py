@@ -254,7 +254,8 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
     code, out, err = run("train", recipe, "--output-dir", tmp_path / "run", "--max-steps", 1)
     assert code == 0, err
     # the file the template came from (an earlier message named tokenizer_config.json whatever it was)
-    assert "chat and input/output records: rendered with the checkpoint's chat template (base/chat_template.jinja)" in out
+    assert ("chat and input/output records: rendered with the checkpoint's chat template "
+            "(base/chat_template.jinja)") in out
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["data"]["template"]["chat_template"] == CHAT_TEMPLATE
     from peftcore.data.records import PromptTemplate, to_example
