@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as RustTokenizer
 
+from .gguf_tokenizer import gguf_tokenizer_parts
+
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
 
@@ -175,9 +177,18 @@ class Tokenizer:
         return padded, mask
 
 
+def tokenizer_from_gguf_metadata(metadata: dict[str, object]) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata (key -> plain value) describes; see gguf_tokenizer.py."""
+    return Tokenizer(*gguf_tokenizer_parts(metadata))
+
+
 def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer of a checkpoint folder; needs tokenizer.json (a "fast" tokenizer)."""
+    """The tokenizer of a checkpoint folder (needs tokenizer.json, a "fast" tokenizer) or of a .gguf file."""
     folder = Path(path)
+    if folder.suffix.lower() == ".gguf" and folder.is_file():
+        from .gguf import GGUFFile  # deferred: only GGUF paths need the file reader
+
+        return tokenizer_from_gguf_metadata(GGUFFile(folder).metadata)
     file = folder / "tokenizer.json"
     if not file.is_file():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
