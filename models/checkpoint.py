@@ -11,7 +11,9 @@ provides:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -140,41 +142,80 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
                     group_size: int | None = None, double_quant: bool = False) -> nn.Module:
     """Build on the meta device, then fill in tensor by tensor: peak RAM ~ one copy of the model.
 
+    `path`: a Hugging Face checkpoint folder, or a llama.cpp .gguf file (see load_gguf).
     dtype None keeps each tensor's stored dtype (transformers' `dtype="auto"`). `quantize` ("nf4",
     "int4", "int8") turns every linear but the heads into a QuantLinear, quantizing each weight as
     it is read: peak RAM ~ the quantized model plus one dense tensor, so a model whose dense
     weights do not fit in memory still loads.
     """
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path, dtype, device, quantize, group_size, double_quant)
     model = build_on_meta(read_config(path))
     quantized = quantize_on_meta(model, quantize, group_size, double_quant, dtype) if quantize else {}
+    shards = ((file, safetensors_io.iter_tensors(file)) for file in checkpoint_files(path))
+    return fill(model, quantized, shards, dtype, device, Source(path))
+
+
+def load_gguf(path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
+              group_size: int | None = None, double_quant: bool = False) -> nn.Module:
+    """A llama.cpp GGUF file of a Llama / Mistral / Qwen2 model as our LlamaForCausalLM (gguf_llama.py).
+
+    Each tensor is dequantized to float32 as it is read, so dtype None gives float32 (as transformers'
+    GGUF loading); `quantize` then re-quantizes each weight as load_pretrained does.
+    """
+    from .gguf_llama import GGUFConfigError, gguf_name, open_gguf_checkpoint  # deferred: GGUF paths only
+
+    path = Path(path)
+    try:
+        gguf = open_gguf_checkpoint(path)
+    except GGUFConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model = build_on_meta(gguf.hf_config)
+    quantized = quantize_on_meta(model, quantize, group_size, double_quant, dtype) if quantize else {}
+    source = Source(path, "GGUF metadata", gguf_name, tuple(gguf.unexpected))
+    return fill(model, quantized, [(path, gguf.tensors)], dtype, device, source)
+
+
+class Source(NamedTuple):
+    """Where tensors come from, for error messages."""
+    path: Path
+    built_from: str = "config.json"  # what the model was built from
+    stored_name: Callable[[str], str] = str  # our key -> the name the file gives the tensor
+    unexpected: tuple[str, ...] = ()  # stored names known up front to fit no key
+
+
+def fill(model: nn.Module, quantized: dict, shards, dtype, device, source: Source) -> nn.Module:
+    """Fill a model built on the meta device from `shards`, [(file, iterator of (checkpoint key, tensor))]."""
     wanted = expected_keys(model)
     loaded: set[str] = set()
-    unexpected: list[str] = []
-    for file in checkpoint_files(path):
-        for ckpt_key, tensor in safetensors_io.iter_tensors(file):
+    unexpected = list(source.unexpected)
+    for file, tensors in shards:
+        for ckpt_key, tensor in tensors:
             key = model.checkpoint_key(ckpt_key)
             if key is None:
                 continue
             if key not in wanted and key not in quantized:
-                unexpected.append(ckpt_key)
+                unexpected.append(source.stored_name(ckpt_key))
                 continue
             if tensor.is_floating_point() and dtype is not None:
                 tensor = tensor.to(dtype)
             tensor = tensor.to(device) if device is not None else tensor
+            name = source.stored_name(ckpt_key)
             if key in quantized:
                 layer = quantized[key]
                 stored = ((layer.in_features, layer.out_features) if layer.conv1d_layout
                           else (layer.out_features, layer.in_features))
-                check_shape(ckpt_key, tensor, torch.empty(stored, device="meta"), file)
+                check_shape(name, tensor, torch.empty(stored, device="meta"), file, source.built_from)
                 layer.load_dense_weight(tensor.T if layer.conv1d_layout else tensor)
                 del tensor
                 release_freed_memory()
             else:
-                check_shape(ckpt_key, tensor, wanted[key], file)
+                check_shape(name, tensor, wanted[key], file, source.built_from)
                 set_tensor(model, key, tensor)
             loaded.add(key)
-    report_key_mismatch(path, sorted((set(wanted) | set(quantized)) - loaded), unexpected)
+    missing = [source.stored_name(k) for k in sorted((set(wanted) | set(quantized)) - loaded)]
+    report_key_mismatch(source.path, missing, unexpected, source.built_from)
     model.tie_weights()
     model.init_buffers()
     return model.eval()
@@ -221,15 +262,17 @@ def quantize_on_meta(model: nn.Module, method: str, group_size, double_quant: bo
     return layers
 
 
-def check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, file: Path) -> None:
+def check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, file: Path,
+                built_from: str = "config.json") -> None:
     if tuple(tensor.shape) != tuple(expected.shape):
         raise CheckpointError(
-            f"{file.name}: {key} has shape {tuple(tensor.shape)} but the model built from config.json "
+            f"{file.name}: {key} has shape {tuple(tensor.shape)} but the model built from {built_from} "
             f"expects {tuple(expected.shape)}"
         )
 
 
-def report_key_mismatch(path: Path, missing: list[str], unexpected: list[str]) -> None:
+def report_key_mismatch(path: Path, missing: list[str], unexpected: list[str],
+                        built_from: str = "config.json") -> None:
     if not missing and not unexpected:
         return
     parts = []
@@ -238,7 +281,7 @@ def report_key_mismatch(path: Path, missing: list[str], unexpected: list[str]) -
     if unexpected:
         parts.append(f"unexpected {len(unexpected)} key(s): "
                      f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    raise CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
+    raise CheckpointError(f"checkpoint {path} does not match its {built_from}: " + "; ".join(parts))
 
 
 def save_pretrained(model: nn.Module, path) -> None:
