@@ -24,13 +24,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import gguf_blocks
 from .dispatch import DTYPES, HAS_TRITON, use_triton
+from .gguf_blocks import BlockWeight
 from .quant import Int4Weight, Int8Weight, NF4Weight, int4_dequantize, int8_dequantize, nf4_dequantize
 
 if HAS_TRITON:
     from . import quant_matmul_kernels as kernels
 
-QuantWeight = NF4Weight | Int4Weight | Int8Weight
+QuantWeight = NF4Weight | Int4Weight | Int8Weight | BlockWeight
+WEIGHT_TYPES = (NF4Weight, Int4Weight, Int8Weight, BlockWeight)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ def dequantize(qweight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
         return int4_dequantize(qweight, dtype)
     if isinstance(qweight, Int8Weight):
         return int8_dequantize(qweight, dtype)
-    raise TypeError(f"qweight must be NF4Weight, Int4Weight or Int8Weight, got {type(qweight).__name__}")
+    if isinstance(qweight, BlockWeight):
+        return gguf_blocks.dequantize(qweight, dtype)
+    raise TypeError(f"qweight must be NF4Weight, Int4Weight, Int8Weight or BlockWeight, got {type(qweight).__name__}")
 
 
 def quant_matmul_reference(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | None = None,
@@ -120,8 +125,9 @@ def _check_lora(x: torch.Tensor, lora: LoraTerm, N: int, K: int) -> None:
 
 
 def check_inputs(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | None, lora: LoraTerm | None) -> None:
-    if not isinstance(qweight, (NF4Weight, Int4Weight, Int8Weight)):
-        raise TypeError(f"qweight must be NF4Weight, Int4Weight or Int8Weight, got {type(qweight).__name__}")
+    if not isinstance(qweight, WEIGHT_TYPES):
+        raise TypeError(f"qweight must be NF4Weight, Int4Weight, Int8Weight or BlockWeight, "
+                        f"got {type(qweight).__name__}")
     _expect(len(qweight.shape) == 2, f"qweight must be a 2-D (out, in) weight, got shape {tuple(qweight.shape)}")
     N, K = qweight.shape
     _expect(x.dtype in DTYPES, f"x must be float16, bfloat16 or float32, got {x.dtype}")

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from peftcore.kernels.gguf_blocks import BlockWeight
+
 from . import safetensors_io
 from .families import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
@@ -162,17 +164,25 @@ def load_gguf(path, dtype: torch.dtype | None = None, device=None, quantize: str
     """A llama.cpp GGUF file of a Llama / Mistral / Qwen2 model as our LlamaForCausalLM (gguf_llama.py).
 
     Each tensor is dequantized to float32 as it is read, so dtype None gives float32 (as transformers'
-    GGUF loading); `quantize` then re-quantizes each weight as load_pretrained does.
+    GGUF loading); `quantize` then re-quantizes each weight as load_pretrained does. quantize="keep"
+    keeps the linears stored as Q8_0 / Q4_0 / Q4_1 / Q5_x / K-quant blocks as they are (QuantLinear with
+    that method, no re-quantization error: LoRA trains against the weights llama.cpp runs); dtype is
+    then the compute dtype, and F32 / F16 linears and the heads stay dense.
     """
     from .gguf_llama import GGUFConfigError, gguf_name, open_gguf_checkpoint  # deferred: GGUF paths only
 
     path = Path(path)
+    kept: set[str] = set()  # filled before the tensors are read: those come as blocks
     try:
-        gguf = open_gguf_checkpoint(path)
+        gguf = open_gguf_checkpoint(path, keep=kept)
     except GGUFConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model = build_on_meta(gguf.hf_config)
-    quantized = quantize_on_meta(model, quantize, group_size, double_quant, dtype) if quantize else {}
+    if quantize == "keep":
+        quantized = keep_on_meta(model, gguf.types, dtype)
+        kept.update(quantized)
+    else:
+        quantized = quantize_on_meta(model, quantize, group_size, double_quant, dtype) if quantize else {}
     source = Source(path, "GGUF metadata", gguf_name, tuple(gguf.unexpected))
     return fill(model, quantized, [(path, gguf.tensors)], dtype, device, source)
 
@@ -197,6 +207,11 @@ def fill(model: nn.Module, quantized: dict, shards, dtype, device, source: Sourc
                 continue
             if key not in wanted and key not in quantized:
                 unexpected.append(source.stored_name(ckpt_key))
+                continue
+            if isinstance(tensor, BlockWeight):  # quantize="keep": the file's blocks, as they are
+                quantized[key].load_block_weight(tensor)
+                quantized[key].to(device)
+                loaded.add(key)
                 continue
             if tensor.is_floating_point() and dtype is not None:
                 tensor = tensor.to(dtype)
@@ -256,6 +271,26 @@ def quantize_on_meta(model: nn.Module, method: str, group_size, double_quant: bo
             layer = QuantLinear(module.in_features, module.out_features, method, module.bias is not None,
                                 group_size, double_quant, dtype or torch.float32)
         layer.conv1d_layout = isinstance(module, Conv1D)  # GPT-2: the checkpoint holds (in, out)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        layers[f"{name}.weight"] = layer
+    return layers
+
+
+def keep_on_meta(model: nn.Module, types: dict[str, int], dtype) -> dict[str, nn.Module]:
+    """Swap the linears the file stores in a block format for empty QuantLinears of that format.
+    -> {"<name>.weight": layer}, filled from the file's blocks while loading."""
+    from .quantized import BLOCK_METHODS, GGML_TYPE_OF, SKIP_BY_DEFAULT, QuantLinear, quantizable
+
+    methods = {t: m for m, t in GGML_TYPE_OF.items() if m in BLOCK_METHODS}
+    layers = {}
+    for name, module in list(model.named_modules()):
+        ggml_type = types.get(f"{name}.weight")
+        if ggml_type not in methods or not quantizable(name, module, SKIP_BY_DEFAULT):
+            continue
+        with torch.device("meta"):
+            layer = QuantLinear(module.in_features, module.out_features, methods[ggml_type], module.bias is not None,
+                                dtype=dtype or torch.float32)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         layers[f"{name}.weight"] = layer

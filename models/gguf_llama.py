@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from peftcore.kernels.gguf_blocks import BlockWeight, from_gguf_bytes
+
 from .gguf import GGUFFile
 from .llama import LlamaConfig, rope_inverse_frequencies
 
@@ -176,12 +178,16 @@ def undo_qk_permutation(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 class GGUFCheckpoint(NamedTuple):
     hf_config: dict  # config.json's content for the model the file describes
-    tensors: Iterator[tuple[str, torch.Tensor]]  # (transformers key, float32 tensor), read lazily; closes the file
+    # (transformers key, float32 tensor, or a BlockWeight for the keys kept as blocks), read lazily; closes the file
+    tensors: Iterator[tuple[str, torch.Tensor | BlockWeight]]
     unexpected: list[str]  # GGUF tensor names that are no Llama-family tensor
+    types: dict[str, int]  # transformers key -> the GGML type the file stores it in
 
 
-def open_gguf_checkpoint(path) -> GGUFCheckpoint:
-    """A GGUF file as config.json + tensors, to fill a model built on the meta device one tensor at a time."""
+def open_gguf_checkpoint(path, keep: Collection[str] = ()) -> GGUFCheckpoint:
+    """A GGUF file as config.json + tensors, to fill a model built on the meta device one tensor at a time.
+    `keep`: transformers keys to yield as the file's own blocks (quantize="keep"), not dequantized; read
+    as the tensors are, so the caller may fill it after seeing `types`, before iterating."""
     file = GGUFFile(path)
     try:
         config = llama_config_from_gguf(file.metadata, file.tensors)
@@ -191,18 +197,29 @@ def open_gguf_checkpoint(path) -> GGUFCheckpoint:
         file.close()
         raise
     unexpected = [name for name in file.tensors if name != ROPE_FREQS and hf_key(name) is None]
-    return GGUFCheckpoint(config.to_hf(), _hf_tensors(file, config), unexpected)
+    types = {hf_key(name): info.ggml_type for name, info in file.tensors.items() if hf_key(name) is not None}
+    return GGUFCheckpoint(config.to_hf(), _hf_tensors(file, config, keep), unexpected, types)
 
 
-def _hf_tensors(file: GGUFFile, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(file: GGUFFile, config: LlamaConfig, keep: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     with file:
-        for name in file.tensors:
+        for name, info in file.tensors.items():
             key = hf_key(name)
             if key is None:
                 continue
-            tensor = file.tensor(name)
+            tensor = (from_gguf_bytes(file.raw(name), info.ggml_type, info.shape) if key in keep
+                      else file.tensor(name))
             projection = key.split(".")[-2]
             if config.model_type in PERMUTED_QK and projection in heads:
-                tensor = undo_qk_permutation(tensor, heads[projection])
+                tensor = unpermuted(tensor, heads[projection])
             yield key, tensor
+
+
+def unpermuted(tensor: torch.Tensor | BlockWeight, n_head: int) -> torch.Tensor | BlockWeight:
+    """The permutation moves whole rows, and a row's blocks stay in their row: the block planes
+    (N, ...) move as a dense weight does, with no dequantizing."""
+    if not isinstance(tensor, BlockWeight):
+        return undo_qk_permutation(tensor, n_head)
+    planes = [None if t is None else undo_qk_permutation(t, n_head) for t in (tensor.qs, tensor.d, tensor.m)]
+    return BlockWeight(*planes, tensor.ggml_type, tensor.shape)

@@ -12,11 +12,14 @@ import logging
 import torch
 from torch import nn
 
-from peftcore.kernels import quant
+from peftcore.kernels import gguf_blocks, quant
 
 from .layers import Conv1D
 
 METHODS = ("nf4", "int4", "int8")
+# llama.cpp's block formats, kept as a GGUF file holds them (load_pretrained(x.gguf, quantize="keep"))
+BLOCK_METHODS = tuple(gguf_blocks.KEPT.values())  # q4_0, q4_1, q8_0, q5_0, q5_1, q4_k, q5_k, q6_k
+GGML_TYPE_OF = {method: ggml_type for ggml_type, method in gguf_blocks.KEPT.items()}
 DEFAULT_GROUP_SIZE = 128
 SKIP_BY_DEFAULT = ("lm_head", "score", "classifier")  # heads stay dense, as in QLoRA / bitsandbytes
 
@@ -45,8 +48,9 @@ class QuantLinear(nn.Module):
                  group_size: int | None = None, double_quant: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"quantize={method!r} is not supported; supported: {', '.join(METHODS)}")
+        if method not in METHODS + BLOCK_METHODS:
+            raise ValueError(f"quantize={method!r} is not supported; supported: {', '.join(METHODS)} "
+                             "(and 'keep' for a GGUF file's own blocks)")
         self.in_features, self.out_features, self.method = in_features, out_features, method
         self.group_size = (group_size or default_group_size(in_features)) if method == "int4" else None
         self.double_quant = double_quant
@@ -80,6 +84,9 @@ class QuantLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a "
                              f"{self.out_features}x{self.in_features} linear")
+        if self.method in BLOCK_METHODS:
+            raise ValueError(f"{self.method} weights come from a GGUF file as they are (quantize='keep'); "
+                             "peftcore does not quantize dense weights into llama.cpp blocks")
         if self.method == "nf4":
             q = quant.nf4_quantize(weight, self.double_quant)
             fields = dict(packed=q.packed, absmax=q.absmax, absmax_scale=q.absmax_scale, absmax_offset=q.absmax_offset)
@@ -92,8 +99,22 @@ class QuantLinear(nn.Module):
         for name, tensor in fields.items():
             self.register_buffer(name, tensor if tensor is None else tensor.contiguous())
 
+    def load_blocks(self, raw: torch.Tensor, ggml_type: int) -> None:
+        """Keep a GGUF tensor's blocks (its file bytes, 1-D uint8) exactly: no re-quantization."""
+        self.load_block_weight(gguf_blocks.from_gguf_bytes(raw, ggml_type, (self.out_features, self.in_features)))
+
+    def load_block_weight(self, w: gguf_blocks.BlockWeight) -> None:
+        if GGML_TYPE_OF[self.method] != w.ggml_type or w.shape != (self.out_features, self.in_features):
+            raise ValueError(f"a {self.method} {self.out_features}x{self.in_features} layer cannot hold "
+                             f"GGML type {w.ggml_type} blocks of shape {w.shape}")
+        for name, tensor in (("qs", w.qs), ("d", w.d), ("m", w.m)):
+            self.register_buffer(name, tensor)
+
     @property
     def qweight(self):
+        if self.method in BLOCK_METHODS:
+            return gguf_blocks.BlockWeight(self.qs, self.d, self.m, GGML_TYPE_OF[self.method],
+                                           (self.out_features, self.in_features))
         if self.method == "nf4":
             return quant.NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.absmax_scale,
                                    self.absmax_offset)
@@ -104,6 +125,8 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with."""
         dtype = dtype or self.compute_dtype
+        if self.method in BLOCK_METHODS:
+            return gguf_blocks.dequantize(self.qweight, dtype)
         if self.method == "nf4":
             return quant.nf4_dequantize(self.qweight, dtype)
         if self.method == "int4":
