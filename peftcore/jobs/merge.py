@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-from peftcore.jobs.adapter_folder import TOKENIZER_FILES, load_adapter_folder
+from peftcore.jobs.adapter_folder import copy_tokenizer, load_adapter_folder
 from peftcore.jobs.bases import TaskError
 from peftcore.lora.quantized_merge import format_merge_report
 from peftcore.models import save_pretrained
@@ -36,9 +35,7 @@ def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = 
             "(--into quantized: into the rounded ones it saw)")
     output = Path(output)
     save_pretrained(merged, output)
-    for name in TOKENIZER_FILES:
-        source = Path(adapter) / name if (Path(adapter) / name).is_file() else loaded.base_folder / name
-        if source.is_file():
-            shutil.copy2(source, output / name)
+    has_own = (Path(adapter) / "tokenizer.json").is_file()  # the adapter folder carries its base's tokenizer
+    copy_tokenizer(Path(adapter) if has_own else loaded.base_folder, loaded.tokenizer, output)
     log.info(f"merged {loaded.base_name} + {adapter} -> {output} (config.json, model.safetensors, tokenizer)")
     return output

@@ -37,6 +37,9 @@ class Record:
     # The fields the user wrote that must say something (input and output; chat: each user and
     # assistant turn): the data report flags blank ones, which the rendered prompt would hide.
     texts: tuple[str, ...] = ()
+    # The answer as the user wrote it: the trained segment may carry what a chat template adds around
+    # it (SmolLM2: "<|im_end|>\n"), which no reference for BLEU / chrF or a person should hold.
+    answer: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -50,6 +53,8 @@ class Record:
 
     @property
     def reference(self) -> str:
+        if self.answer is not None:
+            return self.answer.strip()
         return next((text for text, trained in self.example.segments if trained), "").strip()
 
 
@@ -99,9 +104,10 @@ def causal_record(record, where: str, template: PromptTemplate) -> Record:
     if "messages" in record:
         shown = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
         texts = tuple(m["content"] for m in record["messages"] if m["role"] in ("user", "assistant"))
+        answer = next(m["content"] for m in record["messages"] if m["role"] == "assistant")
     else:
-        shown, texts = record["input"], (record["input"], record["output"])
-    return Record(where, example, shown, texts=texts)
+        shown, texts, answer = record["input"], (record["input"], record["output"]), record["output"]
+    return Record(where, example, shown, texts=texts, answer=answer)
 
 
 def classification_record(record, where: str, labels: list[str]) -> Record:

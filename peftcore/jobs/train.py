@@ -26,11 +26,10 @@ from peftcore.data.records import pack
 from peftcore.data.report import data_report, format_report, write_report
 from peftcore.jobs import run_folder
 from peftcore.jobs.adapter_folder import Loaded, backbone, load_adapter_folder, save_adapter_folder, task_weights
-from peftcore.jobs.bases import TaskError, adapter_config, load_base, resolve_base, set_runtime
+from peftcore.jobs.bases import TaskError, adapter_config, base_chat_template, load_base, resolve_base, set_runtime
 from peftcore.jobs.generate import show_samples
 from peftcore.jobs.recipe import Recipe, TaskSection
 from peftcore.jobs.tasks import Record, pad_id, parse_records, read_labels, tokenize_records
-from peftcore.models.tokenizer import read_chat_template, read_json
 from peftcore.multitask.heads import Classification, Generation, HeadKind, TaskSpec, head_kind
 from peftcore.multitask.model import MultiTaskModel, parts_of
 from peftcore.peft_model import get_peft_model
@@ -81,7 +80,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite:
                    describe=describe, task_weights=task_weights(model))
     # 6. train
     state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
-                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info))
+                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info, tokenizer))
     if not main:  # rank 0 alone picks, reloads and evaluates the adapter
         return {"steps": state.step}
     # 7. the adapter: the best evaluation's, else the last step's; 8. after, from the files
@@ -118,24 +117,24 @@ def write_recipe(output_dir: Path, info: dict) -> None:
 
 
 def with_checkpoint_chat_template(recipe: Recipe) -> Recipe:
-    """The base checkpoint's own chat template (chat_template.jinja / tokenizer_config.json) renders
-    chat records unless the recipe sets one: the adapter then learns the format the model was tuned
-    on. Read from the tokenizer files before any record is parsed, so records are parsed once. The
-    built-in model ships none (peftcore.jobs.builtin), and a base that does not resolve is left to fail
-    where it always does, after the data checks."""
+    """The base checkpoint's own chat template (chat_template.jinja / tokenizer_config.json / a GGUF file's
+    tokenizer.chat_template) renders chat records, and input/output ones (PromptTemplate.io_as_chat),
+    unless the recipe sets one: the adapter then learns the format the model was tuned on. Read before
+    any record is parsed, so records are parsed once. The built-in model ships none
+    (peftcore.jobs.builtin), and a base that does not resolve is left to fail where it always does,
+    after the data checks."""
     template = recipe.data.template
     if template.chat_template or recipe.model.builtin:
         return recipe
     try:
-        folder = resolve_base(recipe.model.base_name)  # a path or a pip package: a lookup
+        base = resolve_base(recipe.model.base_name)  # a path or a pip package: a lookup
     except TaskError:
         return recipe
-    chat_template = read_chat_template(folder, read_json(folder / "tokenizer_config.json"))
+    chat_template, source = base_chat_template(base)
     if not chat_template:
         return recipe
-    source = "chat_template.jinja" if (folder / "chat_template.jinja").is_file() else "tokenizer_config.json"
     what = "chat and input/output records" if template.io_as_chat else "chat records"
-    log.info(f"{what}: rendered with the checkpoint's chat template ({folder.name}/{source})")
+    log.info(f"{what}: rendered with the checkpoint's chat template ({source})")
     return replace(recipe, data=replace(recipe.data, template=replace(template, chat_template=chat_template)))
 
 
