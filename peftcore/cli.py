@@ -139,9 +139,10 @@ def add_job_commands(commands) -> None:
     evaluate.add_argument("--max-records", type=int, help="generate for at most this many records")
     evaluate.set_defaults(run=eval_command)
 
-    gen = commands.add_parser("generate", help="continue a prompt with an adapter (put in the training template)")
+    gen = commands.add_parser("generate", help="continue a prompt with an adapter (put in the training template), "
+                                                "or with a base alone")
     gen.add_argument("prompt", help="the input text (rendered into the recipe's prompt template unless --raw)")
-    gen.add_argument("--adapter", type=Path, required=True, help=adapter_help)
+    gen.add_argument("--adapter", type=Path, help=adapter_help + "; none: the --base alone (its chat template if any)")
     gen.add_argument("--base", help=base_help)
     gen.add_argument("--instruction", help="the template's {instruction}, when the training data had one")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")

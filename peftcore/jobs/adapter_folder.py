@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from peftcore.data.records import (
     PromptTemplate,
 )
-from peftcore.jobs.bases import TaskError, load_base, resolve_base, set_runtime
+from peftcore.jobs.bases import TaskError, base_chat_template, load_base, resolve_base, set_runtime
 from peftcore.jobs.tasks import read_json_object
 from peftcore.models import load_tokenizer
 from peftcore.models.tokenizer import save_tokenizer
@@ -100,13 +101,29 @@ def read_adapter_info(adapter_dir: Path) -> tuple[dict, dict]:
     if info_file.is_file():
         info = check_adapter_info(read_json_object(info_file), info_file)
     else:  # an adapter from elsewhere (HF PEFT): defaults
-        from dataclasses import asdict
-
-        info = {"model": {"task": "SEQ_CLS" if config.get("task_type") == "SEQ_CLS" else "CAUSAL_LM",
-                          "dtype": "float32",
-                          "quantize": None, "group_size": None, "double_quant": False, "device": "auto", "threads": 0},
-                "data": {"template": asdict(PromptTemplate()), "max_length": 512}, "eval": {}}
+        info = default_info("SEQ_CLS" if config.get("task_type") == "SEQ_CLS" else "CAUSAL_LM")
     return config, info
+
+
+def default_info(task: str, template: PromptTemplate | None = None) -> dict:
+    """The recipe record of a job nobody recorded (a foreign adapter, the base alone): defaults."""
+    from dataclasses import asdict
+
+    return {"model": {"task": task, "dtype": "float32", "quantize": None, "group_size": None, "double_quant": False,
+                      "device": "auto", "threads": 0},
+            "data": {"template": asdict(template or PromptTemplate()), "max_length": 512}, "eval": {}}
+
+
+def load_base_alone(base: str) -> Loaded:
+    """A base with no adapter (`peftcore generate` without --adapter): before / after by hand. Prompts go
+    into its chat template when it has one (as an input/output adapter trained on it would see them)."""
+    base_name = "builtin:tiny-llama" if base == "builtin" else base
+    base_path = resolve_base(base_name)
+    info = default_info("CAUSAL_LM", PromptTemplate(chat_template=base_chat_template(base_path)[0]))
+    model_section = SimpleNamespace(**info["model"])
+    device = set_runtime(model_section)
+    model = load_base(base_path, model_section, None, device=device)
+    return Loaded(model, load_tokenizer(base_path), info, base_path, base_name, device)
 
 
 def check_adapter_info(info: dict, path: Path) -> dict:
@@ -126,8 +143,6 @@ def check_adapter_info(info: dict, path: Path) -> dict:
 def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool = False) -> Loaded:
     """Base + adapter from `--adapter DIR` (and `--base`, which overrides the recorded base; "builtin" is
     the built-in tiny Llama). A multi-task folder (task_heads.json beside the adapter) loads with its heads."""
-    from types import SimpleNamespace
-
     from peftcore.peft_model import PeftModel
 
     adapter_dir = Path(adapter_dir)

@@ -10,11 +10,12 @@ import torch
 
 from peftcore._logging import quiet
 from peftcore.data.records import PromptTemplate, chat_prompt, special_tokens_around
-from peftcore.jobs.adapter_folder import Loaded, load_adapter_folder
+from peftcore.jobs.adapter_folder import Loaded, load_adapter_folder, load_base_alone
 from peftcore.jobs.bases import TaskError
 from peftcore.jobs.recipe import EvalSection
 from peftcore.jobs.tasks import Record, pad_id
-from peftcore.models.generate import SamplingConfig
+from peftcore.models.generate import SamplingConfig, generate
+from peftcore.peft_model import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,17 @@ def eval_settings(loaded: Loaded, **overrides) -> EvalSection:
     return replace(recorded, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def run_generate(adapter: Path, prompt: str, base: str | None = None, raw: bool = False, instruction: str | None = None,
-                 chat: bool = False, sampling: dict | None = None, seed: int = 0) -> str:
-    """`sampling`: SamplingConfig fields to override the adapter's recorded [eval] ones with (None: keep)."""
+def run_generate(adapter: Path | None, prompt: str, base: str | None = None, raw: bool = False,
+                 instruction: str | None = None, chat: bool = False, sampling: dict | None = None,
+                 seed: int = 0) -> str:
+    """`sampling`: SamplingConfig fields to override the adapter's recorded [eval] ones with (None: keep).
+    No adapter: the base alone (`base` required), the prompt in its chat template if it has one, else raw."""
+    if adapter is None and not base:
+        raise TaskError("generate needs --adapter DIR, or --base (a folder, .gguf file, pip:<package>) "
+                        "for the base alone")
     with quiet():  # stdout carries the generated text alone
-        loaded = load_adapter_folder(adapter, base)
+        loaded = load_adapter_folder(adapter, base) if adapter is not None else load_base_alone(base)
+    raw = raw or (adapter is None and not loaded.template.chat_template)
     if loaded.labels is not None:
         raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore eval")
     text = prompt if raw else render_prompt(loaded.template, prompt, instruction, chat)
@@ -68,9 +75,14 @@ def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, 
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        tokens = model.generate(ids, attention_mask=mask, sampling=sampling, generator=generator)
+        tokens = decode(model, ids, attention_mask=mask, sampling=sampling, generator=generator)
         outputs += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in tokens]
     return outputs
+
+
+def decode(model, ids, **kwargs) -> torch.Tensor:
+    """An adapted model's generate (prompt methods add their virtual tokens), or a bare base's."""
+    return model.generate(ids, **kwargs) if isinstance(model, PeftModel) else generate(model, ids, **kwargs)
 
 
 def show_samples(loaded: Loaded, records: list[Record], settings) -> list[dict]:

