@@ -1,10 +1,11 @@
-"""The `peftcore` command: train, eval, generate, merge, inspect, inspect-model.
+"""The `peftcore` command: train, eval, generate, merge, export, inspect, inspect-model.
 
     peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume | --overwrite]
                    [--set section.key=value ...]
     peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
     peftcore generate --adapter DIR [--base PATH] "prompt text"
     peftcore merge --adapter DIR [--base PATH] --output OUT
+    peftcore export --adapter DIR [--base PATH] --format gguf --output FILE.gguf [--outtype f32|f16]
     peftcore inspect ADAPTER_DIR [--base PATH] [--compare DIR] [--top-k K] [--output-dir DIR]
     peftcore inspect-model PATH
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", type=Path, help="folder with config.json (and model.safetensors or shards)")
     inspect.set_defaults(run=inspect_model)
     add_job_commands(commands)
+    add_export_command(commands)
     add_inspect_command(commands)
     return parser
 
@@ -127,9 +129,9 @@ def add_job_commands(commands) -> None:
 
     adapter_help = "an adapter folder written by `peftcore train` (e.g. runs/<timestamp>/adapter)"
     base_help = "base checkpoint folder, pip:<package> or builtin (default: the one the adapter records)"
-    evaluate = commands.add_parser("eval",
-                                   help="score an adapter against its base: perplexity, BLEU/chrF, accuracy, ...")
-    evaluate.add_argument("--adapter", type=Path, required=True, help=adapter_help)
+    evaluate = commands.add_parser("eval", help="score an adapter against its base (or a base alone): "
+                                                "perplexity, BLEU/chrF, accuracy, ...")
+    evaluate.add_argument("--adapter", type=Path, help=adapter_help + "; none: the --base alone on --data")
     evaluate.add_argument("--base", help=base_help)
     evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval; "
                                          "a multi-task adapter: every [tasks.<name>] eval, one report section each)")
@@ -237,6 +239,26 @@ def merge_command(args: argparse.Namespace) -> int:
     from peftcore.jobs.merge import run_merge
 
     run_merge(args.adapter, args.output, args.base, into=args.into)
+    return 0
+
+
+def add_export_command(commands) -> None:
+    export = commands.add_parser("export", help="write a LoRA adapter for another runtime: a llama.cpp "
+                                                "LoRA-adapter GGUF (llama-cli -m BASE.gguf --lora FILE)")
+    export.add_argument("--adapter", type=Path, required=True,
+                        help="a LoRA adapter folder (peftcore's or HF PEFT's) over a Llama-family base")
+    export.add_argument("--base", help="the base: a .gguf file, checkpoint folder or pip:<package> (default: the "
+                                       "one the adapter records); gives the architecture and q/k head counts")
+    export.add_argument("--format", choices=("gguf",), default="gguf", help="gguf: llama.cpp's LoRA adapter file")
+    export.add_argument("--output", type=Path, required=True, help="the file to write, e.g. adapter.gguf")
+    export.add_argument("--outtype", choices=("f32", "f16"), default="f32", help="tensor type of lora_a / lora_b")
+    export.set_defaults(run=export_command)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from peftcore.jobs.export import run_export
+
+    run_export(args.adapter, args.output, args.format, args.base, outtype=args.outtype)
     return 0
 
 

