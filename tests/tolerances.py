@@ -3,6 +3,8 @@
 fp32 rows: the reference and ours do the same math in a different order (1e-5 covers K <= 4096).
 fp16/bf16 rows: 10 / 7 mantissa bits; outputs are compared after an fp32-accumulated reference.
 cuda_fp32: NVIDIA's default fp32 dot is tf32 (~3e-4 relative), the interpreter's is exact fp32.
+fp32_deep: fp32 through a whole pretrained model, where per-layer reordering compounds: measured 5e-5
+absolute on SmolLM2-135M's logits (30 layers, |logit| up to ~25) with an adapter applied by HF PEFT.
 """
 import torch
 
@@ -11,6 +13,7 @@ TOLERANCES = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
     "cuda_fp32": dict(atol=1e-3, rtol=1e-3),
+    "fp32_deep": dict(atol=2e-4, rtol=1e-4),
 }
 
 
