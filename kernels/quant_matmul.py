@@ -16,6 +16,8 @@ in practice, and bitsandbytes' own layout); int4 whose K and group_size admit a 
 K tile of at least 16 (tl.dot's minimum; the kernels do not mask K), which every group size that
 is a multiple of 16 does. K % group_size != 0 cannot reach here: quant.int4_quantize raises, and
 check_inputs rejects a hand-built Int4Weight. Int8 weights take the torch path (no kernel yet).
+GGUF blocks (BlockWeight, quantize="keep"): Q8_0 / Q4_0 / Q4_1 take gguf_matmul_kernels (same tiling,
+split-K and LoRA epilogue); the other block types take the torch path.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from .gguf_blocks import BlockWeight
 from .quant import Int4Weight, Int8Weight, NF4Weight, int4_dequantize, int8_dequantize, nf4_dequantize
 
 if HAS_TRITON:
+    from . import gguf_matmul_kernels as gguf_kernels
     from . import quant_matmul_kernels as kernels
 
 QuantWeight = NF4Weight | Int4Weight | Int8Weight | BlockWeight
@@ -153,7 +156,16 @@ def check_inputs(x: torch.Tensor, qweight: QuantWeight, bias: torch.Tensor | Non
 # ---------------------------------------------------------------------------------------------
 def kernel_supports(qweight: QuantWeight) -> bool:
     """The formats and shapes the Triton kernels take (module docstring)."""
-    return HAS_TRITON and isinstance(qweight, (NF4Weight, Int4Weight)) and kernels.supports(qweight)
+    if not HAS_TRITON:
+        return False
+    if isinstance(qweight, BlockWeight):
+        return gguf_kernels.supports(qweight)
+    return isinstance(qweight, (NF4Weight, Int4Weight)) and kernels.supports(qweight)
+
+
+def kernel_module(qweight: QuantWeight):
+    """gguf_matmul_kernels for GGUF blocks, quant_matmul_kernels for NF4 / int4."""
+    return gguf_kernels if isinstance(qweight, BlockWeight) else kernels
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +182,7 @@ def _on_triton(t: torch.Tensor, qweight: QuantWeight) -> bool:
 def _forward(x2, qweight, bias, z, B, scale):
     """x2 (M, K) -> (M, N); z = (lora input) A^T (M, r) or None."""
     if _on_triton(x2, qweight):
-        return kernels.forward(x2, qweight, bias, z, None if z is None else B.t(), scale)
+        return kernel_module(qweight).forward(x2, qweight, bias, z, None if z is None else B.t(), scale)
     y = F.linear(x2, dequantize(qweight, x2.dtype), bias)
     return y if z is None else y + scale * F.linear(z, B)
 
@@ -178,7 +190,7 @@ def _forward(x2, qweight, bias, z, B, scale):
 def _transposed(g, qweight, gB, A, scale):
     """g (M, N) -> g W' (+ scale * gB A) (M, K)."""
     if _on_triton(g, qweight):
-        return kernels.transposed(g, qweight, gB, A, scale)
+        return kernel_module(qweight).transposed(g, qweight, gB, A, scale)
     dx = g @ dequantize(qweight, g.dtype)
     return dx if gB is None else dx + scale * (gB @ A)
 

@@ -75,6 +75,7 @@ def test_each_script_dry_runs_its_sections(load, tmp_path, capsys, script, count
     ("bench_quant_matmul", [], {"a"}),
     ("bench_lora_matmul", [], {"b"}),
     ("bench_qlora", ["--sections", "c"], {"c"}),
+    ("bench_gguf_matmul", [], {"g"}),
 ])
 def test_each_script_times_a_tiny_grid_on_cpu(load, tmp_path, script, argv, sections):
     """One tiny CPU case per script: every contender runs and agrees with its reference."""

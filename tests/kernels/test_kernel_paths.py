@@ -13,9 +13,11 @@ from tests.kernels.interpreter import triton_interpreter
 from tests.tolerances import assert_close
 
 pytest.importorskip("triton")
-import peftcore.kernels.quant_matmul_kernels as quant_kernels_module  # noqa: E402  (needs triton)
+import peftcore.kernels.gguf_matmul_kernels as gguf_kernels_module  # noqa: E402  (needs triton)
+import peftcore.kernels.quant_matmul_kernels as quant_kernels_module  # noqa: E402
 
-MODULES = (quant_kernels_module, quant_matmul_module, lora_matmul_module)
+# reloaded in this order: gguf_matmul_kernels takes pieces of quant_matmul_kernels, quant_matmul both
+MODULES = (quant_kernels_module, gguf_kernels_module, quant_matmul_module, lora_matmul_module)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +62,28 @@ def test_lora_model_logits_and_grads_equal_through_either_path(interpreted, fold
     assert_close(triton_logits, torch_logits)
     for name, grad in triton_grads.items():
         assert_close(grad, pm.get_parameter(name).grad)
+
+
+def test_lora_on_kept_gguf_blocks_gives_the_same_logits_and_grads_through_the_kernels(interpreted, tmp_path,
+                                                                                     monkeypatch):
+    """quantize="keep" on a Q4_1 GGUF: the gguf_matmul kernels (forward and dX) against the torch path."""
+    gguf = pytest.importorskip("gguf")
+    from tests.models.test_gguf_llama import random_hf, write_gguf
+
+    path = write_gguf(random_hf("llama_gqa"), tmp_path / "m.gguf", "llama", qtype=gguf.GGMLQuantizationType.Q4_1)
+    pm = get_peft_model(load_pretrained(path, quantize="keep"),
+                        LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 100, (2, 5))
+    forward = count_calls(monkeypatch, gguf_kernels_module, "forward")
+    transposed = count_calls(monkeypatch, gguf_kernels_module, "transposed")
+    triton_logits = pm(ids)
+    triton_logits.sum().backward()
+    triton_grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    assert forward and transposed, "the GGUF kernels did not run"
+    pm.zero_grad()
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+    torch_logits = pm(ids)
+    torch_logits.sum().backward()
+    assert_close(triton_logits, torch_logits)
+    for name, grad in triton_grads.items():
+        assert_close(grad, dict(pm.named_parameters())[name].grad)

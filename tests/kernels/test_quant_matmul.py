@@ -246,7 +246,7 @@ def test_errors_name_the_problem(qm, mutate, message):
 
 
 def test_rejects_non_quantized_weight(qm):
-    with pytest.raises(TypeError, match="qweight must be NF4Weight, Int4Weight or Int8Weight, got Tensor"):
+    with pytest.raises(TypeError, match="qweight must be NF4Weight, Int4Weight, Int8Weight or BlockWeight, got Tensor"):
         qm.quant_matmul(torch.randn(2, 8), torch.randn(4, 8))
 
 
