@@ -153,6 +153,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, quantiz
     path = Path(path)
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, dtype, device, quantize, group_size, double_quant)
+    if quantize == "keep":
+        raise ValueError(f"quantize='keep' keeps a GGUF file's own blocks; {path} is a checkpoint folder "
+                         "(quantize it with nf4, int4 or int8)")
     model = build_on_meta(read_config(path))
     quantized = quantize_on_meta(model, quantize, group_size, double_quant, dtype) if quantize else {}
     shards = ((file, safetensors_io.iter_tensors(file)) for file in checkpoint_files(path))

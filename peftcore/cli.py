@@ -111,7 +111,7 @@ def failures() -> tuple[type[Exception], ...]:
 
 def add_job_commands(commands) -> None:
     train = commands.add_parser("train", help="fine-tune from a TOML recipe (none: the built-in default job)")
-    train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_lora.toml, "
+    train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_smollm2.toml, "
                                                              "embedded; with --resume: the run's own recipe.json)")
     train.add_argument("--output-dir", type=Path,
                        help="where the run goes, an empty or new folder (default: runs/<timestamp>)")

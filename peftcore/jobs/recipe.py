@@ -47,7 +47,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_RECIPE_NAME = "support_lora.toml"
+DEFAULT_RECIPE_NAME = "support_smollm2.toml"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
 METHODS = {"lora": LoraConfig, "dora": LoraConfig, "prompt": PromptTuningConfig, "p-tuning": PromptEncoderConfig,
@@ -86,7 +86,7 @@ class ModelSection:
     builtin: str | None = None  # "tiny-llama": made in code (peftcore.jobs.builtin)
     task: str = "CAUSAL_LM"  # or "SEQ_CLS" (a BERT encoder gets a new classification head)
     dtype: str = "float32"
-    quantize: str | None = None  # "nf4" | "int4" | "int8": a quantized base (QLoRA)
+    quantize: str | None = None  # "nf4" | "int4" | "int8": a quantized base (QLoRA); "keep": a GGUF file's own blocks
     group_size: int | None = None
     double_quant: bool = False  # nf4: quantize the absmax scales too (8-bit, blocks of 256), as QLoRA
     device: str = "auto"  # "auto": cuda when available
@@ -100,6 +100,8 @@ class ModelSection:
             raise ValueError(f"task = {self.task!r}; choose from {', '.join(TASKS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype = {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.quantize not in (None, "nf4", "int4", "int8", "keep"):
+            raise ValueError(f"quantize = {self.quantize!r}; choose from nf4, int4, int8, keep (a GGUF file's blocks)")
         if self.double_quant and self.quantize != "nf4":
             raise ValueError(f"double_quant applies to quantize = \"nf4\", not {self.quantize!r}")
 
@@ -198,7 +200,7 @@ SECTIONS = {"model": ModelSection, "data": DataSection, "adapter": AdapterSectio
 
 # -- loading ----------------------------------------------------------------------------------
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
-    """A recipe file (None: the embedded default, examples/support_lora.toml) with `--set` overrides."""
+    """A recipe file (None: the embedded default, examples/support_smollm2.toml) with `--set` overrides."""
     if path is None:
         path, source = EXAMPLES_DIR / DEFAULT_RECIPE_NAME, "(default recipe)"
         if not path.is_file():
@@ -220,6 +222,7 @@ def parse_recipe(raw: dict, source: str, base_dir: Path, overrides: list[str] = 
         keys, value = parse_override(item)
         apply_override(raw, keys, value, item)
         origins[tuple(keys)] = f"--set {item}"
+        switch_base(raw, keys)
     v = Validator(source, origins, base_dir)
     unknown = [k for k in raw if k not in SECTIONS and k != "tasks"]
     for key in unknown:
@@ -243,6 +246,18 @@ def parse_recipe(raw: dict, source: str, base_dir: Path, overrides: list[str] = 
         source=source,
         tasks=tasks,
     )
+
+
+def switch_base(raw: dict, keys: list[str]) -> None:
+    """`--set model.builtin=tiny-llama` on a recipe whose base is a path (the default job's SmolLM2) swaps
+    the base instead of failing on "path and builtin both set", and the other way round; quantize = "keep"
+    (a GGUF file's own blocks) goes with the file."""
+    model = raw.get("model")
+    if keys[:1] != ["model"] or len(keys) != 2 or keys[1] not in ("builtin", "path") or not isinstance(model, dict):
+        return
+    model.pop("path" if keys[1] == "builtin" else "builtin", None)
+    if keys[1] == "builtin" and model.get("quantize") == "keep":
+        model.pop("quantize")
 
 
 def parse_override(item: str) -> tuple[list[str], object]:

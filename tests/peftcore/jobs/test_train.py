@@ -17,6 +17,7 @@ from peftcore.jobs import builtin
 from peftcore.jobs.adapter_folder import load_adapter_folder
 
 ROOT = Path(__file__).resolve().parents[3]
+TINY_RECIPE = ROOT / "examples" / "support_lora.toml"  # the built-in tiny model (the default job: SmolLM2)
 TINY = dataclasses.replace(builtin.BuiltinSpec(), vocab_size=400, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            pretrain_steps=3, pretrain_batch_size=4, pretrain_length=64)
@@ -49,7 +50,7 @@ def run(*argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("run")
-    code, out, err = run("train", "--output-dir", folder, "--max-steps", 3, *FAST)
+    code, out, err = run("train", TINY_RECIPE, "--output-dir", folder, "--max-steps", 3, *FAST)
     assert code == 0, err
     return folder, out
 
@@ -134,7 +135,7 @@ def test_merge_output_loads_in_transformers_with_equal_logits(trained, tmp_path)
 
 
 def test_a_qlora_adapter_merges_into_original_or_quantized_weights(tmp_path):
-    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 2, *FAST,
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "run", "--max-steps", 2, *FAST,
                        "--set", "model.quantize=nf4", "--set", "train.learning_rate=5e-2", "--set", "eval.samples=0")
     assert code == 0, err
     adapter = tmp_path / "run" / "adapter"
@@ -160,7 +161,7 @@ def test_a_qlora_adapter_merges_into_original_or_quantized_weights(tmp_path):
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     args = ["--max-steps", 4, "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0",
             "--set", "data.max_length=96", "--set", "train.batch_size=4", "--set", "eval.samples=0"]
-    assert run("train", "--output-dir", tmp_path / "full", *args)[0] == 0
+    assert run("train", TINY_RECIPE, "--output-dir", tmp_path / "full", *args)[0] == 0
     import peftcore.training.loop as train_module
 
     calls = {"n": 0}
@@ -173,7 +174,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
         return real_step(*a, **k)
 
     monkeypatch.setattr(train_module, "train_step", crash_on_step_3)
-    code, _, err = run("train", "--output-dir", tmp_path / "part", *args)
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "part", *args)
     assert code == 130 and (
         f"interrupted; continue with: peftcore train --resume --output-dir {tmp_path / 'part'}" in err
     )
@@ -182,7 +183,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     assert code == 0, err
     losses = lambda p: [json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
-    code, _, err = run("train", "--output-dir", tmp_path / "part", *args)
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "part", *args)
     assert code == 2 and f"{tmp_path / 'part'} is not empty (" in err and "pass --resume to continue" in err
 
 
@@ -193,25 +194,26 @@ def test_a_bad_data_line_exits_2_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr("peftcore.jobs.train.resolve_base", no_model)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": \n')
-    code, _, err = run("train", "--output-dir", tmp_path / "out", "--set", f"data.train={bad}")
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "out", "--set", f"data.train={bad}")
     assert code == 2
     assert err.strip().splitlines() == [
         "peftcore train: error: bad.jsonl:2: not valid JSON (Expecting value at column 26)"
     ]
     bad.write_text('{"input": "q", "output": "a"}\n{"input": "q"}\n')
-    code, _, err = run("train", "--output-dir", tmp_path / "out", "--set", f"data.train={bad}")
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "out", "--set", f"data.train={bad}")
     assert code == 2 and "bad.jsonl:2: missing field(s) output" in err and "Traceback" not in err
 
 
 def test_an_empty_dataset_exits_2(tmp_path, monkeypatch):
     monkeypatch.setattr("peftcore.jobs.train.resolve_base", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "empty.jsonl").write_text("\n")
-    code, _, err = run("train", "--output-dir", tmp_path / "out", "--set", f"data.train={tmp_path / 'empty.jsonl'}")
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "out",
+                       "--set", f"data.train={tmp_path / 'empty.jsonl'}")
     assert code == 2 and err.strip() == "peftcore train: error: empty.jsonl: no records: the dataset is empty"
 
 
 def test_recipe_errors_exit_2(tmp_path):
-    code, _, err = run("train", "--output-dir", tmp_path, "--set", "train.lr=1e-3")
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path, "--set", "train.lr=1e-3")
     assert code == 2
     assert err.strip() == (
         "peftcore train: error: --set train.lr=1e-3: unknown key [train] lr; did you mean learning_rate?"
@@ -272,11 +274,11 @@ def test_chat_records_train_in_the_checkpoints_own_chat_template(tmp_path):
 
 
 def test_double_quant_reaches_the_loaded_base(tmp_path):
-    code, _, err = run("train", "--output-dir", tmp_path / "run", "--max-steps", 1, *FAST,
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "run", "--max-steps", 1, *FAST,
                        "--set", "model.quantize=nf4", "--set", "model.double_quant=true", "--set", "eval.samples=0")
     assert code == 0, err
     loaded = load_adapter_folder(tmp_path / "run" / "adapter")  # as eval / generate load it
     layers = [m for m in loaded.peft_model.modules() if type(m).__name__ == "QuantLinear"]
     assert layers and all(m.double_quant for m in layers)
-    code, _, err = run("train", "--output-dir", tmp_path / "bad", "--set", "model.double_quant=true")
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "bad", "--set", "model.double_quant=true")
     assert code == 2 and 'double_quant applies to quantize = "nf4", not None' in err
