@@ -62,12 +62,26 @@ def batches_from(rows: list[TokenizedExample], state: TrainState | TaskCursor, c
     seed = config.seed if seed is None else seed
     while True:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + state.epoch)).tolist()
+        if config.group_by_length:
+            order = length_grouped(order, rows, config.batch_size * world_size)
         while state.position < len(order):
             chosen = order[state.position : state.position + config.batch_size * world_size]
             state.position += config.batch_size * world_size
             mine = rank_share(chosen, rank, world_size)
             yield collate([rows[i] for i in mine], pad_token_id) if mine else padding_batch(rows, pad_token_id)
         state.epoch, state.position = state.epoch + 1, 0
+
+
+MEGABATCH = 50  # batches per sorted run, as transformers' LengthGroupedSampler
+
+
+def length_grouped(order: list[int], rows: list[TokenizedExample], batch: int) -> list[int]:
+    """The shuffled order cut into megabatches of MEGABATCH x batch rows, each sorted longest first:
+    batches of similar lengths, still a fresh mix every epoch, and a function of the order alone (so a
+    resumed run continues the same batches)."""
+    size = MEGABATCH * batch
+    runs = [order[i : i + size] for i in range(0, len(order), size)]
+    return [i for run in runs for i in sorted(run, key=lambda i: -len(rows[i].input_ids))]
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
