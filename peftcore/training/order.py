@@ -61,9 +61,10 @@ def batches_from(rows: list[TokenizedExample], state: TrainState | TaskCursor, c
     (what one process with that batch size would take) and this rank gets its contiguous part."""
     seed = config.seed if seed is None else seed
     while True:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + state.epoch)).tolist()
+        generator = torch.Generator().manual_seed(seed + state.epoch)
+        order = torch.randperm(len(rows), generator=generator).tolist()
         if config.group_by_length:
-            order = length_grouped(order, rows, config.batch_size * world_size)
+            order = length_grouped(order, rows, config.batch_size * world_size, generator)
         while state.position < len(order):
             chosen = order[state.position : state.position + config.batch_size * world_size]
             state.position += config.batch_size * world_size
@@ -75,13 +76,19 @@ def batches_from(rows: list[TokenizedExample], state: TrainState | TaskCursor, c
 MEGABATCH = 50  # batches per sorted run, as transformers' LengthGroupedSampler
 
 
-def length_grouped(order: list[int], rows: list[TokenizedExample], batch: int) -> list[int]:
-    """The shuffled order cut into megabatches of MEGABATCH x batch rows, each sorted longest first:
-    batches of similar lengths, still a fresh mix every epoch, and a function of the order alone (so a
-    resumed run continues the same batches)."""
-    size = MEGABATCH * batch
-    runs = [order[i : i + size] for i in range(0, len(order), size)]
-    return [i for run in runs for i in sorted(run, key=lambda i: -len(rows[i].input_ids))]
+def length_grouped(order: list[int], rows: list[TokenizedExample], batch: int, generator: torch.Generator) -> list[int]:
+    """The shuffled order cut into megabatches of MEGABATCH x batch rows, each sorted by length into
+    batches, and the batches of a megabatch shuffled: similar lengths within a batch, but not every
+    long batch first (on a 240-row dataset one megabatch is the whole epoch, and sorted batches trained
+    all the long Japanese rows, then all the short English ones: eval perplexity 3.32 against 2.68
+    unsorted). A function of the epoch's seed alone, so a resumed run continues the same batches."""
+    size, out = MEGABATCH * batch, []
+    for start in range(0, len(order), size):
+        run = sorted(order[start : start + size], key=lambda i: -len(rows[i].input_ids))
+        full = len(run) // batch  # a short last batch stays last: batches_from cuts the order every `batch` rows
+        out += [i for k in torch.randperm(full, generator=generator).tolist() for i in run[k * batch : (k + 1) * batch]]
+        out += run[full * batch :]
+    return out
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:

@@ -35,6 +35,9 @@ def test_grouping_by_length_cuts_padding_and_keeps_every_row_once():
     assert sorted(i for b in grouped for i in b) == list(range(240))
     assert padding(rows, grouped) < 0.25 * padding(rows, plain)
     assert epoch(rows, TrainConfig(batch_size=8, group_by_length=True, seed=1)) != grouped  # still shuffled
+    longest_at = {max(range(len(b)), key=lambda k: max(len(rows[i].input_ids) for i in b[k]))
+                  for b in (epoch(rows, TrainConfig(batch_size=8, group_by_length=True, seed=s)) for s in range(4))}
+    assert len(longest_at) > 1  # the batches are shuffled too: not every long row first (one language first)
 
 
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=60), st.integers(1, 7), st.integers(0, 9))
