@@ -86,15 +86,20 @@ def decode(model, ids, **kwargs) -> torch.Tensor:
 
 
 def show_samples(loaded: Loaded, records: list[Record], settings) -> list[dict]:
-    generated = generate_texts(loaded.peft_model, loaded.tokenizer, [r.prompt for r in records], settings,
-                               loaded.device)
+    """The base's answer (adapter disabled) beside the adapted one, for the first eval records: what the
+    training changed, in the model's own words."""
+    prompts = [r.prompt for r in records]
+    with loaded.peft_model.disable_adapter():
+        before = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
+    generated = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
     mode = "greedy" if not settings.temperature else f"temperature {settings.temperature}"
-    log.info(f"samples ({mode}, up to {settings.max_new_tokens} new tokens):")
+    log.info(f"samples ({mode}, up to {settings.max_new_tokens} new tokens; base = the adapter disabled):")
     out = []
-    for i, (record, text) in enumerate(zip(records, generated), start=1):
+    for i, (record, base, text) in enumerate(zip(records, before, generated), start=1):
         log.info(f"[{i}] prompt:    {one_line(record.shown)}\n    reference: {one_line(record.reference)}\n"
-            f"    generated: {one_line(text)}")
-        out.append({"where": record.where, "prompt": record.shown, "reference": record.reference, "generated": text})
+                 f"    base:      {one_line(base)}\n    generated: {one_line(text)}")
+        out.append({"where": record.where, "prompt": record.shown, "reference": record.reference, "base": base,
+                    "generated": text})
     return out
 
 

@@ -77,8 +77,9 @@ def test_train_writes_adapter_metrics_and_data_report(trained):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["before"]["eval_ppl"] > 1 and summary["after"]["eval_ppl"] > 1
     for expected in ("data: 240 records", "before: eval loss", "after:  eval loss", "[1] prompt:", "reference:",
-                     "generated:", f"adapter saved to {adapter}"):
+                     "base:", "generated:", f"adapter saved to {adapter}"):
         assert expected in out
+    assert all(set(sample) >= {"base", "generated", "reference"} for sample in summary["samples"])
 
 
 def test_after_is_measured_on_the_saved_adapter(trained):
