@@ -32,16 +32,16 @@ tile untransposed. Both add an optional epilogue scale * L (M, r) @ R (r, out) a
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import quant_matmul_kernels as qmm
+
 # The jit helpers and the rules these kernels follow under the interpreter: _triton.py. Under
 # TRITON_INTERPRET=1, quant_matmul_kernels must be (re)imported before this module (_lora_epilogue).
-from ._triton import cast, dot, grouped_tile, interpret_bf16, is_hopper, m_bucket, tile_grid
-from .dispatch import interpreting
+from ._triton import cast, dot, grouped_tile, is_hopper
 from .gguf_blocks import BLOCK, Q4_0, Q4_1, Q8_0, BlockWeight, dequantize
 from .quant_matmul_kernels import (
     AMPERE_SKINNY,
@@ -50,11 +50,8 @@ from .quant_matmul_kernels import (
     HOPPER_SKINNY,
     HOPPER_T,
     HOPPER_TILED,
-    SKINNY_M,
     _lora_epilogue,
-    _split_k,
     block_k_cap,
-    lora_args,
 )
 
 TYPES = (Q4_0, Q4_1, Q8_0)  # the QTYPE constexpr is the ggml type number
@@ -199,39 +196,15 @@ def weight_args(w: BlockWeight) -> tuple[list[Tensor], dict]:
     return [w.qs.contiguous(), d, d if w.m is None else w.m.contiguous()], dict(QTYPE=w.ggml_type)
 
 
-def _launch(tuned, grid, args: tuple, meta: dict, k_cap: int) -> None:
-    """Autotuned on a GPU; under the interpreter, the fixed small config (BLOCK_K lowered to k_cap)."""
-    if interpreting():
-        config = {**INTERPRET_CONFIG, "BLOCK_K": min(INTERPRET_CONFIG["BLOCK_K"], k_cap)}
-        tuned.fn[grid(config)](*args, **meta, **config)
-    else:
-        tuned[grid](*args, **meta)
-
-
 def forward(x2: Tensor, w: BlockWeight, bias: Tensor | None, lora_left: Tensor | None,
             lora_right_t: Tensor | None, scale: float) -> Tensor:
     """x2 (M, K), unit stride along K -> x2 W^T + bias + scale * lora_left @ lora_right_t: (M, N) in x2.dtype.
 
-    lora_left (M, r) = (LoRA input) A^T and lora_right_t (r, N) = B^T, any strides."""
-    M, K = x2.shape
-    N = w.shape[0]
+    lora_left (M, r) = (LoRA input) A^T and lora_right_t (r, N) = B^T, any strides. The launch (split-K
+    for M <= SKINNY_M) is quant_matmul_kernels', shared with the NF4 / int4 kernels."""
     w_tensors, fmt = weight_args(w)
-    lora_tensors, lora_meta = lora_args(lora_left, lora_right_t, scale)
-    k_cap = block_k_cap(K, BLOCK)
-    skinny = M <= SKINNY_M
-    if skinny:
-        k_unit = min(INTERPRET_CONFIG["BLOCK_K"], k_cap) if interpreting() else k_cap
-        splits, k_per_split = _split_k(N, K, k_unit, x2.device)
-    else:
-        splits, k_per_split = 1, K
-    out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    target = out if splits == 1 else torch.empty((splits, M, N), device=x2.device, dtype=torch.float32)
-    args = (x2, *w_tensors, bias, *lora_tensors, target, M, N, K, k_per_split, m_bucket(M), x2.stride(0), N, M * N)
-    meta = dict(**fmt, **lora_meta, HAS_BIAS=bias is not None, INTERPRET_BF16=interpret_bf16(x2.dtype))
-    _launch(_gmm_skinny if skinny else _gmm_tiled, tile_grid(M, N, "BLOCK_N", splits), args, meta, k_cap)
-    if splits > 1:
-        out.copy_(target.sum(dim=0))
-    return out
+    return qmm.launch_forward((_gmm_skinny, _gmm_tiled), x2, w_tensors, fmt, BLOCK, w.shape[0], bias, lora_left,
+                              lora_right_t, scale)
 
 
 def transposed(dy: Tensor, w: BlockWeight, lora_left: Tensor | None, lora_right: Tensor | None,
@@ -239,15 +212,8 @@ def transposed(dy: Tensor, w: BlockWeight, lora_left: Tensor | None, lora_right:
     """dy (M, N), unit stride along N -> dy @ W + scale * lora_left @ lora_right: (M, K) in dy.dtype.
 
     lora_left (M, r) = dY B and lora_right (r, K) = A, any strides."""
-    M, N = dy.shape
-    K = w.shape[1]
     w_tensors, fmt = weight_args(w)
-    lora_tensors, lora_meta = lora_args(lora_left, lora_right, scale)
-    out = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-    args = (dy, *w_tensors, *lora_tensors, out, M, N, K, m_bucket(M), dy.stride(0), K)
-    meta = dict(**fmt, **lora_meta, INTERPRET_BF16=interpret_bf16(dy.dtype))
-    _launch(_gmm_t, tile_grid(M, K, "BLOCK_K"), args, meta, block_k_cap(K, BLOCK))
-    return out
+    return qmm.launch_transposed(_gmm_t, dy, w_tensors, fmt, BLOCK, w.shape[1], lora_left, lora_right, scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -325,11 +325,25 @@ def _launch(tuned, grid, args: tuple, meta: dict, k_cap: int) -> None:
 
 def forward(x: torch.Tensor, qweight, bias, lora_left, lora_right_t, scale: float) -> torch.Tensor:
     """x (M, K), unit stride along K -> (M, N) in x.dtype. lora_right_t is B^T (r, N), any strides."""
-    M, K = x.shape
-    N = qweight.shape[0]
     w_tensors, fmt = weight_args(qweight)
+    return launch_forward((_qmm_skinny, _qmm_tiled), x, w_tensors, fmt, fmt["GROUP"], qweight.shape[0], bias,
+                          lora_left, lora_right_t, scale)
+
+
+def transposed(dy: torch.Tensor, qweight, lora_left, lora_right, scale: float) -> torch.Tensor:
+    """dy (M, N), unit stride along N -> dy @ W' (+ scale * lora_left @ lora_right): (M, K) in dy.dtype."""
+    w_tensors, fmt = weight_args(qweight)
+    return launch_transposed(_qmm_t, dy, w_tensors, fmt, fmt["GROUP"], qweight.shape[1], lora_left, lora_right, scale)
+
+
+def launch_forward(kernels: tuple, x: torch.Tensor, w_tensors: list, fmt: dict, group: int, N: int, bias,
+                   lora_left, lora_right_t, scale: float) -> torch.Tensor:
+    """The forward launch every dequant-matmul kernel pair shares (this module's NF4 / int4 and
+    gguf_matmul_kernels' block formats take the same arguments around their weight pointers):
+    kernels = (skinny, tiled); M <= SKINNY_M splits K and sums the fp32 partials."""
+    M, K = x.shape
     lora_tensors, lora_meta = lora_args(lora_left, lora_right_t, scale)
-    k_cap = block_k_cap(K, fmt["GROUP"])
+    k_cap = block_k_cap(K, group)
     skinny = M <= SKINNY_M
     if skinny:
         k_unit = min(INTERPRET_CONFIG["BLOCK_K"], k_cap) if interpreting() else k_cap
@@ -340,20 +354,19 @@ def forward(x: torch.Tensor, qweight, bias, lora_left, lora_right_t, scale: floa
     target = out if splits == 1 else torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
     args = (x, *w_tensors, bias, *lora_tensors, target, M, N, K, k_per_split, m_bucket(M), x.stride(0), N, M * N)
     meta = dict(**fmt, **lora_meta, HAS_BIAS=bias is not None, INTERPRET_BF16=interpret_bf16(x.dtype))
-    _launch(_qmm_skinny if skinny else _qmm_tiled, tile_grid(M, N, "BLOCK_N", splits), args, meta, k_cap)
+    _launch(kernels[0] if skinny else kernels[1], tile_grid(M, N, "BLOCK_N", splits), args, meta, k_cap)
     if splits > 1:
         out.copy_(target.sum(dim=0))
     return out
 
 
-def transposed(dy: torch.Tensor, qweight, lora_left, lora_right, scale: float) -> torch.Tensor:
-    """dy (M, N), unit stride along N -> dy @ W' (+ scale * lora_left @ lora_right): (M, K) in dy.dtype."""
+def launch_transposed(kernel, dy: torch.Tensor, w_tensors: list, fmt: dict, group: int, K: int, lora_left,
+                      lora_right, scale: float) -> torch.Tensor:
+    """The dX = dY W' launch every transposed dequant kernel shares."""
     M, N = dy.shape
-    K = qweight.shape[1]
-    w_tensors, fmt = weight_args(qweight)
     lora_tensors, lora_meta = lora_args(lora_left, lora_right, scale)
     out = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     args = (dy, *w_tensors, *lora_tensors, out, M, N, K, m_bucket(M), dy.stride(0), K)
     meta = dict(**fmt, **lora_meta, INTERPRET_BF16=interpret_bf16(dy.dtype))
-    _launch(_qmm_t, tile_grid(M, K, "BLOCK_K"), args, meta, block_k_cap(K, fmt["GROUP"]))
+    _launch(kernel, tile_grid(M, K, "BLOCK_K"), args, meta, block_k_cap(K, group))
     return out
