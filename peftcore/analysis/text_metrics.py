@@ -289,6 +289,12 @@ def _is_cjk(ch: str) -> bool:
             or 0xF900 <= o <= 0xFAFF or 0xAC00 <= o <= 0xD7AF or 0xFF66 <= o <= 0xFF9F)
 
 
+def mostly_cjk(texts: list[str]) -> bool:
+    """More than half the non-space characters CJK: texts to score by characters, not words."""
+    chars = [c for t in texts for c in t if not c.isspace()]
+    return bool(chars) and sum(map(_is_cjk, chars)) > len(chars) / 2
+
+
 def _is_word_char(ch: str) -> bool:
     """A character that continues a Latin-script word. CJK letters do not: in "LoRAを使う" the
     term "LoRA" is a whole word, although Python's regex \\w would call "を" a word character."""

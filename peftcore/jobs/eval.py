@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from peftcore.analysis.text_metrics import _is_cjk, bleu, chrf, glossary_adherence, load_terms, repetition
+from peftcore.analysis.text_metrics import bleu, chrf, glossary_adherence, load_terms, mostly_cjk, repetition
 from peftcore.data.records import PromptTemplate, collate
 from peftcore.jobs.adapter_folder import RECIPE_FILE, Loaded, load_adapter_folder, load_base_alone, read_adapter_info
 from peftcore.jobs.bases import TaskError
@@ -35,11 +35,6 @@ from peftcore.training.loop import evaluate
 log = logging.getLogger(__name__)
 
 PERCENT = ("accuracy", "exact match")  # fractions in the results, shown as percentages
-
-
-def mostly_cjk(texts: list[str]) -> bool:
-    chars = [c for t in texts for c in t if not c.isspace()]
-    return bool(chars) and sum(map(_is_cjk, chars)) > len(chars) / 2
 
 
 # -- eval -------------------------------------------------------------------------------------

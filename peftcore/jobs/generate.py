@@ -3,12 +3,14 @@ continuations with an adapter, in the settings of the adapter's recipe ([eval]).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 from peftcore._logging import quiet
+from peftcore.analysis.text_metrics import mostly_cjk
 from peftcore.data.records import PromptTemplate, chat_prompt, special_tokens_around
 from peftcore.jobs.adapter_folder import Loaded, load_adapter_folder, load_base_alone
 from peftcore.jobs.bases import TaskError
@@ -40,9 +42,29 @@ def run_generate(adapter: Path | None, prompt: str, base: str | None = None, raw
     raw = raw or (adapter is None and not loaded.template.chat_template)
     if loaded.labels is not None:
         raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore eval")
+    if instruction is None:  # as training asked: peftcore_recipe.json records its instructions
+        instruction = instruction_for(loaded.info, prompt)
     text = prompt if raw else render_prompt(loaded.template, prompt, instruction, chat)
     settings = eval_settings(loaded, **(sampling or {}), batch_size=1)
     return generate_texts(loaded.peft_model, loaded.tokenizer, [text], settings, loaded.device, seed=seed or 0)[0]
+
+
+def trained_instructions(records: list[Record]) -> dict[str, str]:
+    """The instruction most training records of each script carried ({"cjk": ..., "other": ...}): what
+    generate puts before a prompt that names none, so a question is asked as training asked it (the
+    support data: an English instruction on English records, a Japanese one on Japanese records)."""
+    by_script: dict[str, Counter] = {}
+    for record in records:
+        if record.instruction:
+            script = "cjk" if mostly_cjk([record.shown]) else "other"
+            by_script.setdefault(script, Counter())[record.instruction] += 1
+    return {script: counts.most_common(1)[0][0] for script, counts in by_script.items()}
+
+
+def instruction_for(info: dict, prompt: str) -> str | None:
+    """The trained instruction for a prompt in this script (an adapter from elsewhere records none)."""
+    instructions = info.get("instructions") or {}
+    return instructions.get("cjk" if mostly_cjk([prompt]) else "other")
 
 
 def render_prompt(template: PromptTemplate, prompt: str, instruction: str | None, chat: bool) -> str:

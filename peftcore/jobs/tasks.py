@@ -40,6 +40,7 @@ class Record:
     # The answer as the user wrote it: the trained segment may carry what a chat template adds around
     # it (SmolLM2: "<|im_end|>\n"), which no reference for BLEU / chrF or a person should hold.
     answer: str | None = None
+    instruction: str | None = None  # the record's instruction (chat: its system turn), if it has one
 
     @property
     def prompt(self) -> str:
@@ -105,9 +106,11 @@ def causal_record(record, where: str, template: PromptTemplate) -> Record:
         shown = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
         texts = tuple(m["content"] for m in record["messages"] if m["role"] in ("user", "assistant"))
         answer = next(m["content"] for m in record["messages"] if m["role"] == "assistant")
+        instruction = next((m["content"] for m in record["messages"] if m["role"] == "system"), None)
     else:
         shown, texts, answer = record["input"], (record["input"], record["output"]), record["output"]
-    return Record(where, example, shown, texts=texts, answer=answer)
+        instruction = record.get("instruction") or None
+    return Record(where, example, shown, texts=texts, answer=answer, instruction=instruction)
 
 
 def classification_record(record, where: str, labels: list[str]) -> Record:

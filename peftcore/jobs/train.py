@@ -27,7 +27,7 @@ from peftcore.data.report import data_report, format_report, write_report
 from peftcore.jobs import run_folder
 from peftcore.jobs.adapter_folder import Loaded, backbone, load_adapter_folder, save_adapter_folder, task_weights
 from peftcore.jobs.bases import TaskError, adapter_config, base_chat_template, load_base, resolve_base, set_runtime
-from peftcore.jobs.generate import show_samples
+from peftcore.jobs.generate import show_samples, trained_instructions
 from peftcore.jobs.recipe import Recipe, TaskSection
 from peftcore.jobs.tasks import Record, pad_id, parse_records, read_labels, tokenize_records
 from peftcore.multitask.heads import Classification, Generation, HeadKind, TaskSpec, head_kind
@@ -79,8 +79,11 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite:
     before = score(backbone(model).disable_adapter, model, eval_rows, batch, pad, "before: ",
                    describe=describe, task_weights=task_weights(model))
     # 6. train
+    # the adapter's record also keeps the instructions it trained with (generate applies them); the run's
+    # recipe.json does not: --resume compares it with the recipe
+    adapter_info = {**info, "instructions": trained_instructions(tasks[None].train_records) if None in tasks else {}}
     state = train(model, train_rows, eval_rows, recipe.train, output_dir, pad, resume=resume,
-                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, info, tokenizer))
+                  save_adapter=lambda folder: save_adapter_folder(model, folder, base_folder, adapter_info, tokenizer))
     if not main:  # rank 0 alone picks, reloads and evaluates the adapter
         return {"steps": state.step}
     # 7. the adapter: the best evaluation's, else the last step's; 8. after, from the files

@@ -111,10 +111,27 @@ def test_generate_is_greedy_and_repeatable(trained):
                  "How long are restore points kept?")
     assert first[0] == 0 and first[1] == second[1]
     loaded = load_adapter_folder(folder / "adapter")
-    prompt = loaded.template.render({"input": "How long are restore points kept?"})
+    # the instruction the adapter trained with comes along (peftcore_recipe.json records it per script)
+    instruction = loaded.info["instructions"]["other"]
+    assert instruction == "Answer the customer as Hoshizora Cloud support."
+    prompt = loaded.template.render({"input": "How long are restore points kept?", "instruction": instruction})
     ids = torch.tensor([[loaded.tokenizer.bos_token_id, *loaded.tokenizer.encode(prompt, add_special_tokens=False)]])
     tokens = loaded.peft_model.generate(ids, max_new_tokens=6, eos_token_id=loaded.tokenizer.eos_token_id)
     assert first[1].strip() == loaded.tokenizer.decode(tokens[0, ids.shape[1]:]).strip()
+
+
+def test_generate_answers_a_sample_prompt_as_the_training_samples_did(trained):
+    """The run is self-contained: `peftcore generate` on a sample's question applies the trained
+    instruction (English or Japanese, by the prompt's script) and gives the sample's answer."""
+    folder, _ = trained
+    summary = json.loads((folder / "summary.json").read_text())
+    recipe = json.loads((folder / "adapter" / "peftcore_recipe.json").read_text())
+    assert set(recipe["instructions"]) == {"cjk", "other"} and "instructions" not in json.loads(
+        (folder / "recipe.json").read_text())  # --resume compares recipe.json with the recipe: not there
+    for sample in summary["samples"][:2]:
+        code, out, err = run("generate", "--adapter", folder / "adapter", sample["prompt"])  # the recorded [eval]
+        assert code == 0, err
+        assert out.strip() == sample["generated"]
 
 
 def test_merge_output_loads_in_transformers_with_equal_logits(trained, tmp_path):
