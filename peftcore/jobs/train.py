@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -44,11 +45,27 @@ ADAPTER_DIR = "adapter"
 def default_output_dir(resume: bool) -> Path:
     runs = Path("runs")
     if resume:
-        candidates = sorted(p for p in runs.glob("*") if (p / "checkpoint").is_dir()) if runs.is_dir() else []
+        candidates = sorted(p for p in runs.glob("*") if (p / "checkpoint").is_dir() and not p.is_symlink()
+                            ) if runs.is_dir() else []
         if not candidates:
             raise FileNotFoundError("--resume: no run with a checkpoint under runs/; pass --output-dir")
         return candidates[-1]
     return runs / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def point_latest(output_dir: Path) -> None:
+    """runs/latest -> the run just started, for runs in the default runs/ folder (`peftcore eval --adapter
+    runs/latest/adapter`). Replaced atomically; where links cannot be made (some Windows setups), none."""
+    runs = Path("runs").resolve()
+    if output_dir.resolve().parent != runs:
+        return
+    link, temporary = runs / "latest", runs / f".latest-{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(output_dir.name, target_is_directory=True)
+        os.replace(temporary, link)
+    except OSError:
+        temporary.unlink(missing_ok=True)
 
 
 def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite: bool = False) -> dict:
@@ -75,6 +92,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite:
     info = {**recipe.to_dict(), "labels": tasks[None].labels if None in tasks else None}
     if main:
         write_recipe(output_dir, info)
+        point_latest(output_dir)
     describe = functools.partial(describe_scores, tasks=tasks)
     before = score(backbone(model).disable_adapter, model, eval_rows, batch, pad, "before: ",
                    describe=describe, task_weights=task_weights(model))

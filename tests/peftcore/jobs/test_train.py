@@ -300,3 +300,16 @@ def test_double_quant_reaches_the_loaded_base(tmp_path):
     assert layers and all(m.double_quant for m in layers)
     code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "bad", "--set", "model.double_quant=true")
     assert code == 2 and 'double_quant applies to quantize = "nf4", not None' in err
+
+
+def test_runs_latest_points_at_the_last_run_in_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("20260101-000000", "20260101-000001"):
+        code, _, err = run("train", TINY_RECIPE, "--output-dir", Path("runs") / name, "--max-steps", 1, *FAST,
+                           "--set", "eval.samples=0", "--set", "train.eval_every=0")
+        assert code == 0, err
+        assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / name).resolve()
+    assert (tmp_path / "runs" / "latest" / "adapter" / "adapter_config.json").is_file()
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "elsewhere", "--max-steps", 1, *FAST,
+                       "--set", "eval.samples=0", "--set", "train.eval_every=0")
+    assert code == 0 and (tmp_path / "runs" / "latest").resolve().name == "20260101-000001"  # only runs/ moves it
