@@ -76,7 +76,11 @@ def set_runtime(model_section) -> torch.device:
     device = model_section.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TaskError(f"[model] device = {model_section.device!r}, but this torch sees no CUDA device "
+                        f"(torch {torch.__version__}); use \"auto\" or \"cpu\"")
+    return device
 
 
 def load_base(folder: Path, model_section, labels: list[str] | None, device=None, seed: int = 0,

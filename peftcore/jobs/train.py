@@ -34,7 +34,7 @@ from peftcore.jobs.tasks import Record, pad_id, parse_records, read_labels, toke
 from peftcore.multitask.heads import Classification, Generation, HeadKind, TaskSpec, head_kind
 from peftcore.multitask.model import MultiTaskModel, parts_of
 from peftcore.peft_model import get_peft_model
-from peftcore.training.loop import evaluate, train
+from peftcore.training.loop import check_precision, evaluate, train
 from peftcore.training.state import replace_atomically, set_seed
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite:
     tasks = job_tasks(recipe)
     # 2. base + tokenizer; 3. tokens and the data report(s)
     device = set_runtime(recipe.model)
+    check_precision(recipe.train.mixed_precision, device)  # before minutes of loading and the "before" eval
     base_folder = resolve_base(recipe.model.base_name)
     tokenizer = load_tokenizer(base_folder)
     pad, batch = pad_id(tokenizer), recipe.train.batch_size

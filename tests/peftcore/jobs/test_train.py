@@ -313,3 +313,16 @@ def test_runs_latest_points_at_the_last_run_in_runs(tmp_path, monkeypatch):
     code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "elsewhere", "--max-steps", 1, *FAST,
                        "--set", "eval.samples=0", "--set", "train.eval_every=0")
     assert code == 0 and (tmp_path / "runs" / "latest").resolve().name == "20260101-000001"  # only runs/ moves it
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.mixed_precision=fp16", "mixed_precision 'fp16' needs a CUDA device (the model is on cpu)"),
+    ("model.device=cuda", "[model] device = 'cuda', but this torch sees no CUDA device"),
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the settings are impossible on a CPU-only machine")
+def test_impossible_runtime_settings_are_one_line_before_the_model_loads(tmp_path, setting, message, monkeypatch):
+    from peftcore.jobs import train as train_job
+
+    monkeypatch.setattr(train_job, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run("train", TINY_RECIPE, "--output-dir", tmp_path / "run", "--set", setting)
+    assert code in (1, 2) and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
