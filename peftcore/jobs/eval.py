@@ -170,9 +170,11 @@ def generation_metrics(loaded: Loaded, records, settings, glossary, ppl: list[fl
     prompts, references = [r.prompt for r in chosen], [r.reference for r in chosen]
     outputs = {}
     with contextlib.nullcontext() if alone else loaded.peft_model.disable_adapter():
-        outputs["base"] = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
+        outputs["base"] = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device,
+                                         progress="generate (base)")
     if not alone:
-        outputs["adapted"] = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device)
+        outputs["adapted"] = generate_texts(loaded.peft_model, loaded.tokenizer, prompts, settings, loaded.device,
+                                            progress="generate (adapted)")
     metrics = {"perplexity": ppl}
     groups = {"": list(range(len(chosen)))}
     cjk = [i for i, ref in enumerate(references) if mostly_cjk([ref])]

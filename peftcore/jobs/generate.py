@@ -84,15 +84,20 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, seed: int = 0) -> list[str]:
+def generate_texts(model, tokenizer, prompts: list[str], settings, device=None, seed: int = 0,
+                   progress: str | None = None) -> list[str]:
     """Batched decoding (left-padded) of the continuation of each prompt; `settings`: the SamplingConfig
-    fields it holds (a recipe's [eval] section) and batch_size."""
+    fields it holds (a recipe's [eval] section) and batch_size. `progress`: a bar's label (stderr), for
+    the minute a whole eval set takes on a CPU."""
+    from tqdm.auto import tqdm
+
     model.eval()
     pad = pad_id(tokenizer)
     sampling = SamplingConfig.of(settings, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     generator = torch.Generator(device=device or "cpu").manual_seed(seed) if sampling.temperature else None
     outputs = []
-    for start in range(0, len(prompts), max(1, settings.batch_size)):
+    starts = range(0, len(prompts), max(1, settings.batch_size))
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, dynamic_ncols=True):
         encoded = [prompt_ids(tokenizer, p) for p in prompts[start : start + settings.batch_size]]
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)

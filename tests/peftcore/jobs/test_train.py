@@ -95,6 +95,7 @@ def test_eval_writes_a_before_after_report(trained, tmp_path):
     code, out, err = run("eval", "--adapter", folder / "adapter", "--max-records", 4,
                          "--output", tmp_path / "report.md")
     assert code == 0, err
+    assert "generate (base)" in err and "generate (adapted)" in err  # progress bars on stderr, stdout the table
     report = (tmp_path / "report.md").read_text()
     for row in ("| perplexity |", "| BLEU", "| chrF", "| glossary adherence % |", "| repeated 3-grams % |"):
         assert row in report
