@@ -1,6 +1,6 @@
-"""The `peftcore` command: train, eval, generate, merge, export, inspect, inspect-model.
+"""The `peftcore` command: train, eval, generate, merge, export, inspect, inspect-model, recipes.
 
-    peftcore train [CONFIG.toml] [--output-dir DIR] [--max-steps N] [--resume | --overwrite]
+    peftcore train [CONFIG.toml | RECIPE_NAME] [--output-dir DIR] [--max-steps N] [--resume | --overwrite]
                    [--set section.key=value ...]
     peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
     peftcore generate --adapter DIR [--base PATH] "prompt text"
@@ -8,6 +8,7 @@
     peftcore export --adapter DIR [--base PATH] --format gguf --output FILE.gguf [--outtype f32|f16]
     peftcore inspect ADAPTER_DIR [--base PATH] [--compare DIR] [--top-k K] [--output-dir DIR]
     peftcore inspect-model PATH
+    peftcore recipes [cp NAME DEST]
 
 Exit codes: 0 done, 1 failed, 2 bad input (usage, recipe, data), 130 interrupted.
 
@@ -19,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
+import re
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(commands)
     add_export_command(commands)
     add_inspect_command(commands)
+    add_recipes_command(commands)
     return parser
 
 
@@ -111,8 +117,9 @@ def failures() -> tuple[type[Exception], ...]:
 
 def add_job_commands(commands) -> None:
     train = commands.add_parser("train", help="fine-tune from a TOML recipe (none: the built-in default job)")
-    train.add_argument("config", nargs="?", type=Path, help="recipe file (default: examples/support_smollm2.toml, "
-                                                             "embedded; with --resume: the run's own recipe.json)")
+    train.add_argument("config", nargs="?", type=Path, help="recipe file, or a shipped recipe's name (`peftcore "
+                                                             "recipes`; default: support_smollm2, embedded; with "
+                                                             "--resume: the run's own recipe.json)")
     train.add_argument("--output-dir", type=Path,
                        help="where the run goes, an empty or new folder (default: runs/<timestamp>)")
     train.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
@@ -260,6 +267,94 @@ def export_command(args: argparse.Namespace) -> int:
 
     run_export(args.adapter, args.output, args.format, args.base, outtype=args.outtype)
     return 0
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+def add_recipes_command(commands) -> None:
+    cmd = commands.add_parser("recipes", help="list the shipped recipes (examples/*.toml); "
+                                              "`recipes cp NAME DEST` copies one to edit")
+    actions = cmd.add_subparsers(dest="action", metavar="[ls | cp]")
+    actions.add_parser("ls", help="one line per shipped recipe (the default)")
+    cp = actions.add_parser("cp", help="copy a shipped recipe; its data paths become absolute (the shipped files)")
+    cp.add_argument("name", metavar="NAME", help="a name `peftcore recipes` lists, with or without .toml")
+    cp.add_argument("dest", metavar="DEST", help="a folder (the copy keeps its name) or a file; never overwritten")
+    cmd.set_defaults(run=recipes_command)
+
+
+def recipes_command(args: argparse.Namespace) -> int:
+    from peftcore.jobs.recipe import DEFAULT_RECIPE_NAME, EXAMPLES_DIR
+
+    if args.action == "cp":
+        return copy_recipe(args.name, args.dest)
+    files = sorted(EXAMPLES_DIR.glob("*.toml"))
+    width = max((len(f.stem) for f in files), default=0)
+    for file in files:
+        default = " [the default job]" if file.name == DEFAULT_RECIPE_NAME else ""
+        print(f"{file.stem:<{width}}  {recipe_summary(file.read_text(encoding='utf-8'))}{default}")
+    print("train one from any folder: peftcore train NAME; edit a copy: peftcore recipes cp NAME DEST")
+    return 0
+
+
+def recipe_summary(text: str, width: int = 100) -> str:
+    """The leading comment's first paragraph without its asides (parentheses), to its first sentence end.
+    A paragraph starting "The default job" is skipped: the listing marks the default from DEFAULT_RECIPE_NAME
+    (support_lora.toml's comment still says it, from before support_smollm2.toml)."""
+    comment = itertools.takewhile(lambda line: line.startswith("#"), text.splitlines())
+    paragraphs = "\n".join(line.lstrip("#").strip() for line in comment).split("\n\n")
+    summary = next((" ".join(p.split()) for p in paragraphs if p.strip() and not p.startswith("The default job")), "")
+    while (shorter := re.sub(r"\s*\([^()]*\)", "", summary)) != summary:  # inner asides first
+        summary = shorter
+    summary = re.split(r"(?<=\.)\s|;\s", summary, maxsplit=1)[0]
+    return textwrap.shorten(summary, width, placeholder=" ...")
+
+
+def copy_recipe(name: str, dest_arg: str) -> int:
+    """`peftcore recipes cp`: the copy names the shipped data by absolute path (a relative one would point
+    beside the copy, where there is no data), and is validated as `peftcore train DEST` would before it is
+    written; an existing file is never overwritten."""
+    from peftcore.jobs.recipe import RecipeError, parse_recipe, shipped_recipe, tomllib
+
+    source, dest = shipped_recipe(name), Path(dest_arg)
+    if dest.is_dir() or dest_arg.endswith(("/", "\\")):  # (Path drops a trailing slash)
+        dest = dest / source.name
+    text = (f"# A copy of peftcore's shipped recipe {source.stem} (`peftcore recipes cp`): its data paths are\n"
+            f"# absolute, the shipped files in {source.parent}; a relative path you write\n"
+            "# is relative to this file.\n#\n"
+            + absolute_paths(source.read_text(encoding="utf-8"), source.parent))
+    parse_recipe(tomllib.loads(text), dest.name, dest.resolve().parent)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with dest.open("x", encoding="utf-8") as f:  # "x": refuse an existing file, even one made meanwhile
+            f.write(text)
+    except FileExistsError:
+        raise RecipeError(f"{dest} exists; not overwriting it: delete it or pick another DEST") from None
+    print(f"copied {source.stem} to {dest} (data paths made absolute: the shipped files); "
+          f"train it: peftcore train {dest}")
+    return 0
+
+
+PATH_VALUE = re.compile(r"""^(\s*([\w-]+)\s*=\s*)(["'])([^"'\n]*)\3""")  # key = "value" (a TOML string)
+
+
+def absolute_paths(text: str, base: Path) -> str:
+    """Rewrite the recipe's relative path values (the fields with metadata path: [data] train, [eval] glossary,
+    [tasks.<name>] train, ...) as base / value, line by line so the comments stay."""
+    from peftcore.jobs.recipe import SECTIONS, TaskSection
+
+    out, keys = [], set()
+    for line in text.splitlines(keepends=True):
+        if header := re.match(r"\s*\[([^\[\]]+)\]", line):
+            name = header.group(1).strip()
+            cls = TaskSection if name.startswith("tasks.") else SECTIONS.get(name)
+            keys = {f.name for f in dataclasses.fields(cls) if f.metadata.get("path")} if cls else set()
+        found = PATH_VALUE.match(line)
+        if found and found.group(2) in keys and not found.group(4).startswith("pip:"):
+            value = Path(found.group(4)).expanduser()
+            if not value.is_absolute():  # json.dumps: a TOML basic string, escapes included
+                line = found.group(1) + json.dumps(str(base / value)) + line[found.end():]
+        out.append(line)
+    return "".join(out)
 
 
 # ---- inspect-model -------------------------------------------------------------------------------

@@ -200,13 +200,14 @@ SECTIONS = {"model": ModelSection, "data": DataSection, "adapter": AdapterSectio
 
 # -- loading ----------------------------------------------------------------------------------
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
-    """A recipe file (None: the embedded default, examples/support_smollm2.toml) with `--set` overrides."""
+    """A recipe file (a bare name not here: shipped examples/NAME.toml; None: the default) with `--set` overrides."""
     if path is None:
         path, source = EXAMPLES_DIR / DEFAULT_RECIPE_NAME, "(default recipe)"
         if not path.is_file():
             raise RecipeError(f"the default recipe {path} is missing from this installation; pass a CONFIG.toml")
     else:
         path, source = Path(path), Path(path).name
+        path = path if path.is_file() or len(path.parts) > 1 else shipped_recipe(path.name)
         if not path.is_file():
             raise RecipeError(f"{path}: no such recipe file")
     try:
@@ -214,6 +215,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{source}: not valid TOML: {e}") from None
     return parse_recipe(raw, source, path.resolve().parent, overrides)
+
+
+def shipped_recipe(name: str) -> Path:
+    """examples/NAME(.toml) (peftcore.examples in a wheel): a bare name finds it from any folder."""
+    names = sorted(p.stem for p in EXAMPLES_DIR.glob("*.toml"))
+    if (stem := name.removesuffix(".toml")) in names:
+        return EXAMPLES_DIR / f"{stem}.toml"
+    close = difflib.get_close_matches(stem, names, n=len(names), cutoff=0.5)
+    raise RecipeError(f"{name}: no such recipe file; shipped recipes: {', '.join(dict.fromkeys(close + names))}")
 
 
 def parse_recipe(raw: dict, source: str, base_dir: Path, overrides: list[str] = ()) -> Recipe:

@@ -113,9 +113,25 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
     if not wrapped:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
-            f"Candidates: {', '.join(candidate_names(model))}"
+            f"Candidates: {', '.join(candidate_names(model))}" + regex_hint(model, config.target_modules)
         )
     return wrapped
+
+
+def regex_hint(model: nn.Module, targets) -> str:
+    """A string target is a full-match regex (HF PEFT), so "q_proj" matches no "model.layers.0.self_attn.q_proj"
+    while the candidates show q_proj: say so, and what was likely meant (a list matches name endings)."""
+    if not isinstance(targets, str):
+        return ""
+    names = [name for name, m in walk_unwrapped(model) if name and is_adaptable(m)]
+    parts = targets.split("|")
+    meant = [n for n in names if matches(n, parts)]  # what the list form of these names would adapt
+    hint = f". A string is a regex that must match a whole module name, e.g. {(meant or names or [''])[0]!r}"
+    if not meant or not all(re.fullmatch(r"[\w.]+", part) for part in parts):
+        return hint + "; a list of names matches module names by their endings"
+    regex = f".*{targets}" if len(parts) == 1 else f".*({targets})"
+    listed = ", ".join(f'"{part}"' for part in parts)
+    return f"{hint}; for every module named {' or '.join(parts)}: target_modules = [{listed}] or the regex {regex!r}"
 
 
 def warn_if_unmergeable(name: str, layer: nn.Module, config: LoraConfig) -> None:
