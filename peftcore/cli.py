@@ -298,8 +298,7 @@ def recipes_command(args: argparse.Namespace) -> int:
 
 def recipe_summary(text: str, width: int = 100) -> str:
     """The leading comment's first paragraph without its asides (parentheses), to its first sentence end.
-    A paragraph starting "The default job" is skipped: the listing marks the default from DEFAULT_RECIPE_NAME
-    (support_lora.toml's comment still says it, from before support_smollm2.toml)."""
+    A paragraph starting "The default job" is skipped: the listing marks the default from DEFAULT_RECIPE_NAME."""
     comment = itertools.takewhile(lambda line: line.startswith("#"), text.splitlines())
     paragraphs = "\n".join(line.lstrip("#").strip() for line in comment).split("\n\n")
     summary = next((" ".join(p.split()) for p in paragraphs if p.strip() and not p.startswith("The default job")), "")

@@ -34,7 +34,7 @@ RECIPE_FILE = "recipe.json"
 RUN_FOLDERS = ("checkpoint", "best", "adapter")  # each also as <name>.tmp / <name>.old mid-replace
 RUN_FILES = ("recipe.json", "summary.json", "metrics.jsonl", "metrics.jsonl.tmp", "data_report.json", "curve.png",
              "adapter_norms.png", "report.md", "report.json")
-RESUMABLE_CHANGES = {"train.max_steps"}  # a longer (or shorter) run of the same job
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs"}  # a longer (or shorter) run of the same job
 
 
 class RunFolderError(ValueError):

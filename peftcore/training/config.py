@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from peftcore.data.records import TokenizedExample, group_by_task
 from peftcore.training import distributed
 
 SCHEDULES = ("constant", "linear", "cosine")
+DEFAULT_MAX_STEPS = 100  # the budget when neither max_steps nor epochs is given
 
 
 # (test, what the value must be): limits of settings whose impossible values would fail late (after
@@ -20,7 +22,8 @@ PROBABILITY_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
 TRAIN_LIMITS = {
     "learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
     "max_grad_norm": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
-    "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT, "warmup_steps": (OFF_OR_EVERY[0], ">= 0"),
+    "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT, "epochs": POSITIVE,
+    "warmup_steps": (OFF_OR_EVERY[0], ">= 0"),
     "eval_every": OFF_OR_EVERY, "log_every": COUNT, "checkpoint_every": OFF_OR_EVERY, "patience": OFF_OR_EVERY,
     "threshold": NON_NEGATIVE, "max_bad_steps": COUNT, "inspect_every": OFF_OR_EVERY,
 }
@@ -41,7 +44,11 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     batch_size: int = 4
     grad_accum: int = 1
-    max_steps: int = 100
+    # The step budget: max_steps, or epochs (passes over the training rows, fractions allowed) that
+    # train() turns into steps (step_budget). Never both: which one would win is a guess. max_steps
+    # left None becomes DEFAULT_MAX_STEPS without epochs; with epochs it stays None until train().
+    max_steps: int | None = None
+    epochs: float | None = None
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
     eval_every: int = 20  # 0: no evaluation during training
@@ -65,6 +72,13 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        # None is the sentinel for "max_steps not given": the one way to tell a recipe's explicit
+        # max_steps = 100 (ambiguous next to epochs: refused) from the default
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError(f"max_steps={self.max_steps} and epochs={self.epochs} both set: keep one "
+                             "(epochs derives the number of steps from the training rows)")
+        if self.epochs is None and self.max_steps is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -76,3 +90,24 @@ class TrainConfig:
                if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
         if bad:
             raise ValueError(f"task_weights must be finite numbers >= 0, got {bad}")
+
+
+def step_budget(config: TrainConfig, rows: list[TokenizedExample], world_size: int = 1) -> int:
+    """Optimizer steps the run takes: config.max_steps, or config.epochs passes over `rows`.
+
+    An epoch is what peftcore.training.order walks: ceil(rows / (batch_size x world_size)) micro-batches
+    (the last one short, never crossing into the next epoch), grad_accum of them a step; so
+    epochs=2 trains every row exactly twice, and epochs=0.5 stops half-way through the first pass.
+    Multi-task rows: every step takes grad_accum micro-batches of each drawn task (weight > 0; pass
+    the config with the model's weights merged), so the epochs count passes over the largest drawn task
+    (smaller tasks repeat theirs more often)."""
+    if config.epochs is None:
+        return config.max_steps
+    groups = group_by_task(rows)
+    sizes = [len(task_rows) for task, task_rows in groups.items()
+             if float(config.task_weights.get(task, 1.0)) > 0] if groups else [len(rows)]
+    if not sizes or max(sizes) == 0:
+        raise ValueError(f"epochs={config.epochs} needs training rows: there are none to count the epoch by")
+    per_epoch = math.ceil(max(sizes) / (config.batch_size * world_size))  # micro-batches in one pass
+    # rounded first: 1.1 epochs of 10 steps is 11.000000000000002 in floats, which must not become 12
+    return math.ceil(round(config.epochs * per_epoch / config.grad_accum, 9))

@@ -21,6 +21,8 @@ peftcore.training.distributed for what changes with more than one process.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import time
 import warnings
@@ -37,10 +39,12 @@ from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group
 from peftcore.models.fused import computes_own_loss as models_computes_own_loss
 from peftcore.multitask.heads import Classification, Generation, HeadKind, head_kind
 from peftcore.training import distributed
-from peftcore.training.config import TrainConfig
+from peftcore.training.config import TrainConfig, step_budget
 from peftcore.training.distributed import Parallel
 from peftcore.training.order import padding_batch, step_batches, task_weight
 from peftcore.training.state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
+
+logger = logging.getLogger(__name__)  # not `log`: train() names its MetricsLog so
 
 
 class TrainingError(RuntimeError):
@@ -263,7 +267,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_token_id: int = 0,
           resume: bool = False, save_adapter=None) -> TrainState:
-    """Train until max_steps or early stopping; checkpoints, metrics.jsonl and the best adapter go to output_dir.
+    """Train until max_steps (or `config.epochs` over train_rows: step_budget) or early stopping; checkpoints,
+    metrics.jsonl and the best adapter go to output_dir.
 
     Under torchrun (several processes) every rank calls this with the same arguments; the model is
     wrapped per `config.strategy` and rank 0 writes the files. Every rank returns once the final
@@ -276,6 +281,8 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     parallel = distributed.wrap_model(model, config.strategy)
+    # final before the schedule is built: its lambda reads config.max_steps (the derived budget with epochs)
+    config = with_step_budget(checked_config(config, model, parallel, train_rows), train_rows, world, parallel)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     check_precision(config.mixed_precision, parallel.trainable[0].device)
@@ -286,7 +293,6 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     if resume:
         restore_rng(rng_of_rank(state.rng, rank))
     log = MetricsLog(output_dir, resume_step=state.step if resume else None) if parallel.is_main else None
-    config = checked_config(config, model, parallel, train_rows)
     model.train()
     steps = step_batches(train_rows, state, config, pad_token_id, rank, world)
     bar = progress_bar(config, state.step) if parallel.is_main else None
@@ -304,8 +310,8 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     checkpointer.save(state, optimizer, scheduler)
     if bar is not None:
         bar.close()
-    if log is not None and config.plots:
-        plot_training_curves(log.records(), output_dir)
+    if log is not None and config.plots and plot_training_curves(log.records(), output_dir) is None:
+        warn_no_matplotlib()
     distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state
 
@@ -322,6 +328,28 @@ def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: l
     if all(task_weight(config, task) == 0 for task in groups):
         raise TrainingError(f"every task ({', '.join(groups)}) has weight 0: nothing to train")
     return config
+
+
+def with_step_budget(config: TrainConfig, train_rows: list[TokenizedExample], world: int,
+                     parallel: Parallel) -> TrainConfig:
+    """`config` with max_steps set: epochs, when given, become steps over these rows (step_budget). A resumed
+    run derives the same number from the same rows, so it stops where the uninterrupted one would."""
+    if config.epochs is None:
+        return config
+    try:
+        steps = step_budget(config, train_rows, world)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if parallel.is_main:
+        by = " (counted by the largest task)" if group_by_task(train_rows) else ""
+        logger.info("epochs=%g -> max_steps=%d: %d training rows, batch_size %d x grad_accum %d x %d process(es) "
+                 "a step%s", config.epochs, steps, len(train_rows), config.batch_size, config.grad_accum, world, by)
+    return replace(config, epochs=None, max_steps=steps)
+
+
+@functools.cache  # once per process: a sweep of many runs needs to read it only once
+def warn_no_matplotlib() -> None:
+    logger.warning("matplotlib is not installed: no curve.png (pip install 'peftcore[plot]')")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:

@@ -42,8 +42,9 @@ def test_the_list_has_one_line_per_shipped_recipe(capsys, tmp_path, monkeypatch)
 def test_a_summary_is_the_comments_first_sentence_without_asides():
     assert recipe_summary((EXAMPLES_DIR / "support_dora.toml").read_text()) == (
         "DoRA on the built-in tiny Llama's q_proj / v_proj.")
-    # support_lora.toml still opens with "The default job"; the listing marks the real default itself
-    assert recipe_summary((EXAMPLES_DIR / "support_lora.toml").read_text()).startswith("LoRA on a small Llama")
+    lora = recipe_summary((EXAMPLES_DIR / "support_lora.toml").read_text())
+    assert lora.startswith("LoRA on the built-in tiny model")
+    assert recipe_summary("# The default job: this.\n#\n# What it is.\n[model]\n") == "What it is."  # marked apart
     assert recipe_summary("# One (with an (inner) aside); more.\n# Next line.\n\n[model]\n") == "One"
     assert recipe_summary("[model]\n") == ""
     assert len(recipe_summary("# " + "word " * 100)) <= 100
