@@ -8,7 +8,7 @@
     peftcore export --adapter DIR [--base PATH] --format gguf --output FILE.gguf [--outtype f32|f16]
     peftcore inspect ADAPTER_DIR [--base PATH] [--compare DIR] [--top-k K] [--output-dir DIR]
     peftcore inspect-model PATH
-    peftcore recipes [cp NAME DEST]
+    peftcore recipes [cp NAME DEST | keys]
 
 Exit codes: 0 done, 1 failed, 2 bad input (usage, recipe, data), 130 interrupted.
 
@@ -121,6 +121,9 @@ def add_job_commands(commands) -> None:
     again.add_argument("--overwrite", action="store_true",
                        help="start a new run in an --output-dir that holds one: deletes that run's checkpoint/, best/, "
                             "adapter/, metrics and summary (other files stay)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved recipe (after --set) as TOML and exit; `peftcore recipes keys`: "
+                            "every key")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value (a TOML literal, else a string); repeatable")
     train.set_defaults(run=train_command)
@@ -170,6 +173,12 @@ def train_command(args: argparse.Namespace) -> int:
     from peftcore.training import distributed
 
     overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    if args.print_config:  # the recipe a run would use, after --set, as TOML; nothing loads
+        from peftcore.jobs.recipe_text import to_toml
+
+        output_dir = (args.output_dir or default_output_dir(True)) if args.resume else None
+        print(to_toml(recipe_for(args.config, output_dir, overrides).to_dict()), end="")
+        return 0
     distributed.setup()  # under torchrun: join the group before the model loads (CUDA: pick this rank's GPU)
     try:
         # every rank writes into rank 0's run folder (their clocks could name different ones)
@@ -265,8 +274,9 @@ def export_command(args: argparse.Namespace) -> int:
 def add_recipes_command(commands) -> None:
     cmd = commands.add_parser("recipes", help="list the shipped recipes (examples/*.toml); "
                                               "`recipes cp NAME DEST` copies one to edit")
-    actions = cmd.add_subparsers(dest="action", metavar="[ls | cp]")
+    actions = cmd.add_subparsers(dest="action", metavar="[ls | cp | keys]")
     actions.add_parser("ls", help="one line per shipped recipe (the default)")
+    actions.add_parser("keys", help="every recipe key: type, default, meaning (from the dataclasses)")
     cp = actions.add_parser("cp", help="copy a shipped recipe; its data paths become absolute (the shipped files)")
     cp.add_argument("name", metavar="NAME", help="a name `peftcore recipes` lists, with or without .toml")
     cp.add_argument("dest", metavar="DEST", help="a folder (the copy keeps its name) or a file; never overwritten")
@@ -278,6 +288,11 @@ def recipes_command(args: argparse.Namespace) -> int:
 
     if args.action == "cp":
         return copy_recipe(args.name, args.dest)
+    if args.action == "keys":
+        from peftcore.jobs.recipe_text import key_reference
+
+        print(key_reference(), end="")
+        return 0
     files = sorted(EXAMPLES_DIR.glob("*.toml"))
     width = max((len(f.stem) for f in files), default=0)
     for file in files:
