@@ -214,6 +214,19 @@ def format_table(stats: list[LayerStats]) -> str:
     return "\n".join(rows)
 
 
+def format_similarity(comparison: dict[str, list[list[float]]], first: str, second: str) -> str:
+    """The phi grids in the terminal, one row per module: phi(1, 1) (do the top directions agree?),
+    phi(k, k) for k = the smaller rank (do the whole subspaces?), and phi(1, j) at its best j (where in
+    the other adapter the first one's top direction went). 1: the same subspace, ~k/d: random ones."""
+    head = f"{'module':<44} {'r1 x r2':>7} {'phi(1,1)':>8} {'phi(k,k)':>8} {'max_j phi(1,j)':>14}"
+    rows = [f"subspace similarity phi: {first} (rows) vs {second} (columns)", head, "-" * len(head)]
+    for module, grid in comparison.items():
+        k = min(len(grid), len(grid[0]))
+        rows.append(f"{module[-44:]:<44} {f'{len(grid)}x{len(grid[0])}':>7} {grid[0][0]:8.3f} "
+                    f"{grid[k - 1][k - 1]:8.3f} {max(grid[0]):14.3f}")
+    return "\n".join(rows)
+
+
 def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | None = None) -> Path:
     """Strict JSON: a non-finite number (a zero base weight's ratio) is written as null, never as NaN,
     which json.loads in other languages rejects."""

@@ -9,7 +9,7 @@ from typing import Callable
 from peftcore._logging import quiet
 from peftcore.adapter_io import read_adapter_config
 from peftcore.analysis import plots
-from peftcore.analysis.lowrank import compare_adapters, format_table, inspect_adapter, write_json
+from peftcore.analysis.lowrank import compare_adapters, format_similarity, format_table, inspect_adapter, write_json
 from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
 from peftcore.jobs.bases import resolve_base
 
@@ -51,6 +51,9 @@ def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Pat
     stats = inspect_adapter(adapter, base)
     comparison = compare_adapters(adapter, compare) if compare else None
     log.info(format_table(stats))
+    if comparison:
+        log.info(format_similarity(comparison, adapter.name if adapter.name != "adapter" else str(adapter),
+                                   Path(compare).name if Path(compare).name != "adapter" else str(compare)))
     write_json(stats, out / "inspect.json", comparison)
     drawn = [(plots.plot_spectra, stats, "inspect_spectra.png")]
     if base is not None:

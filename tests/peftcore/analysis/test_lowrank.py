@@ -180,7 +180,13 @@ def test_cli_inspect_prints_the_table_and_writes_json_and_plots(peft_adapters, t
                  "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "model.layers.1.self_attn.v_proj" in out and "||dW||/||W||" in out
-    assert json.loads((tmp_path / "inspect.json").read_text())["layers"][0]["relative_delta"] > 0
+    saved = json.loads((tmp_path / "inspect.json").read_text())
+    assert saved["layers"][0]["relative_delta"] > 0
+    # --compare: the phi table in the terminal too, its numbers those of inspect.json
+    assert f"subspace similarity phi: {plain.name} (rows) vs {dora.name} (columns)" in out
+    module, grid = next(iter(saved["subspace_similarity"].items()))
+    row = next(line for line in out.splitlines() if line.startswith(module[-44:]) and "x" in line.split()[1])
+    assert f"{grid[0][0]:8.3f}".strip() == row.split()[2]
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "inspect_spectra.png", "inspect_relative_norms.png", "inspect_similarity.png"
     }
