@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect-model", help="describe a Hugging Face checkpoint folder without loading its weights"
     )
-    inspect.add_argument("path", type=Path, help="folder with config.json (and model.safetensors or shards)")
+    inspect.add_argument("path", type=Path, help="folder with config.json (and model.safetensors or shards), "
+                                                 "or builtin:tiny-llama / pip:<package>")
     inspect.set_defaults(run=inspect_model)
     add_job_commands(commands)
     add_export_command(commands)

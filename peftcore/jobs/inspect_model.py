@@ -18,7 +18,15 @@ HEAD_PARTS = {"lm_head", "classifier", "score", "pooler"}  # what maps hidden st
 
 
 def describe_checkpoint(path: Path) -> list[str]:
-    """The lines `peftcore inspect-model` prints."""
+    """The lines `peftcore inspect-model` prints. `path`: a checkpoint folder, or a name every other
+    command takes ("builtin:tiny-llama", "pip:<package>")."""
+    if str(path).startswith(("builtin:", "pip:")):
+        from peftcore.jobs.bases import resolve_base
+
+        path = resolve_base(str(path))
+    if path.suffix.lower() == ".gguf":
+        raise ValueError(f"{path} is a GGUF file; inspect-model describes checkpoint folders (config.json + "
+                         "safetensors): `peftcore generate --base` runs it, load_pretrained loads it")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder" if path.exists() else f"{path} does not exist")
     hf_config = checkpoint.read_config(path)

