@@ -19,7 +19,7 @@ from torch import nn
 from peftcore.data.records import (
     PromptTemplate,
 )
-from peftcore.jobs.bases import TaskError, base_chat_template, load_base, resolve_base, set_runtime
+from peftcore.jobs.bases import TaskError, base_chat_template, canonical_base, load_base, resolve_base, set_runtime
 from peftcore.jobs.tasks import read_json_object
 from peftcore.models import load_tokenizer
 from peftcore.models.tokenizer import save_tokenizer
@@ -117,7 +117,7 @@ def default_info(task: str, template: PromptTemplate | None = None) -> dict:
 def load_base_alone(base: str) -> Loaded:
     """A base with no adapter (`peftcore generate` without --adapter): before / after by hand. Prompts go
     into its chat template when it has one (as an input/output adapter trained on it would see them)."""
-    base_name = "builtin:tiny-llama" if base == "builtin" else base
+    base_name = canonical_base(base)
     base_path = resolve_base(base_name)
     info = default_info("CAUSAL_LM", PromptTemplate(chat_template=base_chat_template(base_path)[0]))
     model_section = SimpleNamespace(**info["model"])
@@ -150,7 +150,7 @@ def load_adapter_folder(adapter_dir, base: str | None = None, merge_ready: bool 
     base_name = base or config.get("base_model_name_or_path")
     if not base_name:
         raise TaskError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
-    base_name = "builtin:tiny-llama" if base_name == "builtin" else base_name
+    base_name = canonical_base(base_name)
     base_folder = resolve_base(base_name)
     model_section = SimpleNamespace(
         **{"group_size": None, "double_quant": False, "threads": 0, "device": "auto", **info["model"]})

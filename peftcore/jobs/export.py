@@ -25,7 +25,7 @@ import torch
 
 from peftcore.adapter_io import adapter_weights, load_config
 from peftcore.config import CONFIG_NAME, LoraConfig
-from peftcore.jobs.bases import TaskError, resolve_base
+from peftcore.jobs.bases import TaskError, canonical_base, resolve_base
 from peftcore.lora.inject import pattern_value
 from peftcore.lora.layer import lora_scaling
 from peftcore.models import checkpoint
@@ -68,7 +68,7 @@ def run_export(adapter: Path, output: Path, fmt: str = "gguf", base: str | None 
     base_name = base or config.base_model_name_or_path
     if not base_name:
         raise TaskError(f"{adapter}/{CONFIG_NAME} names no base_model_name_or_path; pass --base PATH")
-    target = read_base(resolve_base("builtin:tiny-llama" if base_name == "builtin" else base_name))
+    target = read_base(resolve_base(canonical_base(base_name)))
     pairs = lora_pairs(adapter)
     if (adapter / HEADS_CONFIG).is_file():  # they sit on the hidden states, which a llama.cpp LoRA cannot add
         log.warning(f"{adapter} is multi-task: its shared LoRA is exported, its task heads ({HEADS_CONFIG}) are not")
