@@ -89,7 +89,3 @@ def dequantize(w: BlockWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     if w.m is not None:
         out.add_(w.m.float()[..., None])
     return out.view(N, K).to(dtype)
-
-
-def storage_bytes(w: BlockWeight) -> int:
-    return sum(t.numel() * t.element_size() for t in (w.qs, w.d, w.m) if t is not None)

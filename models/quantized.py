@@ -99,11 +99,8 @@ class QuantLinear(nn.Module):
         for name, tensor in fields.items():
             self.register_buffer(name, tensor if tensor is None else tensor.contiguous())
 
-    def load_blocks(self, raw: torch.Tensor, ggml_type: int) -> None:
-        """Keep a GGUF tensor's blocks (its file bytes, 1-D uint8) exactly: no re-quantization."""
-        self.load_block_weight(gguf_blocks.from_gguf_bytes(raw, ggml_type, (self.out_features, self.in_features)))
-
     def load_block_weight(self, w: gguf_blocks.BlockWeight) -> None:
+        """Keep a GGUF tensor's blocks (gguf_blocks.from_gguf_bytes) exactly: no re-quantization."""
         if GGML_TYPE_OF[self.method] != w.ggml_type or w.shape != (self.out_features, self.in_features):
             raise ValueError(f"a {self.method} {self.out_features}x{self.in_features} layer cannot hold "
                              f"GGML type {w.ggml_type} blocks of shape {w.shape}")

@@ -152,8 +152,7 @@ def to_example(record, where: str, template: PromptTemplate) -> Example:
 def io_messages(record: dict) -> list[dict]:
     """An input/output record as a conversation: the instruction (if any) as the system turn."""
     system = [{"role": "system", "content": record["instruction"]}] if record.get("instruction") else []
-    user = [{"role": "user", "content": record["input"]}]
-    return system + user + ([{"role": "assistant", "content": record["output"]}] if "output" in record else [])
+    return system + [{"role": "user", "content": record["input"]}, {"role": "assistant", "content": record["output"]}]
 
 
 def chat_example(messages, where: str, template: PromptTemplate) -> Example:

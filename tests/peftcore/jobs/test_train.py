@@ -2,7 +2,6 @@
 spec swapped into peftcore.jobs.builtin.BUILTINS, cached in a temporary folder)."""
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import shutil
@@ -12,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from peftcore.cli import main
 from peftcore.jobs import builtin
 from peftcore.jobs.adapter_folder import load_adapter_folder
+from tests.peftcore.cli_run import run
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_RECIPE = ROOT / "examples" / "support_lora.toml"  # the built-in tiny model (the default job: SmolLM2)
@@ -38,13 +37,6 @@ def builtin_replaced_by(spec: builtin.BuiltinSpec, cache: Path):
 def tiny_builtin(tmp_path_factory):
     with builtin_replaced_by(TINY, tmp_path_factory.mktemp("cache")):
         yield
-
-
-def run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
