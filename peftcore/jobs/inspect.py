@@ -2,6 +2,7 @@
 learned (peftcore.analysis: low-rank spectra for LoRA / DoRA, norms and nearest tokens for prompts)."""
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,8 @@ from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapte
 from peftcore.jobs.bases import resolve_base
 
 log = logging.getLogger(__name__)
+RUN_ADAPTER_FOLDERS = ("adapter", "best")  # what `peftcore train` names the adapters it saves
+
 
 def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = None, output_dir: Path | None = None,
                 top_k: int = 5) -> list[Path]:
@@ -51,16 +54,23 @@ def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Pat
     stats = inspect_adapter(adapter, base)
     comparison = compare_adapters(adapter, compare) if compare else None
     log.info(format_table(stats))
+    names = shown_names(adapter, Path(compare)) if compare else None
     if comparison:
-        log.info(format_similarity(comparison, adapter.name if adapter.name != "adapter" else str(adapter),
-                                   Path(compare).name if Path(compare).name != "adapter" else str(compare)))
+        log.info(format_similarity(comparison, *names))
     write_json(stats, out / "inspect.json", comparison)
     drawn = [(plots.plot_spectra, stats, "inspect_spectra.png")]
     if base is not None:
         drawn.append((plots.plot_relative_heatmap, stats, "inspect_relative_norms.png"))
     if comparison:
-        drawn.append((plots.plot_similarity, comparison, "inspect_similarity.png"))
+        drawn.append((functools.partial(plots.plot_similarity, names=names), comparison, "inspect_similarity.png"))
     return drawn
+
+
+def shown_names(first: Path, second: Path) -> tuple[str, str]:
+    """The two folders' names, as the table and the plot call them; their paths where the names say nothing
+    (every run saves `adapter` and `best`) or would not tell the two apart."""
+    names = tuple(folder.name if folder.name not in RUN_ADAPTER_FOLDERS else str(folder) for folder in (first, second))
+    return names if names[0] != names[1] else (str(first), str(second))
 
 
 def available_base(name: str | None, skipped: str) -> Path | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from peftcore.data.records import TokenizedExample, group_by_task
 from peftcore.training import distributed
+from peftcore.training.reporting import check_log_to
 
 SCHEDULES = ("constant", "linear", "cosine")
 DEFAULT_MAX_STEPS = 100  # the budget when neither max_steps nor epochs is given
@@ -39,32 +40,38 @@ def check_limits(values: dict, limits: dict) -> None:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
+    learning_rate: float = 1e-4  # AdamW's peak learning rate (after warmup)
+    weight_decay: float = 0.01  # AdamW's, on matrices only (norms, biases, DoRA magnitudes, prompts: none)
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 4  # rows per micro-batch (per process under torchrun)
+    grad_accum: int = 1  # micro-batches per optimizer step
     # The step budget: max_steps, or epochs (passes over the training rows, fractions allowed) that
     # train() turns into steps (step_budget). Never both: which one would win is a guess. max_steps
     # left None becomes DEFAULT_MAX_STEPS without epochs; with epochs it stays None until train().
     max_steps: int | None = None
-    epochs: float | None = None
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
+    epochs: float | None = None  # passes over the training rows (fractions allowed); excludes max_steps
+    lr_schedule: str = "cosine"  # after warmup: constant | linear | cosine decay to 0 at the last step
+    warmup_steps: int = 0  # steps of linear warmup from lr / (warmup_steps + 1)
     eval_every: int = 20  # 0: no evaluation during training
-    log_every: int = 1
+    # also evaluate before the first step (the adapter as initialised): step 0 of metrics.jsonl and
+    # curve.png, the start every later eval is compared with; not counted by early stopping
+    eval_on_start: bool = True
+    log_every: int = 1  # a metrics.jsonl line every N steps (eval and inspect steps always)
+    # sinks besides metrics.jsonl: "csv" (metrics.csv), "tensorboard" (event files in tensorboard/; the
+    # tensorboard extra)
+    log_to: list[str] = field(default_factory=list)
     checkpoint_every: int = 0  # 0: only the final checkpoint
     patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
     threshold: float = 0.01  # minimum eval-loss improvement that counts
     max_bad_steps: int = 5  # NaN / inf steps in a row before giving up
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 on CUDA only, with loss scaling)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1.3x time
     # batches of similar lengths (transformers' group_by_length): rows are shuffled, then sorted by length
     # within megabatches of 50 x batch_size, so less of each step is padding (SmolLM2 on the support
     # data: 50-342 tokens a row)
     group_by_length: bool = False
-    seed: int = 0
-    progress: bool = True
+    seed: int = 0  # data order, dropout and adapter init
+    progress: bool = True  # the progress bar
     plots: bool = True  # curve.png (+ adapter_norms.png) at the end, when matplotlib is installed
     strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" ("auto": ddp); ignored by a single process
     inspect_every: int = 0  # log per-layer adapter statistics (peftcore.analysis.lowrank) every N steps; 0: never
@@ -84,6 +91,7 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from no, bf16, fp16")
         check_limits(vars(self), TRAIN_LIMITS)
+        check_log_to(self.log_to)
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}; choose from {', '.join(distributed.STRATEGIES)}")
         bad = {t: w for t, w in self.task_weights.items()

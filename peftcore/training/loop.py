@@ -21,7 +21,6 @@ peftcore.training.distributed for what changes with more than one process.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore.analysis.live import AdapterActivations, lora_layers, training_stats
-from peftcore.analysis.plots import plot_training_curves
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample, collate, group_by_task
 from peftcore.models.fused import computes_own_loss as models_computes_own_loss
 from peftcore.multitask.heads import Classification, Generation, HeadKind, head_kind
@@ -42,7 +40,8 @@ from peftcore.training import distributed
 from peftcore.training.config import TrainConfig, step_budget
 from peftcore.training.distributed import Parallel
 from peftcore.training.order import padding_batch, step_batches, task_weight
-from peftcore.training.state import Checkpointer, MetricsLog, TrainState, restore_rng, rng_of_rank, set_seed
+from peftcore.training.reporting import Reporter
+from peftcore.training.state import CHECKPOINT_DIR, Checkpointer, TrainState, restore_rng, rng_of_rank, set_seed
 
 logger = logging.getLogger(__name__)  # not `log`: train() names its MetricsLog so
 
@@ -266,9 +265,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_token_id: int = 0,
-          resume: bool = False, save_adapter=None) -> TrainState:
+          resume: bool = False, save_adapter=None, callbacks=()) -> TrainState:
     """Train until max_steps (or `config.epochs` over train_rows: step_budget) or early stopping; checkpoints,
-    metrics.jsonl and the best adapter go to output_dir.
+    metrics.jsonl (+ config.log_to's sinks) and the best adapter go to output_dir. `callbacks`: objects with
+    any of on_step / on_eval / on_log / on_save / on_end (peftcore.training.reporting), e.g. to stop the run.
 
     Under torchrun (several processes) every rank calls this with the same arguments; the model is
     wrapped per `config.strategy` and rank 0 writes the files. Every rank returns once the final
@@ -292,28 +292,31 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     state = checkpointer.load(optimizer, scheduler) if resume else TrainState(world_size=world)
     if resume:
         restore_rng(rng_of_rank(state.rng, rank))
-    log = MetricsLog(output_dir, resume_step=state.step if resume else None) if parallel.is_main else None
+    report = Reporter(config, output_dir, parallel.is_main, state.step, state.step if resume else None, callbacks)
     model.train()
+    evaluating = bool(config.eval_every and eval_rows)
+    if evaluating and config.eval_on_start and state.step == 0:
+        report.evaluated_at_start(state, evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel,
+                                                  config.task_weights))
     steps = step_batches(train_rows, state, config, pad_token_id, rank, world)
-    bar = progress_bar(config, state.step) if parallel.is_main else None
     while state.step < config.max_steps and not state.stopped_early:
         record = run_step(model, next(steps), optimizer, scheduler, config, state, scaler, parallel)
-        if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps) and eval_rows:
+        if evaluating and (state.step % config.eval_every == 0 or state.step == config.max_steps):
             record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel, config.task_weights))
-            note_eval(state, record, config, checkpointer)
-        if log is not None and (
-                state.step % config.log_every == 0 or "eval_loss" in record or "adapter_stats" in record):
-            log.write(record)
-        update_bar(bar, record)
+            if note_eval(state, record, config, checkpointer):
+                report.saved(state, output_dir / "best")
+        report.stepped(state, record)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-            checkpointer.save(state, optimizer, scheduler)
-    checkpointer.save(state, optimizer, scheduler)
-    if bar is not None:
-        bar.close()
-    if log is not None and config.plots and plot_training_curves(log.records(), output_dir) is None:
-        warn_no_matplotlib()
+            save_checkpoint(checkpointer, state, optimizer, scheduler, report)
+    save_checkpoint(checkpointer, state, optimizer, scheduler, report)
+    report.ended(state)
     distributed.barrier()  # the final checkpoint is on disk before any rank returns
     return state
+
+
+def save_checkpoint(checkpointer: Checkpointer, state: TrainState, optimizer, scheduler, report: Reporter) -> None:
+    checkpointer.save(state, optimizer, scheduler)
+    report.saved(state, checkpointer.output_dir / CHECKPOINT_DIR)
 
 
 def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: list[TokenizedExample]) -> TrainConfig:
@@ -345,11 +348,6 @@ def with_step_budget(config: TrainConfig, train_rows: list[TokenizedExample], wo
         logger.info("epochs=%g -> max_steps=%d: %d training rows, batch_size %d x grad_accum %d x %d process(es) "
                  "a step%s", config.epochs, steps, len(train_rows), config.batch_size, config.grad_accum, world, by)
     return replace(config, epochs=None, max_steps=steps)
-
-
-@functools.cache  # once per process: a sweep of many runs needs to read it only once
-def warn_no_matplotlib() -> None:
-    logger.warning("matplotlib is not installed: no curve.png (pip install 'peftcore[plot]')")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
@@ -398,35 +396,15 @@ def check_bad_steps(state: TrainState, metrics: dict, config: TrainConfig) -> No
         )
 
 
-def note_eval(state: TrainState, record: dict, config: TrainConfig, checkpointer: Checkpointer) -> None:
-    """Early stopping: an eval counts as better only if it beats the best by more than `threshold`."""
+def note_eval(state: TrainState, record: dict, config: TrainConfig, checkpointer: Checkpointer) -> bool:
+    """Early stopping: an eval counts as better only if it beats the best by more than `threshold`.
+    -> whether it did (the best adapter was then saved)."""
     loss = record["eval_loss"]
     if state.best_eval_loss is None or state.best_eval_loss - loss > config.threshold:
         state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
         checkpointer.save_best()
-        return
+        return True
     state.evals_without_improvement += 1
     if config.patience and state.evals_without_improvement >= config.patience:
         state.stopped_early = True
-
-
-def progress_bar(config: TrainConfig, initial: int):
-    if not config.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def update_bar(bar, record: dict) -> None:
-    if bar is None:
-        return
-    shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-    if "eval_loss" in record:
-        shown["eval"] = f"{record['eval_loss']:.3f}"
-    if "skipped_steps" in record:
-        shown["skipped"] = str(record["skipped_steps"])
-    bar.set_postfix(shown, refresh=False)
-    bar.update(1)
-
-
+    return False

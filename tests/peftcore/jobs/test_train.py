@@ -42,7 +42,8 @@ def tiny_builtin(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("run")
-    code, out, err = run("train", TINY_RECIPE, "--output-dir", folder, "--max-steps", 3, *FAST)
+    code, out, err = run("train", TINY_RECIPE, "--output-dir", folder, "--max-steps", 3, *FAST,
+                         "--set", 'train.log_to=["csv"]')
     assert code == 0, err
     return folder, out
 
@@ -58,16 +59,20 @@ def test_train_writes_adapter_metrics_and_data_report(trained):
     assert {"adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "peftcore_recipe.json"} <= \
         {p.name for p in adapter.iterdir()}
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() and r["tokens_per_s"] > 0 for r in records)
-    evals = [r for r in records if "eval_loss" in r]  # eval_every=2 of 3 steps: steps 2 and 3 (the last)
-    assert [r["step"] for r in evals] == [2, 3] and all(
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() and r["tokens_per_s"] > 0 for r in records[1:])
+    evals = [r for r in records if "eval_loss" in r]  # step 0, then eval_every=2 of 3 steps: 2 and 3 (the last)
+    assert [r["step"] for r in evals] == [0, 2, 3] and all(
         r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals
     )
     report = json.loads((folder / "data_report.json").read_text())
     assert report["records"] == 240 and report["max_length"] == 96
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["before"]["eval_ppl"] > 1 and summary["after"]["eval_ppl"] > 1
+    # LoRA starts with B = 0: the step-0 eval is the base's "before"
+    assert records[0]["eval_loss"] == pytest.approx(summary["before"]["eval_loss"], rel=1e-5)
+    header, *rows = (folder / "metrics.csv").read_text().splitlines()  # [train] log_to = ["csv"]
+    assert header.startswith("step,eval_loss,eval_ppl,loss,") and [row.split(",")[0] for row in rows] == list("0123")
     for expected in ("data: 240 records", "before: eval loss", "after:  eval loss", "[1] prompt:", "reference:",
                      "base:", "generated:", f"adapter saved to {adapter}"):
         assert expected in out

@@ -93,9 +93,11 @@ def test_multitask_training_lowers_every_tasks_eval_loss(tmp_path):
     assert after["eval_accuracy/cls"] > before["eval_accuracy/cls"] and after["eval_exact_match/qa"] > 0.5
     assert after["eval_loss"] == pytest.approx(sum(after[f"eval_loss/{t}"] for t in ("cls", "gen", "qa")))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all({"loss/cls", "loss/gen", "loss/qa"} <= set(r) for r in records)
+    assert all({"loss/cls", "loss/gen", "loss/qa"} <= set(r) for r in records if r["step"] > 0)
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [20, 40] and "eval_exact_match/qa" in evals[0] and "eval_ppl/gen" in evals[0]
+    assert evals[0]["eval_loss/cls"] == pytest.approx(before["eval_loss/cls"])  # step 0: the untrained adapter
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert "eval_exact_match/qa" in evals[0] and "eval_ppl/gen" in evals[0]
     assert "eval_ppl/cls" not in evals[0]
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftcore.training.loop as loop
+import peftcore.training.reporting as reporting
 from peftcore.data.records import IGNORE_INDEX, TokenizedExample
 from peftcore.training.config import DEFAULT_MAX_STEPS, TrainConfig, step_budget
 from peftcore.training.loop import TrainingError, lr_factor, train, train_step
@@ -105,7 +106,7 @@ def test_epochs_drive_the_stopping_the_schedule_and_the_bar(tmp_path, monkeypatc
     monkeypatch.setattr("tqdm.auto.tqdm", Bar)
     Bar.made.clear()
     config = quiet(epochs=2, batch_size=5, lr_schedule="linear", learning_rate=1e-2, warmup_steps=1, progress=True)
-    with caplog.at_level(logging.INFO, logger="peftcore.training.loop"):
+    with caplog.at_level(logging.INFO, logger="peftcore.training"):
         state = train(tiny_peft_model(), rows(), [], config, tmp_path)
     assert state.step == 6 and sorted(seen.values()) == [2] * 12  # 12 rows, each twice
     assert "epochs=2 -> max_steps=6: 12 training rows, batch_size 5 x grad_accum 1 x 1 process(es)" in caplog.text
@@ -144,16 +145,16 @@ def test_epochs_without_training_rows_is_a_clear_error(tmp_path):
 
 def test_plots_without_matplotlib_warn_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    loop.warn_no_matplotlib.cache_clear()
+    reporting.warn_no_matplotlib.cache_clear()
     data = [TokenizedExample("r", [5, 6], [IGNORE_INDEX, 6])] * 4
-    with caplog.at_level(logging.WARNING, logger="peftcore.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="peftcore.training"):
         for run in ("a", "b"):
             train(tiny_peft_model(), data, [], quiet(max_steps=1, plots=True), tmp_path / run)
     assert not (tmp_path / "a" / "curve.png").exists()
     warned = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
     assert warned == ["matplotlib is not installed: no curve.png (pip install 'peftcore[plot]')"]
-    loop.warn_no_matplotlib.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="peftcore.training.loop"):
+    reporting.warn_no_matplotlib.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="peftcore.training"):
         train(tiny_peft_model(), data, [], quiet(max_steps=1, plots=False), tmp_path / "off")
     assert len([r for r in caplog.records if "matplotlib" in r.getMessage()]) == 1  # plots off: nothing to miss
-    loop.warn_no_matplotlib.cache_clear()
+    reporting.warn_no_matplotlib.cache_clear()

@@ -95,13 +95,15 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_early_stopping_stops_after_patience_evals_without_improvement(tmp_path):
     model = tiny_peft_model()
-    # lr 0: eval loss never improves after the first eval, so the run stops at eval #1 + patience.
+    # lr 0: eval loss never improves after the first eval, so the run stops at eval #1 + patience;
+    # the step-0 eval (eval_on_start) is logged but neither the best nor counted against patience.
     state = train(model, rows(), rows(4, seed=9), quiet(max_steps=50, learning_rate=0.0, batch_size=4,
                                                          eval_every=2, patience=3, threshold=0.01), tmp_path)
     assert state.stopped_early and state.step == 2 * (1 + 3)
     assert state.best_step == 2 and (tmp_path / "best" / "adapter_config.json").is_file()
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
-    assert len(evals) == 4 and all(math.isclose(r["eval_ppl"], math.exp(r["eval_loss"])) for r in evals)
+    assert [r["step"] for r in evals] == [0, 2, 4, 6, 8] and "loss" not in evals[0]
+    assert all(math.isclose(r["eval_ppl"], math.exp(r["eval_loss"])) for r in evals)
 
 
 def test_nan_steps_are_skipped_then_training_stops_with_a_clear_error(tmp_path):
