@@ -11,10 +11,10 @@ class SamplingOptions:
     """The decoding choices a person makes: a recipe's [eval] section and `peftcore generate`'s flags
     are these fields (peftcore.jobs.recipe.EvalSection extends it; the CLI adds one flag per field)."""
 
-    max_new_tokens: int = 40
-    temperature: float = 0.0  # 0: greedy
-    top_k: int | None = None  # 0 or None: off
-    top_p: float | None = None  # None or 1: off
+    max_new_tokens: int = 40  # tokens generated per answer at most (EOS stops sooner)
+    temperature: float = 0.0  # 0: greedy; > 0 samples from softmax(logits / temperature)
+    top_k: int | None = None  # sample among the k likeliest tokens; 0 or None: off
+    top_p: float | None = None  # sample among the likeliest tokens holding mass p (nucleus); None or 1: off
 
     def __post_init__(self):
         if self.temperature < 0:

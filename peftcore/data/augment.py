@@ -17,11 +17,12 @@ OPS = ("word_dropout", "adjacent_swap", "char_noise", "synonym")
 @dataclass
 class AugmentConfig:
     copies: int = 0  # augmented copies per record; 0 = off
+    # applied in order: word_dropout | adjacent_swap | char_noise | synonym
     ops: tuple[str, ...] = ("word_dropout", "adjacent_swap")
     probability: float = 0.1  # per word (or per character for char_noise)
     # lines "word: synonym1, synonym2"; relative to the recipe
     synonyms_file: str | None = field(default=None, metadata={"path": True})
-    seed: int = 0
+    seed: int = 0  # the augmentation's own random stream (the same copies every run)
 
     def __post_init__(self):
         check_config(self)

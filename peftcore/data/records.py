@@ -69,9 +69,10 @@ class TokenizedExample:
 class PromptTemplate:
     """`{instruction}` / `{input}` placeholders; the response follows the rendered prompt directly."""
 
-    with_instruction: str = DEFAULT_TEMPLATE
-    without_instruction: str = DEFAULT_TEMPLATE_NO_INSTRUCTION
+    with_instruction: str = DEFAULT_TEMPLATE  # the prompt of a record with an instruction
+    without_instruction: str = DEFAULT_TEMPLATE_NO_INSTRUCTION  # the prompt of a record without one
     chat_template: str | None = None  # a jinja chat template (a checkpoint's own) for chat records
+    # role -> the header before its turn, for chat records without a chat_template
     chat_roles: dict = field(
         default_factory=lambda: {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"})
     # With a chat_template, input/output records become a (system,) user, assistant exchange in it: an

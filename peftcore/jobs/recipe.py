@@ -85,9 +85,9 @@ class ModelSection:
     path: str | None = field(default=None, metadata={"path": True})  # a checkpoint folder, or "pip:<package>"
     builtin: str | None = None  # "tiny-llama": made in code (peftcore.jobs.builtin)
     task: str = "CAUSAL_LM"  # or "SEQ_CLS" (a BERT encoder gets a new classification head)
-    dtype: str = "float32"
+    dtype: str = "float32"  # the base weights' dtype: float32 | bfloat16 | float16
     quantize: str | None = None  # "nf4" | "int4" | "int8": a quantized base (QLoRA); "keep": a GGUF file's own blocks
-    group_size: int | None = None
+    group_size: int | None = None  # int4 / int8: weights sharing one scale (unset: the format's default)
     double_quant: bool = False  # nf4: quantize the absmax scales too (8-bit, blocks of 256), as QLoRA
     device: str = "auto"  # "auto": cuda when available
     threads: int = 0  # CPU threads; 0 keeps PyTorch's default
@@ -113,10 +113,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = field(default="", metadata={"required": True, "path": True})
-    eval: str | None = field(default=None, metadata={"path": True})
-    max_length: int = 256
-    packing: bool = False
+    train: str = field(default="", metadata={"required": True, "path": True})  # JSONL / JSON records to train on
+    eval: str | None = field(default=None, metadata={"path": True})  # held-out records: eval loss, samples, scores
+    max_length: int = 256  # tokens a row keeps (longer rows are truncated; the data report counts them)
+    packing: bool = False  # concatenate short rows into max_length windows (no attention across rows)
     labels: str | None = field(default=None, metadata={"path": True})  # SEQ_CLS: {"labels": [...]}
     template: PromptTemplate = field(default_factory=PromptTemplate)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -128,7 +128,7 @@ class DataSection:
 
 @dataclass
 class AdapterSection:
-    method: str = "lora"
+    method: str = "lora"  # lora | dora | prompt | p-tuning | prefix
     options: dict = field(default_factory=dict)  # the method's config fields, validated against its class
 
     def config(self, **filled):
@@ -145,8 +145,8 @@ class EvalSection(SamplingOptions):
 
     samples: int = 3  # sample generations shown after training
     max_records: int | None = None  # `peftcore eval`: records generated for BLEU / chrF (None: all)
-    batch_size: int = 8
-    glossary: str | None = field(default=None, metadata={"path": True})
+    batch_size: int = 8  # records generated at once
+    glossary: str | None = field(default=None, metadata={"path": True})  # {"term": "required translation"} JSON
 
 
 @dataclass
@@ -154,8 +154,8 @@ class TaskSection:
     """[tasks.<name>]: one task of a multi-task recipe (a head on the shared adapted backbone)."""
 
     kind: str = field(default="", metadata={"required": True})  # classification | generation | qa
-    train: str = field(default="", metadata={"required": True, "path": True})
-    eval: str | None = field(default=None, metadata={"path": True})
+    train: str = field(default="", metadata={"required": True, "path": True})  # this task's training records
+    eval: str | None = field(default=None, metadata={"path": True})  # this task's held-out records
     weight: float = 1.0  # this task's loss weight (peftcore.training.loop: per-task normalised, then weighted)
     labels: str | None = field(default=None, metadata={"path": True})  # classification: {"labels": [...]}
     num_labels: int | None = None  # classification with integer labels 0..n-1 and no label file

@@ -79,8 +79,13 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def key_reference() -> str:
-    """Every recipe key: section, name, type, default and its comment, as a markdown table."""
-    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    """Every recipe key: section, name, type, default and its comment, as a markdown page (docs/recipe_keys.md
+    is this text: `peftcore recipes keys > docs/recipe_keys.md` regenerates it)."""
+    out = ["# Recipe keys", "",
+           "Every key a TOML recipe takes (`peftcore train RECIPE`, `--set section.key=value`), made from the",
+           "dataclasses the loader validates against; the meaning is the comment beside each field in the code.",
+           "`peftcore train --print-config` shows a recipe resolved, `peftcore recipes ls` the shipped ones.", "",
+           "| key | type | default | meaning |", "|---|---|---|---|"]
     for section, cls in {**SECTIONS, "tasks.<name>": TaskSection}.items():
         out += section_rows(section, cls)
         if section == "adapter":
@@ -91,7 +96,7 @@ def key_reference() -> str:
 
 def section_rows(section: str, cls) -> list[str]:
     """One row a field; a field that is itself a table ([data.template], [data.augment]) gets its rows."""
-    comments, rows = field_comments(cls), []
+    comments, rows = inherited_comments(cls), []
     for f in dataclasses.fields(cls):
         if f.name in ("extra", "options") or f.name.startswith("_"):
             continue
@@ -99,9 +104,18 @@ def section_rows(section: str, cls) -> list[str]:
         if dataclasses.is_dataclass(nested):
             rows += section_rows(f"{section}.{f.name}", type(nested))
             continue
-        rows.append(f"| `[{section}] {f.name}` | `{type_text(f.type)}` | {default_text(f)} | "
-                    f"{comments.get(f.name, '').replace('|', '/')} |")
+        cells = (f"`[{section}] {f.name}`", f"`{type_text(f.type)}`", default_text(f), comments.get(f.name, ""))
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")  # a bare | splits a cell
     return rows
+
+
+def inherited_comments(cls) -> dict[str, str]:
+    """field_comments of cls and its dataclass bases ([eval]'s decoding fields are SamplingOptions')."""
+    comments = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            comments.update(field_comments(base))
+    return comments
 
 
 def type_text(annotation) -> str:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from peftcore.jobs.recipe import SECTIONS, load_recipe
-from peftcore.jobs.recipe_text import key_reference, to_toml
+from peftcore.jobs.recipe import METHODS, SECTIONS, AdapterSection, load_recipe
+from peftcore.jobs.recipe_text import inherited_comments, key_reference, to_toml
 from tests.peftcore.cli_run import run
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -39,3 +39,20 @@ def test_the_key_reference_lists_every_key_with_its_comment():
                 assert f"`[{section}] {f.name}`" in out, (section, f.name)
     assert "`[data.template] io_as_chat`" in out and "`[tasks.<name>] kind`" in out
     assert "| `[model] threads` | `int` | `0` | CPU threads; 0 keeps PyTorch's default |" in out
+    meaningless = [line for line in out.splitlines()[8:] if line.endswith("|  |")]
+    assert not meaningless, f"keys without a comment beside their field: {meaningless}"
+
+
+def test_every_cell_of_the_key_reference_is_one_markdown_cell():
+    for line in key_reference().splitlines()[6:]:  # a bare | inside a cell (int | None, "<|user|>") would split it
+        assert len(line.replace("\\|", "").split("|")) == 6, line
+
+
+def test_the_method_comment_names_every_method():
+    comment = inherited_comments(AdapterSection)["method"]
+    assert sorted(comment.split(" | ")) == sorted(METHODS)
+
+
+def test_docs_recipe_keys_is_the_generated_reference():
+    text = (Path(__file__).resolve().parents[3] / "docs" / "recipe_keys.md").read_text()
+    assert text == key_reference(), "stale: regenerate with peftcore recipes keys > docs/recipe_keys.md"
