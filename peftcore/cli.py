@@ -1,9 +1,11 @@
-"""The `peftcore` command: train, eval, generate, merge, export, inspect, inspect-model, recipes.
+"""The `peftcore` command: train, eval, generate, predict, merge, export, inspect, inspect-model, recipes.
 
     peftcore train [CONFIG.toml | RECIPE_NAME] [--output-dir DIR] [--max-steps N] [--resume | --overwrite]
                    [--set section.key=value ...]
     peftcore eval --adapter DIR [--base PATH|builtin] [--data FILE] [--glossary FILE] [--output report.md]
     peftcore generate --adapter DIR [--base PATH] "prompt text"
+    peftcore predict --adapter DIR [--task NAME] [--context TEXT] [--top-k K] INPUT ...
+    peftcore predict --adapter DIR [--task NAME] --data FILE.jsonl [--output OUT.jsonl] [--batch-size N]
     peftcore merge --adapter DIR [--base PATH] --output OUT
     peftcore export --adapter DIR [--base PATH] --format gguf --output FILE.gguf [--outtype f32|f16]
     peftcore inspect ADAPTER_DIR [--base PATH] [--compare DIR] [--top-k K] [--output-dir DIR]
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "or builtin:tiny-llama / pip:<package>")
     inspect.set_defaults(run=inspect_model)
     add_job_commands(commands)
+    add_predict_command(commands)
     add_export_command(commands)
     add_inspect_command(commands)
     add_recipes_command(commands)
@@ -247,6 +250,38 @@ def merge_command(args: argparse.Namespace) -> int:
     from peftcore.jobs.merge import run_merge
 
     run_merge(args.adapter, args.output, args.base, into=args.into)
+    return 0
+
+
+def add_predict_command(commands) -> None:
+    cmd = commands.add_parser("predict", help="a classification adapter's label or a qa adapter's answer span, "
+                                              "for inputs given here or the records of a JSONL file")
+    cmd.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="texts to classify, or (a qa task) questions about --context; or use --data")
+    cmd.add_argument("--adapter", type=Path, required=True, metavar="DIR",
+                     help="a classification, qa or multi-task adapter folder written by `peftcore train`")
+    cmd.add_argument("--base", help="base checkpoint folder, pip:<package> or builtin "
+                                    "(default: the one the adapter records)")
+    cmd.add_argument("--task", metavar="NAME",
+                     help="a multi-task adapter's task (default: its one classification / qa task)")
+    cmd.add_argument("--context", metavar="TEXT", help="qa: the passage the INPUT questions are answered from")
+    cmd.add_argument("--data", metavar="FILE",
+                     help="JSONL / JSON records as the task's training data has them (\"text\"; qa: \"question\", "
+                          "\"context\"); a record's \"label\" / \"answer\" is scored")
+    cmd.add_argument("--output", type=Path, metavar="FILE",
+                     help="with --data: the JSONL predictions, one line per record (default: stdout; the accuracy "
+                          "line then goes to stderr)")
+    cmd.add_argument("--top-k", type=int, default=3, metavar="K",
+                     help="classification: the classes shown per input (default: 3)")
+    cmd.add_argument("--batch-size", type=int, default=16, metavar="N", help="inputs per forward (default: 16)")
+    cmd.set_defaults(run=predict_command)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from peftcore.jobs.predict import run_predict
+
+    run_predict(args.adapter, args.inputs, args.data, args.output, task=args.task, context=args.context,
+                top_k=args.top_k, batch_size=args.batch_size, base=args.base)
     return 0
 
 
