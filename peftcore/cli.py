@@ -149,15 +149,18 @@ def add_job_commands(commands) -> None:
     gen = commands.add_parser("generate", help="continue a prompt with an adapter (put in the training template), "
                                                 "or with a base alone")
     gen.add_argument("prompt", help="the input text (rendered into the recipe's prompt template unless --raw)")
-    gen.add_argument("--adapter", type=Path, help=adapter_help + "; none: the --base alone (its chat template if any)")
+    gen.add_argument("--adapter", type=Path,
+                     help=adapter_help + " (default: none, the --base alone, in its chat template if any)")
     gen.add_argument("--base", help=base_help)
-    gen.add_argument("--instruction", help="the template's {instruction}, when the training data had one")
+    gen.add_argument("--instruction", help="the template's {instruction} (default: the one the adapter's training "
+                                           "records carried for the prompt's script, as its recipe record says)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
     gen.add_argument("--chat", action="store_true",
                      help="for chat-trained adapters: the prompt as a user turn in the chat template "
                           "(--instruction: the system turn)")
     add_sampling_flags(gen)
-    gen.add_argument("--seed", type=int, default=0, help="for sampling (temperature > 0)")
+    gen.add_argument("--seed", type=int, default=0, help="the sampling generator's seed, used when temperature > 0 "
+                                                         "(default: 0)")
     gen.set_defaults(run=generate_command)
 
     merge = commands.add_parser("merge", help="fold a LoRA / DoRA adapter into its base: a plain checkpoint folder")
@@ -222,18 +225,18 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLING_HELP = {"temperature": "0: greedy", "top_k": "0: off", "top_p": "1: off"}
-
-
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per SamplingOptions field (--max-new-tokens, --temperature, ...); unset ones keep the
-    adapter's recorded [eval] values."""
+    """One flag per SamplingOptions field (--max-new-tokens, --temperature, ...), its help the comment beside
+    the field; unset ones keep the adapter's recorded [eval] values (a base alone: the field's default)."""
+    from peftcore.jobs.recipe_text import field_comments
     from peftcore.models.generate import SamplingOptions
 
+    meaning = field_comments(SamplingOptions)
     for f in dataclasses.fields(SamplingOptions):
         kind = float if "float" in str(f.type) else int
-        help_text = "; ".join(filter(None, [SAMPLING_HELP.get(f.name), "default: the adapter's recipe [eval]"]))
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, help=help_text)
+        default = "off" if f.default is None else f.default
+        help_text = f"{meaning.get(f.name, '')} (default: the adapter's recipe [eval]; a base alone: {default})"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, help=help_text.replace("%", "%%"))
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -264,10 +267,11 @@ def add_predict_command(commands) -> None:
                                     "(default: the one the adapter records)")
     cmd.add_argument("--task", metavar="NAME",
                      help="a multi-task adapter's task (default: its one classification / qa task)")
-    cmd.add_argument("--context", metavar="TEXT", help="qa: the passage the INPUT questions are answered from")
+    cmd.add_argument("--context", metavar="TEXT", help="qa: the passage the INPUT questions are answered from "
+                                                   "(default: none; required for qa inputs given here)")
     cmd.add_argument("--data", metavar="FILE",
                      help="JSONL / JSON records as the task's training data has them (\"text\"; qa: \"question\", "
-                          "\"context\"); a record's \"label\" / \"answer\" is scored")
+                          "\"context\"); a record's \"label\" / \"answer\" is scored (default: none, the INPUTs)")
     cmd.add_argument("--output", type=Path, metavar="FILE",
                      help="with --data: the JSONL predictions, one line per record (default: stdout; the accuracy "
                           "line then goes to stderr)")

