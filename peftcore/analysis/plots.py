@@ -13,7 +13,7 @@ LAYER = re.compile(r"\.(\d+)\.")
 TITLE_SIZE, SUPTITLE_SIZE, LEGEND_SIZE, TICK_SIZE = 10, 11, 8, 8
 METHOD_NAMES = {"PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning", "PREFIX_TUNING": "prefix tuning",
                 "MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}
-LOSS_UNIT = "cross-entropy (nats per target token)"  # the loop's loss: summed over target tokens, / their count
+LOSS_UNIT = "cross-entropy (nats per target)"  # the loop's: summed over targets (tokens; a classifier's rows) / count
 
 
 def pyplot():

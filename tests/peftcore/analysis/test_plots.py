@@ -173,7 +173,7 @@ def test_the_curve_starts_with_the_step_0_evaluation(tmp_path, monkeypatch):
     train = line(ax, "train loss (one batch)")
     assert list(train.get_xdata()) == [1, 2, 3] and math.isnan(train.get_ydata()[1])
     assert "train loss" in ax.get_title() and "eval loss" in ax.get_title()
-    assert "nats per target token" in ax.get_ylabel()
+    assert "nats per target" in ax.get_ylabel()
 
 
 def test_a_multi_task_curve_starts_each_task_at_its_step_0_evaluation(tmp_path, monkeypatch):
