@@ -59,3 +59,11 @@ def test_the_architecture_map_names_every_module_and_only_modules_that_exist():
     assert not named - modules, (
         f"the README's architecture map names files that do not exist: {sorted(named - modules)}"
     )
+
+
+def test_the_api_tour_block_is_the_script_that_runs():
+    from tests.test_api_tour import tour_part
+
+    section = (ROOT / "README.md").read_text().split("## API tour\n", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```\n", 1)[0]
+    assert block == tour_part(), "README's API tour differs from examples/api_tour.py's tour part: copy it over"
