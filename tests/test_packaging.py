@@ -20,7 +20,7 @@ def test_every_example_file_is_package_data():
     patterns = setuptools["package-data"]["peftcore.examples"]
     # scripts (examples/api_tour.py) run from a checkout; a wheel would make them importable modules that run
     files = [p.relative_to(ROOT / "examples") for p in (ROOT / "examples").rglob("*")
-             if p.is_file() and p.suffix != ".py"]
+             if p.is_file() and p.suffix not in (".py", ".pyc")]
     unpackaged = [f for f in files if not any(f.match(p) and len(f.parts) == len(Path(p).parts) for p in patterns)]
     assert files and not unpackaged, f"add to [tool.setuptools.package-data]: {unpackaged}"
 
