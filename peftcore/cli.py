@@ -110,7 +110,16 @@ def failures() -> tuple[type[Exception], ...]:
 
 # ---- train / eval / generate / merge -------------------------------------------------------------
 
+ADAPTER_HELP = "an adapter folder written by `peftcore train` (e.g. runs/<timestamp>/adapter)"
+BASE_HELP = "base checkpoint folder, pip:<package> or builtin (default: the one the adapter records)"
+
+
 def add_job_commands(commands) -> None:
+    for add in (add_train_command, add_eval_command, add_generate_command, add_merge_command):
+        add(commands)
+
+
+def add_train_command(commands) -> None:
     train = commands.add_parser("train", help="fine-tune from a TOML recipe (none: the built-in default job)")
     train.add_argument("config", nargs="?", type=Path, help="recipe file, or a shipped recipe's name (`peftcore "
                                                              "recipes`; default: support_smollm2, embedded; with "
@@ -132,12 +141,12 @@ def add_job_commands(commands) -> None:
                        help="override a recipe value (a TOML literal, else a string); repeatable")
     train.set_defaults(run=train_command)
 
-    adapter_help = "an adapter folder written by `peftcore train` (e.g. runs/<timestamp>/adapter)"
-    base_help = "base checkpoint folder, pip:<package> or builtin (default: the one the adapter records)"
+
+def add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="score an adapter against its base (or a base alone): "
                                                 "perplexity, BLEU/chrF, accuracy, ...")
-    evaluate.add_argument("--adapter", type=Path, help=adapter_help + "; none: the --base alone on --data")
-    evaluate.add_argument("--base", help=base_help)
+    evaluate.add_argument("--adapter", type=Path, help=ADAPTER_HELP + "; none: the --base alone on --data")
+    evaluate.add_argument("--base", help=BASE_HELP)
     evaluate.add_argument("--data", help="JSONL / JSON records (default: the recipe's [data] eval; "
                                          "a multi-task adapter: every [tasks.<name>] eval, one report section each)")
     evaluate.add_argument("--glossary",
@@ -146,12 +155,14 @@ def add_job_commands(commands) -> None:
     evaluate.add_argument("--max-records", type=int, help="generate for at most this many records")
     evaluate.set_defaults(run=eval_command)
 
+
+def add_generate_command(commands) -> None:
     gen = commands.add_parser("generate", help="continue a prompt with an adapter (put in the training template), "
                                                 "or with a base alone")
     gen.add_argument("prompt", help="the input text (rendered into the recipe's prompt template unless --raw)")
     gen.add_argument("--adapter", type=Path,
-                     help=adapter_help + " (default: none, the --base alone, in its chat template if any)")
-    gen.add_argument("--base", help=base_help)
+                     help=ADAPTER_HELP + " (default: none, the --base alone, in its chat template if any)")
+    gen.add_argument("--base", help=BASE_HELP)
     gen.add_argument("--instruction", help="the template's {instruction} (default: the one the adapter's training "
                                            "records carried for the prompt's script, as its recipe record says)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
@@ -163,9 +174,11 @@ def add_job_commands(commands) -> None:
                                                          "(default: 0)")
     gen.set_defaults(run=generate_command)
 
+
+def add_merge_command(commands) -> None:
     merge = commands.add_parser("merge", help="fold a LoRA / DoRA adapter into its base: a plain checkpoint folder")
-    merge.add_argument("--adapter", type=Path, required=True, help=adapter_help)
-    merge.add_argument("--base", help=base_help)
+    merge.add_argument("--adapter", type=Path, required=True, help=ADAPTER_HELP)
+    merge.add_argument("--base", help=BASE_HELP)
     merge.add_argument("--output", type=Path, required=True,
                        help="folder for config.json, model.safetensors, tokenizer")
     merge.add_argument("--into", choices=("original", "quantized"), default="original",
