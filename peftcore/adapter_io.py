@@ -7,9 +7,11 @@ becomes `...score.weight`. The adapter named "default" lives in the folder, any 
 `<folder>/<name>/`. The file holds the same keys PEFT writes: besides the adapter, the biases
 bias="all" / "lora_only" trains, and the base table of a targeted `embed_tokens` / `lm_head`.
 Older PEFT saves hold `adapter_model.bin` (a pickle) instead: read (`adapter_weights`), never written.
+Beside the adapters, a README.md model card, as PEFT writes one.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -18,9 +20,10 @@ import torch
 from torch import nn
 
 from peftcore._json import read_json_object
-from peftcore.config import CONFIG_NAME, LoraConfig, PeftConfig
-from peftcore.lora.layer import LORA_LAYERS
+from peftcore._version import __version__
+from peftcore.config import CONFIG_NAME, PEFT_FORMAT_VERSION, LoraConfig, PeftConfig
 from peftcore.lora.modules_to_save import ModulesToSave
+from peftcore.lora.registry import LORA_LAYERS
 from peftcore.models import safetensors_io
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensors
@@ -100,9 +103,14 @@ def embedding_is_targeted(config: LoraConfig, model: nn.Module) -> bool:
     return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
 
 
+def user_model(peft_model: nn.Module) -> nn.Module:
+    """The user's model inside a PeftModel; a model LoRA was injected into directly is its own (PEFT's rule)."""
+    return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+
+
 def embedding_keys(state: dict, peft_model: nn.Module, config: LoraConfig) -> list[str]:
     """Base weights of an adapted token embedding or output head, saved when `embedding_is_targeted`."""
-    if not embedding_is_targeted(config, getattr(peft_model, "model", peft_model)):
+    if not embedding_is_targeted(config, user_model(peft_model)):
         return []
     layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)}
     wanted = [
@@ -114,7 +122,7 @@ def embedding_keys(state: dict, peft_model: nn.Module, config: LoraConfig) -> li
 
 
 def is_token_embedding_or_head(peft_model: nn.Module, name: str, layer: nn.Module) -> bool:
-    model = getattr(peft_model, "model", peft_model)
+    model = user_model(peft_model)
     if hasattr(model, "get_input_embeddings"):  # a transformers model wrapped directly
         return layer is model.get_input_embeddings() or layer is model.get_output_embeddings()
     return name.rsplit(".", 1)[-1] in TOKEN_EMBEDDING_NAMES + ("lm_head",)
@@ -130,14 +138,17 @@ def modules_to_save_keys(peft_model: nn.Module, adapter_name: str) -> dict[str, 
     return keys
 
 
-def adapter_state_dict(peft_model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
-    """The tensors that make up one adapter, under their on-disk keys (the same set HF PEFT saves)."""
-    state = other_adapters_removed(peft_model.state_dict(), peft_model, adapter_name)
+def adapter_state_dict(peft_model: nn.Module, adapter_name: str, config: LoraConfig,
+                       state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that make up one adapter, under their on-disk keys (the same set HF PEFT saves). `state`:
+    the values to take (default: the model's state_dict()); which keys belong is read off the model."""
+    state = other_adapters_removed(peft_model.state_dict() if state is None else state, peft_model, adapter_name)
     selected = adapter_keys(state, peft_model) + bias_keys(state, peft_model, config.bias)
     selected += embedding_keys(state, peft_model, config)
     out = {strip_adapter_name(k, adapter_name): state[k] for k in selected}
-    out.update({disk: state[memory] for disk, memory in modules_to_save_keys(peft_model, adapter_name).items()})
-    return unshared(out)
+    saved_copies = modules_to_save_keys(peft_model, adapter_name).items()
+    out.update({disk: state[memory] for disk, memory in saved_copies if memory in state})
+    return out
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,7 +165,7 @@ def save_adapter(peft_model: nn.Module, folder: str | Path, adapter_name: str, c
     target = adapter_folder(folder, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
     config.save(target)
-    safetensors_io.write(adapter_state_dict(peft_model, adapter_name, config), target / WEIGHTS_NAME)
+    safetensors_io.write(unshared(adapter_state_dict(peft_model, adapter_name, config)), target / WEIGHTS_NAME)
     return target
 
 
@@ -248,9 +259,31 @@ def load_adapter_weights(peft_model: nn.Module, folder: str | Path, adapter_name
     state = peft_model.state_dict(keep_vars=True)
     to_memory, required = load_map(peft_model, adapter_name, state)
     check_fits(path, shapes, state, to_memory, required, adapter_name)
+    load_tensors(peft_model, state, ((to_memory[key], tensor) for key, tensor in tensors))
+
+
+def load_tensors(model: nn.Module, state: dict, pairs) -> None:
+    """(in-memory key, tensor) pairs into `model`, whose `state` is state_dict(keep_vars=True): copied into the
+    tensor there, or, for a meta tensor (low_cpu_mem_usage), a parameter made from the file's tensor takes
+    its place, in its dtype, on its adapter layer's device (copy_ into a meta tensor silently does nothing)."""
+    devices = None
     with torch.no_grad():
-        for key, tensor in tensors:
-            state[to_memory[key]].copy_(tensor)
+        for key, tensor in pairs:
+            target = state[key]
+            if not target.is_meta:
+                target.copy_(tensor)
+                continue
+            devices = base_devices(model) if devices is None else devices
+            owner, _, leaf = key.rpartition(".")
+            device = devices[max((name for name in devices if key.startswith(f"{name}.")), key=len)]
+            value = nn.Parameter(tensor.to(device=device, dtype=target.dtype), requires_grad=target.requires_grad)
+            model.get_submodule(owner)._parameters[leaf] = value
+
+
+def base_devices(model: nn.Module) -> dict[str, torch.device]:
+    """LoRA layer name -> the device of the base layer it wraps (a quantized base holds buffers only)."""
+    return {name: next(t for t in (*m.base_layer.parameters(), *m.base_layer.buffers())).device
+            for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def check_fits(path: Path, shapes: dict, state: dict, to_memory: dict, required: set, adapter_name: str) -> None:
@@ -302,3 +335,29 @@ def load_prompt_adapter(encoder: nn.Module, folder: str | Path) -> None:
     if "prompt_embeddings" not in tensors:
         raise AdapterLoadError(f"{path.name} holds no prompt_embeddings (found: {', '.join(sorted(tensors))})")
     load_prompt_embeddings(encoder, tensors["prompt_embeddings"], path.name)
+
+
+MODEL_CARD_NAME = "README.md"
+CARD_MARK = "<!-- written by peftcore save_pretrained; a README.md without this line is never overwritten -->"
+
+
+def write_model_card(folder: str | Path, configs: dict) -> None:
+    """PEFT's save_pretrained writes a README.md model card beside the adapters (the Hub reads its header):
+    ours says what is known for certain (base model, method, library), with no template to fill and no
+    network. A card a person wrote (no CARD_MARK) is left as it is."""
+    path = Path(folder) / MODEL_CARD_NAME
+    if path.is_file() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
+        return
+    bases = sorted({c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path})
+    types = sorted({c.peft_type.value for c in configs.values()})
+    tags = [f"base_model:adapter:{b}" for b in bases] + ["lora"] * ("LORA" in types) + ["peftcore"]
+    # JSON strings are YAML's double-quoted scalars: a path with ": " or "#" in it stays one value
+    header = ["---", *(f"base_model: {json.dumps(b)}" for b in bases[:1]), "library_name: peft", "tags:",
+              *(f"- {json.dumps(t)}" for t in tags), "---"]
+    rows = [f"- `{name}` ({c.peft_type.value}): {'this folder' if name == 'default' else f'`{name}/`'}"
+            for name, c in configs.items()]
+    body = [CARD_MARK, "", f"# {' / '.join(types)} adapter for {bases[0] if bases else 'a base model'}", "",
+            "HF PEFT's adapter format (adapter_config.json + adapter_model.safetensors): it loads with",
+            "`peft.PeftModel.from_pretrained(base, folder)` as well as with peftcore's.", "", *rows, "",
+            "### Framework versions", "", f"- peftcore {__version__}", f"- PEFT format {PEFT_FORMAT_VERSION}"]
+    path.write_text("\n".join(header + [""] + body) + "\n", encoding="utf-8")

@@ -15,10 +15,11 @@ LAYERS = [
     ["peftcore.jobs"],
     ["peftcore.training", "peftcore.multitask"],
     ["peftcore.analysis"],
-    ["peftcore.peft_model"],
+    ["peftcore.peft_model", "peftcore.functional"],
+    ["peftcore.lora_backend", "peftcore.prompt_backend"],
     ["peftcore.adapter_io"],
     ["peftcore.lora", "peftcore.prompt"],
-    ["peftcore.config", "peftcore.data", "peftcore._json", "peftcore._logging"],
+    ["peftcore.config", "peftcore.data", "peftcore._json", "peftcore._logging", "peftcore._version"],
     ["peftcore.models"],
     ["peftcore.kernels"],
 ]

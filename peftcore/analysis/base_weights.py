@@ -7,6 +7,9 @@ lm_head has no key at all (its weight is the input embedding). So a module's key
 name with and without such a prefix, then from the tied embedding, and checked against the adapter's
 shape before a byte is read.
 
+Conv adapters: the base weight must have the conv shape (out, in / groups, *kernel) the adapter implies, as
+stored (a conv weight is never transposed).
+
 Orientation: GPT-2's Conv1D stores (in, out). The shape tells for all but square weights; for those the
 adapter's `fan_in_fan_out` flag cannot be trusted (HF PEFT clears it in the saved config when one target
 is a plain Linear, e.g. lm_head, and decides per layer type), so the model the base's config.json
@@ -89,10 +92,16 @@ class BaseCheckpoint:
     def find_key(self, module: str) -> str | None:
         return next((k for k in self.candidates(module) + self.tied_embedding(module) if k in self.shapes), None)
 
-    def orientation(self, module: str, key: str, out_features: int, in_features: int, fan_in_fan_out: bool) -> bool:
-        """True when the stored weight is (in, out). A key of another shape is an error: the base is
-        another model than the adapter's."""
+    def orientation(self, module: str, key: str, expected: tuple[int, ...], fan_in_fan_out: bool) -> bool:
+        """True when the stored weight is (in, out). `expected`: (out, in), or a conv's full weight shape. A key
+        of another shape is an error: the base is another model than the adapter's."""
         shape = list(self.shapes[key])
+        if len(expected) > 2:
+            if shape != list(expected):
+                raise ValueError(f"base weight {key} has shape {tuple(shape)}, but the adapter's {module} is a conv "
+                                 f"adapter for a {tuple(expected)} weight: the base is not the adapter's model")
+            return False
+        out_features, in_features = expected
         if shape == [out_features, in_features] == [in_features, out_features]:  # square: ask the model
             conv1d = self.conv1d_modules()
             return fan_in_fan_out if conv1d is None else unprefixed(module) in conv1d
@@ -115,16 +124,16 @@ class BaseCheckpoint:
                 self.conv1d = None
         return self.conv1d
 
-    def locate_all(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool) -> dict[str, BaseKey]:
-        """{module: where its weight is} for every module in `shapes` ({module: (out, in)}). One line names
-        the modules not found (checked first: a wrong base is likelier than a wrong shape)."""
+    def locate_all(self, shapes: dict[str, tuple[int, ...]], fan_in_fan_out: bool) -> dict[str, BaseKey]:
+        """{module: where its weight is} for every module in `shapes` ({module: (out, in)}, or a conv weight's
+        shape). One line names the modules not found (checked first: a wrong base is likelier than a wrong shape)."""
         keys = {m: self.find_key(m) for m in shapes}
         missing = [m for m, key in keys.items() if key is None]
         if missing:
             raise ValueError(f"base {self.folder} has no weight for {len(missing)} of {len(shapes)} adapted module(s) "
                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                              f"its keys look like: {', '.join(self.near(missing[0]))}")
-        return {m: BaseKey(self.files[key], key, self.orientation(m, key, *shapes[m], fan_in_fan_out))
+        return {m: BaseKey(self.files[key], key, self.orientation(m, key, shapes[m], fan_in_fan_out))
                 for m, key in keys.items()}
 
     def near(self, module: str, n: int = 3) -> list[str]:

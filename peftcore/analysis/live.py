@@ -15,6 +15,7 @@ from torch import nn
 
 from peftcore.analysis.lowrank import layer_stats
 from peftcore.analysis.prompts import prompt_tensor_stats
+from peftcore.lora.conv import LoraConv
 from peftcore.lora.layer import LoraLinear, base_weight
 from peftcore.peft_model import PeftModel
 from peftcore.prompt.configs import PrefixTuningConfig, PromptLearningConfig
@@ -86,7 +87,7 @@ def training_stats(model: nn.Module, activations: dict[str, dict] | None = None)
     peftcore.analysis.lowrank (no out x in product; one dequantize per quantized base), plus the adapter /
     base activation RMS ratio when `activations` (an AdapterActivations summary) is given.
     Prompt methods: {"prompt": {"virtual_token_norms": [...]}} (prefix: per-layer key / value norms)."""
-    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapter], PromptLearningConfig):
+    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapters[0]], PromptLearningConfig):
         stats = prompt_stats(model, top_k=1)
         if stats["method"] == "PREFIX_TUNING":
             return {"prompt": {k: stats[k] for k in ("key_norm_per_layer", "value_norm_per_layer")}}
@@ -105,8 +106,8 @@ def training_stats(model: nn.Module, activations: dict[str, dict] | None = None)
     return out
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear | LoraConv]:
     """LoRA layers by the names adapter files use: without PeftModel's "base_model.model." (nor a
     MultiTaskModel's "backbone." before it)."""
     return {name.partition("base_model.model.")[2] or name: m for name, m in model.named_modules()
-            if isinstance(m, LoraLinear)}
+            if isinstance(m, (LoraLinear, LoraConv))}

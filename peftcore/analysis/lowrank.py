@@ -4,6 +4,13 @@ For dW = s * B @ A (B: (out, r), A: (r, in)), QR-factor B = Qb Rb and A^T = Qa R
 dW = Qb (s Rb Ra^T) Qa^T, and the SVD of the r x r core gives dW's singular values exactly, and
 its singular vectors as Qb U_c and Qa V_c: O((out + in) r^2) instead of O(out * in * min(out, in)).
 
+Conv adapters (peftcore.lora.conv, HF PEFT's lora.Conv1d/2d/3d): A (r, in, *k) flattens to (r, in * prod k)
+and B (out, r / groups, 1, ...) to (out, r), and their product is the adapter as one dense conv weight,
+(out, in * prod k) with the kernel laid out as the base's. With groups == 1 that is the reshaped delta_weight
+(out, in/groups * prod k). With groups > 1 the adapter is not grouped (A reads every input channel): B stands
+for the block-diagonal (out, r) matrix of its g blocks, the spectra are those of the dense weight, and the
+base is compared as the dense conv it equals (each group's weight in its diagonal block, zeros elsewhere).
+
 Prompt-learning adapters: peftcore.analysis.prompts. The `peftcore inspect` command, which handles
 both kinds: peftcore.jobs.inspect.
 
@@ -25,6 +32,7 @@ import torch
 from peftcore._json import json_safe  # NaN / inf -> null, as metrics.jsonl writes them
 from peftcore.adapter_io import adapter_weights, read_adapter_config
 from peftcore.analysis.base_weights import BaseCheckpoint, BaseKey
+from peftcore.lora.conv import grouped_to_dense
 from peftcore.lora.inject import pattern_value
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
@@ -138,10 +146,47 @@ def read_adapter(folder: str | Path) -> AdapterTensors:
     return AdapterTensors(config, A, B, magnitude)
 
 
+def conv_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A conv adapter's A (r, in, *k) and B (out, r / g, 1, ...) as the factors (r, in * prod k) and (out, r) of
+    its dense weight, and its groups g (read off the shapes: B holds r / g of the r channels). Linear: as is, 1."""
+    if A.dim() <= 2:
+        return A, B, 1
+    r, per_group = A.shape[0], B.shape[1]
+    if r % per_group or B.shape[0] % (r // per_group) or any(k != 1 for k in B.shape[2:]):
+        raise ValueError(f"lora_B {tuple(B.shape)} does not fit lora_A {tuple(A.shape)}: a conv adapter's lora_B is "
+                         "(out, r / groups, 1, ...)")
+    groups = r // per_group
+    return A.flatten(1), grouped_to_dense(B.flatten(1), groups), groups
+
+
+def base_shape(A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
+    """The base weight an adapter fits: (out, in) for a linear, the conv weight (out, in / groups, *k) for a conv."""
+    if A.dim() <= 2:
+        return B.shape[0], A.shape[1]
+    groups = conv_factors(A, B)[2]
+    return (B.shape[0], A.shape[1] // groups, *A.shape[2:])
+
+
+def dense_conv_weight(W: torch.Tensor, groups: int) -> torch.Tensor:
+    """A conv weight (out, in / g, *k) as the (out, in * prod k) matrix of the dense conv it equals: group j's
+    outputs read group j's inputs only, so its weight fills the j-th diagonal block."""
+    if groups == 1:
+        return W.flatten(1)
+    per_out, per_in = W.shape[0] // groups, W.shape[1]
+    dense = W.new_zeros(W.shape[0], groups * per_in, *W.shape[2:])
+    for j in range(groups):
+        dense[j * per_out:(j + 1) * per_out, j * per_in:(j + 1) * per_in] = W[j * per_out:(j + 1) * per_out]
+    return dense.flatten(1)
+
+
 def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: torch.Tensor | None,
                 magnitude: torch.Tensor | None) -> LayerStats:
-    """One layer's numbers. W: the (out, in) base weight; converted to float64 once (a no-op when it
-    already is), the only copy of it this makes."""
+    """One layer's numbers. A, B, W as the layer holds them: (r, in), (out, r), the (out, in) base weight, or
+    a conv's (see conv_factors). W is converted to float64 once (a no-op when it already is), the only copy of
+    it this makes (a grouped conv's: its dense form, groups times its size)."""
+    A, B, groups = conv_factors(A, B)
+    if W is not None and W.dim() > 2:
+        W = dense_conv_weight(W, groups)
     svd = lowrank_svd(B, A, scale)
     S = svd.S
     stats = LayerStats(module, A.shape[0], scale, float(torch.linalg.norm(S)), float(S[0]), S.tolist(),
@@ -152,7 +197,7 @@ def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: 
         stats.amplification = amplification_factor(svd, W)
         if magnitude is not None:
             base_norm = torch.linalg.vector_norm(W, dim=1)
-            change = (magnitude - base_norm) / base_norm.clamp_min(1e-12)
+            change = (magnitude.flatten() - base_norm) / base_norm.clamp_min(1e-12)  # a conv's: (1, out, 1, ...)
             stats.magnitude_change = {"mean": float(change.mean()), "max_abs": float(change.abs().max())}
     return stats
 
@@ -165,7 +210,7 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> list[
         return [layer_stats(m, adapter.A[m], adapter.B[m], adapter.scale(m), None, adapter.magnitude.get(m))
                 for m in modules]
     checkpoint = BaseCheckpoint(base)  # headers only; raises naming any module it cannot find, before any work
-    keys = checkpoint.locate_all({m: (adapter.B[m].shape[0], adapter.A[m].shape[1]) for m in modules},
+    keys = checkpoint.locate_all({m: base_shape(adapter.A[m], adapter.B[m]) for m in modules},
                                  bool(adapter.config.get("fan_in_fan_out")))
     return [stats_with_base(adapter, m, checkpoint, keys[m]) for m in modules]
 
@@ -178,16 +223,17 @@ def stats_with_base(adapter: AdapterTensors, module: str, checkpoint: BaseCheckp
 
 
 def compare_adapters(first: str | Path, second: str | Path) -> dict[str, list[list[float]]]:
-    """phi grids for the modules both adapters adapt (their ranks may differ, their input widths may not)."""
+    """phi grids for the modules both adapters adapt (their ranks may differ, their input widths may not;
+    a conv's input is in * prod kernel)."""
     a, b = read_adapter(first), read_adapter(second)
     shared = sorted(set(a.A) & set(b.A), key=natural_key)
     if not shared:
         raise ValueError(f"{first} and {second} adapt no module in common")
     for m in shared:
-        if a.A[m].shape[1] != b.A[m].shape[1]:
+        if a.A[m].shape[1:] != b.A[m].shape[1:]:
             raise ValueError(f"{m}: lora_A is {tuple(a.A[m].shape)} in {first} but {tuple(b.A[m].shape)} in {second}: "
                              "the adapters were trained on bases of different widths, their subspaces do not compare")
-    return {m: subspace_similarity(a.A[m], b.A[m]).tolist() for m in shared}
+    return {m: subspace_similarity(a.A[m].flatten(1), b.A[m].flatten(1)).tolist() for m in shared}
 
 
 def natural_key(name: str):

@@ -5,6 +5,8 @@ Matching follows HF PEFT so a config means the same in both libraries:
   string target -> re.fullmatch against the full name
   "all-linear"  -> every nn.Linear / Conv1D except the output head (lm_head; classifier/score for SEQ_CLS)
   exclude_modules uses the same rules; layers_to_transform keeps only the listed block indices.
+Dispatch by base type, as PEFT's dispatch_default: nn.Embedding -> LoraEmbedding, nn.Conv1d/2d/3d -> LoraConv,
+nn.Linear, GPT-2's Conv1D (ours or transformers', see layer.is_conv1d) and quantized linears -> LoraLinear.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import warnings
 from torch import nn
 
 from peftcore.config import LoraConfig, TaskType
-from peftcore.lora.layer import LORA_LAYERS, LoraEmbedding, LoraLinear
+from peftcore.lora.conv import CONV_TYPES, LoraConv
+from peftcore.lora.layer import LoraEmbedding, LoraLinear, is_conv1d
 from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
+from peftcore.lora.registry import LORA_LAYERS
 from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
 
-LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)  # by type; transformers' Conv1D is matched by is_linear
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
@@ -49,8 +53,12 @@ def pattern_value(name: str, patterns: dict, default):
     return default
 
 
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES) or is_conv1d(module)
+
+
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (*LINEAR_TYPES, nn.Embedding, *LORA_LAYERS))
+    return is_linear(module) or isinstance(module, (nn.Embedding, *CONV_TYPES, *LORA_LAYERS))
 
 
 def output_head_names(model: nn.Module, task_type) -> set[str]:
@@ -65,7 +73,7 @@ def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
     return sorted(
         name
         for name, module in walk_unwrapped(model)
-        if isinstance(module, (*LINEAR_TYPES, LoraLinear)) and name not in heads
+        if (is_linear(module) or isinstance(module, LoraLinear)) and name not in heads
     )
 
 
@@ -103,6 +111,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
         if not name or not is_target(name, config):
             continue
         layer = module if isinstance(module, LORA_LAYERS) else wrap(module, name)
+        match_fan_in_fan_out(name, layer.base_layer, config)
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         layer.add_adapter(adapter_name, config, r, alpha, autocast_adapter_dtype)
@@ -141,13 +150,30 @@ def warn_if_unmergeable(name: str, layer: nn.Module, config: LoraConfig) -> None
                       "but it cannot be merged into this layer")
 
 
+def match_fan_in_fan_out(name: str, base: nn.Module, config: LoraConfig) -> None:
+    """PEFT's dispatch_default: the flag follows the layer (the weight's layout decides here either way), and
+    PEFT saves what it set, so a saved config reads the same from both libraries."""
+    if is_conv1d(base) and not config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out is False but {name} is a Conv1D (weight stored (in, out)): setting it to True")
+        config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out is True but {name} is an nn.Linear: setting it to False")
+        config.fan_in_fan_out = False
+
+
 def wrap(module: nn.Module, name: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if isinstance(module, LINEAR_TYPES):
+    if isinstance(module, CONV_TYPES):
+        return LoraConv(module)
+    if is_linear(module):
         return LoraLinear(module)
-    raise TypeError(
-        f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding "
-        "and quantized linears"
-    )
+    kind = type(module).__name__
+    if kind == "Conv1D":  # named like GPT-2's, but not its contract: say which part is missing
+        weight = getattr(module, "weight", None)
+        raise TypeError(f"target {name!r} is a Conv1D but not GPT-2's: LoRA takes a Conv1D with an int `nf` and a "
+                        f"2-D weight stored (in_features, nf); this one has nf={getattr(module, 'nf', None)!r} and "
+                        f"weight shape {None if weight is None else tuple(weight.shape)}")
+    raise TypeError(f"target {name!r} is a {kind}; LoRA adapts nn.Linear, GPT-2's Conv1D (peftcore's or "
+                    "transformers'), nn.Conv1d / Conv2d / Conv3d, nn.Embedding and quantized linears")
 

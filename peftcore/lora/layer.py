@@ -1,12 +1,13 @@
 """LoRA and DoRA layers, written by hand around the layer they adapt (the base-layer pattern).
 
-LoraLinear:    y = base(x) + s * B(A(dropout(x)))              for nn.Linear and GPT-2's Conv1D
+LoraLinear:    y = base(x) + s * B(A(dropout(x)))              for nn.Linear and GPT-2's Conv1D (ours or transformers')
 DoRA:          y = m / ||W + s*B*A||_row * (W x + s*B*A x) + b  (row norm detached, DoRA paper §4.3)
 LoraEmbedding: y = E[x] + s * (A^T[x]) B^T
 
 Parameter names and nesting equal HF PEFT's (`base_layer`, `lora_A.<name>`, `lora_B.<name>`,
 `lora_magnitude_vector.<name>.weight`, `lora_embedding_A.<name>`), so state dicts and adapter
 files line up key for key. Several named adapters live side by side in one layer.
+nn.Conv1d / 2d / 3d: peftcore.lora.conv (LoraConv), built on the bookkeeping shared here.
 """
 from __future__ import annotations
 
@@ -67,16 +68,35 @@ def adapter_dtype(base_dtype: torch.dtype, autocast: bool = True) -> torch.dtype
     return torch.float32 if autocast and base_dtype in UPCAST_DTYPES else base_dtype
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: ours, or transformers' (every HF GPT-2-family model has it), which library code may not
+    import, so it is known by its forward contract: a class named Conv1D with an int `nf` and a 2-D weight
+    stored (in_features, nf). HF PEFT adapts exactly these as fan_in_fan_out linears."""
+    if isinstance(module, Conv1D):
+        return True
+    weight, nf = getattr(module, "weight", None), getattr(module, "nf", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(nf, int) and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2 and weight.shape[1] == nf)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features); transformers' Conv1D names neither, its (in, out) weight shape tells."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The base layer's dense weight as (out, in): Conv1D stores (in, out); quantized layers dequantize."""
     if isinstance(layer, QuantLinear):
         return layer.dequantize()
-    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+    return layer.weight.T if is_conv1d(layer) else layer.weight
 
 
 def kernel_base(layer: nn.Module) -> lora_linear.LinearWeights | None:
     """The base as weights a fused path can run in place of its forward, or None. Exact types only (a
-    subclass may change forward), and no hooks (the fused paths would skip them)."""
+    subclass may change forward; so transformers' Conv1D, known by name only, runs its own forward), and no
+    hooks (the fused paths would skip them)."""
     if layer._forward_hooks or layer._forward_pre_hooks:
         return None
     if type(layer) is QuantLinear:
@@ -116,12 +136,12 @@ class Magnitude(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """LoRA / DoRA around an nn.Linear, a GPT-2 Conv1D, or a QuantLinear (QLoRA)."""
+    """LoRA / DoRA around an nn.Linear, a GPT-2 Conv1D (ours or transformers'), or a QuantLinear (QLoRA)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
@@ -136,7 +156,7 @@ class LoraLinear(nn.Module):
     def fan_in_fan_out(self) -> bool:
         """The base stores (in, out) (GPT-2's Conv1D). A property: merging a quantized GPT-2 layer swaps
         the base for its dense Conv1D, and the orientation must follow."""
-        return isinstance(self.base_layer, Conv1D)
+        return is_conv1d(self.base_layer)
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float, autocast_dtype: bool = True) -> None:
@@ -240,18 +260,12 @@ class LoraLinear(nn.Module):
         """Raise before anything is merged (PeftModel checks every layer first: no half-merged model)."""
         if isinstance(self.base_layer, QuantLinear):
             raise TypeError("cannot merge into a quantized base layer in place; use merge_and_unload()")
-        pending = [n for n in names if n in self.lora_B and n not in self.merged_adapters]
-        biased = [n for n in pending if self.lora_B[n].bias is not None]
-        if biased and self.base_layer.bias is None:  # PEFT raises the same RuntimeError
-            raise RuntimeError(f"cannot merge adapter {biased[0]!r}: it has lora_bias=True but the base "
-                               f"{type(self.base_layer).__name__} has no bias to add it to; use the adapter unmerged")
+        check_bias_mergeable(self, names)
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
         names = adapter_names or self.active_adapters
         self.check_mergeable(names)
-        for name in merge_weights(self, names, self.lora_A):
-            if self.lora_B[name].bias is not None:
-                self.base_layer.bias.data += self.lora_B[name].bias.detach() * self.scaling[name]
+        add_lora_biases(self, merge_weights(self, names, self.lora_A), 1)
 
     def dora_norm(self, W: torch.Tensor, name: str) -> torch.Tensor:
         """||W + sBA|| per output row, W in the base weight's layout."""
@@ -259,9 +273,7 @@ class LoraLinear(nn.Module):
                              self.scaling[name])
 
     def unmerge(self) -> None:
-        for name in unmerge_weights(self):
-            if self.lora_B[name].bias is not None:
-                self.base_layer.bias.data -= self.lora_B[name].bias.detach() * self.scaling[name]
+        add_lora_biases(self, unmerge_weights(self), -1)
 
 
 class LoraEmbedding(nn.Module):
@@ -380,7 +392,22 @@ def apply_adapters(layer, out: torch.Tensor, x: torch.Tensor, adapter_names, kno
     return out.to(dtype)
 
 
-# -- merge bookkeeping shared by LoraLinear and LoraEmbedding -------------------------------------
+# -- merge bookkeeping shared by LoraLinear, LoraEmbedding and LoraConv ---------------------------
+def check_bias_mergeable(layer, names: list[str]) -> None:
+    pending = [n for n in names if n in layer.lora_B and n not in layer.merged_adapters]
+    biased = [n for n in pending if layer.lora_B[n].bias is not None]
+    if biased and layer.base_layer.bias is None:  # PEFT raises the same RuntimeError
+        raise RuntimeError(f"cannot merge adapter {biased[0]!r}: it has lora_bias=True but the base "
+                           f"{type(layer.base_layer).__name__} has no bias to add it to; use the adapter unmerged")
+
+
+def add_lora_biases(layer, names: list[str], sign: int) -> None:
+    """lora_bias: lora_B's bias (times s) goes into (sign 1) or out of (-1) the base bias with its weights."""
+    for name in names:
+        if layer.lora_B[name].bias is not None:
+            layer.base_layer.bias.data += sign * layer.lora_B[name].bias.detach() * layer.scaling[name]
+
+
 def weight_without(layer, name: str, W: torch.Tensor) -> torch.Tensor:
     """The stored weight W with merged adapter `name` taken out again (DoRA: undo its factor first)."""
     if name in layer.lora_magnitude_vector:
@@ -443,6 +470,3 @@ def mixed_rows(out: torch.Tensor, x: torch.Tensor, adapter_names: list[str], kno
         rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
         out = out.index_copy(0, rows, add(out.index_select(0, rows), x.index_select(0, rows), name).to(out.dtype))
     return out
-
-
-LORA_LAYERS = (LoraLinear, LoraEmbedding)

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from peftcore.lora.layer import LORA_LAYERS
+from peftcore.lora.registry import LORA_LAYERS
 
 
 class ModulesToSave(nn.Module):

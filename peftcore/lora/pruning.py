@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftcore.lora.layer import LoraLinear
-from peftcore.models.layers import Conv1D
+from peftcore.lora.layer import LoraLinear, is_conv1d
 
 PATTERNS = ("unstructured", "2:4")
 HEADS = ("lm_head", "score", "classifier")
@@ -44,7 +43,7 @@ def prunable_weights(model: nn.Module, skip: tuple[str, ...] = HEADS):
             continue  # its base_layer is visited on its own
         if isinstance(module, nn.Linear):
             yield name, module.weight
-        elif isinstance(module, Conv1D):
+        elif is_conv1d(module):  # ours or transformers' (in, out) weight
             yield name, module.weight.T
 
 

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from peftcore import LoraConfig, get_peft_model
-from peftcore.lora.layer import LORA_LAYERS, Adapter, LoraEmbedding, LoraLinear
+from peftcore.lora.layer import Adapter, LoraEmbedding, LoraLinear
 from peftcore.lora.modules_to_save import ModulesToSave
+from peftcore.lora.registry import LORA_LAYERS
 
 
 class Two(nn.Module):

@@ -69,3 +69,13 @@ def test_bad_inputs():
         two_four_mask(torch.randn(3, 6))
     with pytest.raises(ValueError, match="no prunable linear"):
         prune_model(nn.Sequential(nn.ReLU()))
+
+
+def test_transformers_gpt2_conv1d_weights_are_pruned_along_their_input_dimension():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    report = prune_model(model, pattern="2:4")
+    c_attn = model.transformer.h[0].attn.c_attn.weight  # transformers' Conv1D: (in, out)
+    assert "transformer.h.0.attn.c_attn" in report["layers"]
+    assert ((c_attn.T.reshape(48, 4, 4) != 0).sum(-1) == 2).all()  # 2 of every 4 consecutive inputs kept

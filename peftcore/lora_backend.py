@@ -1,0 +1,334 @@
+"""The LoRA backend of a PeftModel: LoRA layers (and modules_to_save copies) swapped into the user's model.
+
+They change weights, so they merge. The module-level functions do the work on any nn.Module, so that
+`peftcore.functional.inject_adapter_in_model` (PEFT's name: LoRA layers without a PeftModel) shares them
+with the backend. Here, not in lora/, because the backend reads and writes adapter files (adapter_io),
+which sits above lora/.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcore import adapter_io
+from peftcore.config import LoraConfig, TaskType
+from peftcore.lora.inject import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
+from peftcore.lora.layer import Magnitude, weight_before_merges
+from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
+from peftcore.lora.registry import LORA_LAYERS
+from peftcore.models.generate import generate as generate_tokens
+
+
+class LoraModel(nn.Module):
+    """Holds the user's model under `.model` (PEFT's nesting: keys read `base_model.model....`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes of the wrapped model (`config`, ...) read through, as in PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+# -- work on any model with LoRA layers ------------------------------------------------------------
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (*LORA_LAYERS, ModulesToSave))]
+
+
+def check_one_bias(configs: dict, adapter_name: str, config: LoraConfig) -> None:
+    """As PEFT's BaseTuner._check_new_adapter_config: one adapter at most trains base biases (two would
+    train, and each save, the same bias tensors)."""
+    other = next((n for n, c in configs.items() if c.bias != "none"), None)
+    if config.bias != "none" and other is not None:
+        raise ValueError(f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {other!r} trains "
+                         f"biases already (bias={configs[other].bias!r}): only one adapter may train "
+                         "biases, as in HF PEFT; set bias='none' for one of them")
+
+
+def add_lora(model: nn.Module, configs: dict, name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
+             low_cpu_mem_usage: bool = False) -> None:
+    """Inject adapter `name` (LoRA layers, modules_to_save copies) into `model`; `configs`: the adapters it has."""
+    check_one_bias(configs, name, config)
+    if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
+        config.modules_to_save = list(config.modules_to_save or [])
+        config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
+    if low_cpu_mem_usage:
+        inject_on_meta(model, config, name, autocast_adapter_dtype)
+    else:
+        inject_lora(model, config, name, autocast_adapter_dtype)
+    if config.modules_to_save:
+        wrap_modules_to_save(model, config.modules_to_save, name)
+
+
+def inject_on_meta(model: nn.Module, config: LoraConfig, name: str, autocast_adapter_dtype: bool) -> None:
+    """PEFT's low_cpu_mem_usage: the adapter's tensors are created on the meta device (no memory, no init)
+    and the loaded weights take their place (adapter_io.load_tensors). No init runs at all: PiSSA / OLoRA
+    leave the base weight as it is, as PEFT skips them on meta tensors; DoRA's magnitude, which
+    the layer would compute from the base weight, is an empty meta vector too."""
+    empty = dataclasses.replace(config, init_lora_weights=False, use_dora=False)
+    with parameters_on_meta():
+        layers = inject_lora(model, empty, name, autocast_adapter_dtype)
+        if config.use_dora:
+            for layer in layers.values():
+                dtype = next(layer.adapter_params(name)).dtype
+                layer.lora_magnitude_vector[name] = Magnitude(torch.empty(layer.out_features, dtype=dtype))
+    config.target_modules = empty.target_modules  # "all-linear" expanded, as inject_lora does on the config
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside moves to the meta device as it is registered (accelerate's and PEFT's
+    init_empty_weights): nn.Linear allocates torch.empty, which is never written, and its reset_parameters
+    (kaiming) then runs on the meta tensor, computing nothing. Embedding factors are drawn before they are
+    registered, as in PEFT: (r, vocab) and (dim, r) values, freed at once."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def activate(model: nn.Module, names: list[str], configs: dict) -> None:
+    """`names` run (their terms add up in every layer, as PEFT's layers loop over active_adapters) and train,
+    unless loaded for inference; every other adapter is frozen. A modules_to_save copy stands for one adapter,
+    so two active adapters with copies of one module are refused (PEFT's ValueError), before anything changes."""
+    layers = adapter_layers(model)
+    for layer in layers:
+        if isinstance(layer, ModulesToSave) and len([n for n in names if n in layer.modules_to_save]) > 1:
+            raise ValueError(f"adapters {', '.join(n for n in names if n in layer.modules_to_save)} each have a "
+                             "modules_to_save copy of the same module; only one of them can be active at a time")
+    for layer in layers:
+        held = layer.r if isinstance(layer, LORA_LAYERS) else layer.modules_to_save  # its adapter names
+        layer.active_adapters = [n for n in names if n in held] if isinstance(layer, ModulesToSave) else list(names)
+        for adapter in held:
+            for p in layer.adapter_params(adapter):
+                p.requires_grad_(adapter in names and not configs[adapter].inference_mode)
+    for name in names:
+        set_bias_trainable(model, configs[name])
+
+
+def set_bias_trainable(model: nn.Module, config: LoraConfig) -> None:
+    trainable = not config.inference_mode
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and ".lora_" not in name and "original_module." not in name:
+                p.requires_grad_(trainable)
+    elif config.bias == "lora_only":
+        for layer in model.modules():
+            # getattr: an nn.Embedding base has no bias attribute at all
+            if isinstance(layer, LORA_LAYERS) and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(trainable)
+
+
+def check_merge_is_finite(layer: nn.Module, names: list[str]) -> None:
+    """safe_merge, as PEFT's: the weight each pending merge would write, computed on a copy, must be finite
+    (else PEFT's ValueError, naming the adapter). Each merge is replayed as merge_weights does it: W + s*B*A, for
+    DoRA then times m / ||W0 + s*B*A|| with W0 the weight before any merge; a lora_bias adds s*b to the bias."""
+    pending = [n for n in names if n in layer.r and n not in layer.merged_adapters]
+    if not pending:
+        return
+    W = layer.base_layer.weight.detach()
+    merged, bias = W.clone(), getattr(layer.base_layer, "bias", None)
+    bias = None if bias is None else bias.detach().clone()
+    for name in pending:
+        merged += layer.delta_weight(name).detach().to(W.dtype)
+        if name in layer.lora_magnitude_vector:
+            merged *= dora_factor(layer, name).to(W.dtype)
+        lora_B = layer.lora_B[name] if hasattr(layer, "lora_B") else None  # embeddings have no lora_bias
+        if bias is not None and lora_B is not None and lora_B.bias is not None:
+            bias += lora_B.bias.detach().to(bias.dtype) * layer.scaling[name]
+        if not torch.isfinite(merged).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
+
+def dora_factor(layer: nn.Module, name: str) -> torch.Tensor:
+    """m / ||W0 + s*B*A||, shaped by the layer itself to scale its stored weight (rows, Conv1D or embedding columns,
+    conv output channels). dora_factor reads the norm merge_weights records in _merge_norms: it is put there for
+    the call and taken out again, so the check leaves the layer as it was."""
+    with torch.no_grad():
+        norm = layer.dora_norm(weight_before_merges(layer), name)
+    layer._merge_norms[name] = norm
+    try:
+        return layer.dora_factor(name)
+    finally:
+        del layer._merge_norms[name]
+
+
+def merge(model: nn.Module, names: list[str], safe_merge: bool = False) -> None:
+    layers = [layer for layer in model.modules() if isinstance(layer, LORA_LAYERS)]
+    for layer in layers:  # every layer first: a refusal in the last one must not leave the others merged
+        layer.check_mergeable(names)
+        if safe_merge:  # PEFT checks layer by layer while merging; checking all first leaves nothing half-merged
+            check_merge_is_finite(layer, names)
+    for layer in layers:
+        layer.merge(names)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LORA_LAYERS):
+            set_submodule(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            set_submodule(model, name, module.active_module())
+    return model
+
+
+class LoraBackend:
+    """PeftModel's LoRA kind: the functions above on `peft_model.base_model.model`, plus what needs the
+    PeftModel (its configs, mixed batches, files, the disabled state)."""
+
+    config_type = LoraConfig
+    kind = "LoRA"
+    is_prompt_learning = False
+
+    def __init__(self, peft_model: nn.Module, model: nn.Module):
+        # A plain reference, not a submodule: state-dict keys stay PEFT's (`base_model.model....`).
+        self.peft_model = peft_model
+        peft_model.base_model = LoraModel(model)
+        self.frozen_while_disabled: list[nn.Parameter] | None = None  # None: adapter layers enabled
+
+    @property
+    def model(self) -> nn.Module:
+        return self.peft_model.base_model.model
+
+    def layers(self) -> list[nn.Module]:
+        return adapter_layers(self.model)
+
+    def add(self, name: str, config: LoraConfig, autocast_adapter_dtype: bool, loading: bool,
+            low_cpu_mem_usage: bool = False) -> None:
+        add_lora(self.model, self.peft_model.peft_config, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+
+    def activate(self, names: list[str]) -> None:
+        activate(self.model, names, self.peft_model.peft_config)
+
+    def make_trainable(self, name: str) -> None:
+        for p in self.parameters(name):
+            p.requires_grad_(True)
+        set_bias_trainable(self.model, self.peft_model.peft_config[name])
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for layer in self.layers() for p in layer.adapter_params(name)]
+
+    def delete(self, name: str) -> None:
+        for layer in self.layers():
+            layer.delete_adapter(name)
+
+    # -- enabled / disabled -----------------------------------------------------------------------
+    def is_disabled(self) -> bool:
+        return self.frozen_while_disabled is not None
+
+    def disable_layers(self) -> None:
+        """The base model alone (merged adapters are unmerged first: PEFT's layers do it at the next forward).
+        As in PEFT no adapter trains meanwhile (a step would move weights that took no part in the output);
+        PEFT's enable then makes the active adapters trainable, even ones loaded for inference: we restore
+        what was set."""
+        if self.is_disabled():
+            return
+        warn_if_biased(self.peft_model.peft_config, self.peft_model.active_adapters)
+        if self.is_merged():
+            self.unmerge()
+        self.frozen_while_disabled = [p for n in self.peft_model.peft_config for p in self.parameters(n)
+                                      if p.requires_grad]
+        for layer in self.layers():
+            layer.disable_adapters = True
+        for p in self.frozen_while_disabled:
+            p.requires_grad_(False)
+
+    def enable_layers(self) -> None:
+        for layer in self.layers():
+            layer.disable_adapters = False
+        for p in self.frozen_while_disabled or []:
+            p.requires_grad_(True)
+        self.frozen_while_disabled = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Inside, the base model alone; on exit the layers are as before (disabled ones stay so, as in PEFT)."""
+        was_disabled = self.is_disabled()
+        self.disable_layers()
+        try:
+            yield
+        finally:
+            if not was_disabled:
+                self.enable_layers()
+
+    # -- merging ----------------------------------------------------------------------------------
+    def is_merged(self) -> bool:
+        return any(layer.merged_adapters for layer in self.layers() if isinstance(layer, LORA_LAYERS))
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        merge(self.model, names, safe_merge)
+
+    def unmerge(self) -> None:
+        for layer in self.layers():
+            if isinstance(layer, LORA_LAYERS):
+                layer.unmerge()
+
+    def unload(self) -> nn.Module:
+        return unload(self.model)
+
+    # -- running ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch_adapters(self, adapter_names: list[str] | None):
+        """Route row b of the batch through adapter adapter_names[b] in every adapter layer."""
+        if adapter_names is None:
+            yield
+            return
+        self.peft_model.check_known(adapter_names, allow_base=True)
+        if self.peft_model.training:
+            raise RuntimeError("adapter_names (a mixed-adapter batch) is for inference; call .eval() first")
+
+        def route(mod, args, kwargs):
+            return args, {**kwargs, "adapter_names": adapter_names}
+
+        hooks = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self.layers()]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def forward(self, args: tuple, kwargs: dict, adapter_names: list[str] | None):
+        with self.batch_adapters(adapter_names):
+            return self.peft_model.base_model(*args, **kwargs)
+
+    def generate(self, input_ids, attention_mask, adapter_names, kwargs: dict) -> torch.Tensor:
+        with self.batch_adapters(adapter_names):
+            return generate_tokens(self.model, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # -- files ------------------------------------------------------------------------------------
+    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool) -> None:
+        adapter_io.save_adapter(self.peft_model, folder, name, self.peft_model.peft_config[name])
+
+    def load_weights(self, folder: str | Path, name: str) -> None:
+        adapter_io.load_adapter_weights(self.peft_model, folder, name, self.peft_model.peft_config[name])
+
+
+def warn_if_biased(configs: dict, names: list[str]) -> None:
+    """PEFT's disable_adapter_layers warning: a trained base bias stays in, so the output is not the base's."""
+    for name in names:
+        bias = getattr(configs[name], "bias", "none")
+        if bias != "none":
+            warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
+                          "the same output as the base model would without adaption.")
