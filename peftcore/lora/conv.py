@@ -33,6 +33,7 @@ from peftcore.lora.layer import (
     apply_adapters,
     check_bias_mergeable,
     delete_from,
+    init_adapter_state,
     lora_scaling,
     merge_weights,
     unmerge_weights,
@@ -58,14 +59,7 @@ class LoraConv(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels  # PEFT's names
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-        self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the channel norm used when merging, to undo it
+        init_adapter_state(self)
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -127,6 +127,19 @@ def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -
     return (W_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
 
+def init_adapter_state(layer: nn.Module) -> None:
+    """The per-adapter bookkeeping every LoRA layer keeps under PEFT's attribute names (the backends, the
+    adapter files and the merges read them); the A / B containers differ per layer type and are set by it."""
+    layer.lora_dropout = nn.ModuleDict()
+    layer.lora_magnitude_vector = nn.ModuleDict()
+    layer.r: dict[str, int] = {}
+    layer.scaling: dict[str, float] = {}
+    layer.active_adapters: list[str] = []
+    layer.merged_adapters: list[str] = []
+    layer.disable_adapters = False
+    layer._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm used when merging, to undo it
+
+
 class Magnitude(nn.Module):
     """DoRA's learned magnitude vector, one entry per output feature (a module so its key is `.weight`)."""
 
@@ -143,14 +156,7 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-        self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the row norm used when merging, to undo it
+        init_adapter_state(self)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -288,14 +294,7 @@ class LoraEmbedding(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim  # PEFT's names
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-        self._merge_norms: dict[str, torch.Tensor] = {}
+        init_adapter_state(self)
 
     def add_adapter(self, name: str, config: LoraConfig, r: int, alpha: float, autocast_dtype: bool = True) -> None:
         if config.lora_bias:
