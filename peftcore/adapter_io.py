@@ -1,19 +1,18 @@
 """Adapter files in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-On disk a key carries no adapter name: in memory `...q_proj.lora_A.default.weight`, on disk
-`...q_proj.lora_A.weight`; DoRA's `...lora_magnitude_vector.default.weight` becomes
-`...lora_magnitude_vector`; a `modules_to_save` copy `...score.modules_to_save.default.weight`
-becomes `...score.weight`. The adapter named "default" lives in the folder, any other in
-`<folder>/<name>/`. The file holds the same keys PEFT writes: besides the adapter, the biases
-bias="all" / "lora_only" trains, and the base table of a targeted `embed_tokens` / `lm_head`.
-Older PEFT saves hold `adapter_model.bin` (a pickle) instead: read (`adapter_weights`), never written.
+The file holds the keys PEFT writes (adapter_keys: which tensors, under which on-disk keys). The adapter named
+"default" lives in the folder, any other in `<folder>/<name>/`.
+PEFT's save_pretrained(..., safe_serialization=False) writes `adapter_model.bin` (torch.save of the same tensors)
+instead: written so too (`write_weights`), and read with torch.load(weights_only=True) (`adapter_weights`).
 Beside the adapters, a README.md model card, as PEFT writes one.
 """
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ from torch import nn
 
 from peftcore._json import read_json_object
 from peftcore._version import __version__
+from peftcore.adapter_keys import adapter_state_dict, load_map, strip_adapter_name
 from peftcore.config import CONFIG_NAME, PEFT_FORMAT_VERSION, LoraConfig, PeftConfig
-from peftcore.lora.modules_to_save import ModulesToSave
 from peftcore.lora.registry import LORA_LAYERS
 from peftcore.models import safetensors_io
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
@@ -30,8 +29,6 @@ from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensor
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT's save_pretrained(..., safe_serialization=False)
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names that make it save the embedding tables
-TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")  # our models' input embeddings
 
 
 # The one registry of methods a saved adapter_config.json may name: peft_type -> its config class. Written out
@@ -50,107 +47,6 @@ def adapter_folder(folder: str | Path, adapter_name: str) -> Path:
     return Path(folder) if adapter_name == "default" else Path(folder) / adapter_name
 
 
-def strip_adapter_name(key: str, adapter_name: str) -> str:
-    """In-memory key -> on-disk key (PEFT's rule): drop the adapter name where it ends the module path.
-
-    `...lora_A.default.weight` -> `...lora_A.weight`; `...lora_embedding_A.default` -> `...lora_embedding_A`;
-    DoRA's `...lora_magnitude_vector.default.weight` -> `...lora_magnitude_vector`. Other keys pass unchanged.
-    """
-    if key.endswith(f".lora_magnitude_vector.{adapter_name}.weight"):
-        key = key.removesuffix(".weight")
-    if key.endswith(f".{adapter_name}"):
-        return key.removesuffix(f".{adapter_name}")
-    head, _, suffix = key.rpartition(".")
-    return f"{re.sub(re.escape(f'.{adapter_name}') + '$', '', head)}.{suffix}" if head else key
-
-
-def other_adapters_removed(state: dict, peft_model: nn.Module, adapter_name: str) -> dict:
-    others = [n for n in getattr(peft_model, "peft_config", {}) if n != adapter_name]
-    return {k: v for k, v in state.items() if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)}
-
-
-def lora_layer_names(peft_model: nn.Module) -> list[str]:
-    return [name for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)]
-
-
-def adapter_keys(state: dict, peft_model: nn.Module) -> list[str]:
-    """Keys that live on a LoRA layer but not in the base layer it wraps (lora_A, lora_B, magnitudes, ...)."""
-    prefixes = [f"{name}." for name in lora_layer_names(peft_model)]
-    return [k for k in state if any(k.startswith(p) and not k.startswith(p + "base_layer.") for p in prefixes)]
-
-
-def bias_keys(state: dict, peft_model: nn.Module, bias: str) -> list[str]:
-    """The base biases PEFT saves beside the adapter: every `.bias` for "all", the adapted layers' for "lora_only"."""
-    if bias == "all":
-        return [k for k in state if k.endswith(".bias")]
-    if bias == "lora_only":
-        return [f"{name}.base_layer.bias" for name in lora_layer_names(peft_model)
-                if f"{name}.base_layer.bias" in state]
-    return []
-
-
-def embedding_is_targeted(config: LoraConfig, model: nn.Module) -> bool:
-    """PEFT saves the token embedding / output head when target_modules names `embed_tokens` or `lm_head`:
-    for a regex, when it matches such a module's name in `model`, the user's model (PEFT 0.21.2's
-    get_peft_model_state_dict matches names of `get_base_model()`, without `base_model.model.`, so an
-    anchored `^embed_tokens` counts)."""
-    targets = config.target_modules
-    if isinstance(targets, str):
-        return any(
-            re.fullmatch(targets, name) for name, _ in model.named_modules()
-            if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
-        )
-    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
-
-
-def user_model(peft_model: nn.Module) -> nn.Module:
-    """The user's model inside a PeftModel; a model LoRA was injected into directly is its own (PEFT's rule)."""
-    return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-
-
-def embedding_keys(state: dict, peft_model: nn.Module, config: LoraConfig) -> list[str]:
-    """Base weights of an adapted token embedding or output head, saved when `embedding_is_targeted`."""
-    if not embedding_is_targeted(config, user_model(peft_model)):
-        return []
-    layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)}
-    wanted = [
-        name for name, layer in layers.items()
-        if is_token_embedding_or_head(peft_model, name, layer)
-        and isinstance(layer.base_layer, (nn.Linear, nn.Embedding))
-    ]
-    return [k for k in state if any(k.startswith(f"{name}.base_layer.") for name in wanted)]
-
-
-def is_token_embedding_or_head(peft_model: nn.Module, name: str, layer: nn.Module) -> bool:
-    model = user_model(peft_model)
-    if hasattr(model, "get_input_embeddings"):  # a transformers model wrapped directly
-        return layer is model.get_input_embeddings() or layer is model.get_output_embeddings()
-    return name.rsplit(".", 1)[-1] in TOKEN_EMBEDDING_NAMES + ("lm_head",)
-
-
-def modules_to_save_keys(peft_model: nn.Module, adapter_name: str) -> dict[str, str]:
-    """On-disk key -> in-memory key for the adapter's modules_to_save copies (saved under the plain path)."""
-    keys = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for k in module.modules_to_save[adapter_name].state_dict():
-                keys[f"{name}.{k}"] = f"{name}.modules_to_save.{adapter_name}.{k}"
-    return keys
-
-
-def adapter_state_dict(peft_model: nn.Module, adapter_name: str, config: LoraConfig,
-                       state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors that make up one adapter, under their on-disk keys (the same set HF PEFT saves). `state`:
-    the values to take (default: the model's state_dict()); which keys belong is read off the model."""
-    state = other_adapters_removed(peft_model.state_dict() if state is None else state, peft_model, adapter_name)
-    selected = adapter_keys(state, peft_model) + bias_keys(state, peft_model, config.bias)
-    selected += embedding_keys(state, peft_model, config)
-    out = {strip_adapter_name(k, adapter_name): state[k] for k in selected}
-    saved_copies = modules_to_save_keys(peft_model, adapter_name).items()
-    out.update({disk: state[memory] for disk, memory in saved_copies if memory in state})
-    return out
-
-
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses two keys on one storage (bias="all" with a saved copy): clone the repeats."""
     seen, out = set(), {}
@@ -161,12 +57,25 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(peft_model: nn.Module, folder: str | Path, adapter_name: str, config) -> Path:
+def save_adapter(peft_model: nn.Module, folder: str | Path, adapter_name: str, config,
+                 safe_serialization: bool = True, save_embedding_layers="auto") -> Path:
     target = adapter_folder(folder, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
     config.save(target)
-    safetensors_io.write(unshared(adapter_state_dict(peft_model, adapter_name, config)), target / WEIGHTS_NAME)
+    write_weights(adapter_state_dict(peft_model, adapter_name, config, None, save_embedding_layers), target,
+                  safe_serialization)
     return target
+
+
+def write_weights(tensors: dict[str, torch.Tensor], target: Path, safe_serialization: bool = True) -> None:
+    """adapter_model.safetensors, or with safe_serialization=False PEFT's adapter_model.bin: torch.save of the
+    same {key: tensor} (on the CPU), which PEFT and `read_bin` load. A .safetensors an earlier save left beside
+    it is removed: every loader (PEFT's too) would read that one instead of the new .bin."""
+    if safe_serialization:
+        safetensors_io.write(unshared(tensors), target / WEIGHTS_NAME)
+        return
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, target / LEGACY_WEIGHTS_NAME)
+    (target / WEIGHTS_NAME).unlink(missing_ok=True)
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -189,10 +98,18 @@ def load_config(folder: str | Path):
     return config_from_dict(read_adapter_config(folder), str(Path(folder) / CONFIG_NAME))
 
 
-def load_config_for(folder: str | Path, is_trainable: bool):
-    """The saved config, set for inference or training. A reparameterised prompt (P-tuning, a prefix
-    projection) can only resume training when its encoder weights were saved too."""
-    config = load_config(folder)
+def load_config_for(folder: str | Path, is_trainable: bool, config: PeftConfig | None = None):
+    """The saved config, set for inference or training (inference_mode = not is_trainable). `config`, PEFT's
+    from_pretrained argument, takes the saved one's place (adapter_config.json is not read then): a copy of it
+    is set so (PEFT sets the object passed). A reparameterised prompt (P-tuning, a prefix projection) can only
+    resume training when its encoder weights were saved too."""
+    if config is None:
+        config = load_config(folder)
+    elif isinstance(config, PeftConfig):
+        config = copy.deepcopy(config)
+    else:
+        kinds = ", ".join(c.__name__ for c in CONFIG_CLASSES.values())
+        raise ValueError(f"The input config must be a PeftConfig, got {config.__class__} (peftcore's: {kinds})")
     reparameterized = (isinstance(config, PromptEncoderConfig)
                        or isinstance(config, PrefixTuningConfig) and config.prefix_projection)
     if is_trainable and reparameterized and not has_encoder_weights(folder):
@@ -204,11 +121,45 @@ def load_config_for(folder: str | Path, is_trainable: bool):
     return config
 
 
-def adapter_weights(folder: str | Path):
+def adapter_weights(folder: str | Path, key_mapping: dict[str, str] | None = None):
     """-> (the weights file, {key: shape}, its (key, tensor) pairs): adapter_model.safetensors, else the
     adapter_model.bin of a PEFT save with safe_serialization=False. Every adapter read goes through here.
     Shapes come first so that a load checks every key before it copies anything; safetensors tensors are
-    then read one at a time, not all at once."""
+    then read one at a time, not all at once. `key_mapping`: PEFT's renames (`mapped_keys`)."""
+    path, shapes, tensors = read_weights(folder)
+    if not key_mapping:
+        return path, shapes, tensors
+    renamed = mapped_keys(path, list(shapes), key_mapping)
+    return path, {renamed[k]: s for k, s in shapes.items()}, ((renamed[k], t) for k, t in tensors)
+
+
+def mapped_keys(path: Path, keys: list[str], key_mapping: dict[str, str]) -> dict[str, str]:
+    """PEFT's key_mapping (load_peft_weights): each key's `base_model.model.` (or `base_model.`) prefix is taken
+    off, the first regex of the mapping that matches it rewrites it (re.subn), and the prefix goes back on."""
+    renamed = {}
+    for key in keys:
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise AdapterLoadError(f"{path.name}: key_mapping renames keys under base_model.model. (PEFT's rule), "
+                                   f"but {key} has no such prefix")
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            try:
+                new, count = re.subn(pattern, replacement, rest)
+            except re.error as e:
+                raise ValueError(f"key_mapping: {pattern!r} -> {replacement!r} is not a valid regex ({e})") from None
+            if count:
+                rest = new
+                break
+        renamed[key] = prefix + rest
+    first = {}
+    for key, new in renamed.items():
+        if first.setdefault(new, key) != key:
+            raise AdapterLoadError(f"{path.name}: key_mapping renames both {first[new]} and {key} to {new}")
+    return renamed
+
+
+def read_weights(folder: str | Path):
     path = Path(folder) / WEIGHTS_NAME
     if path.is_file():
         header, _ = safetensors_io.read_header(path)
@@ -239,27 +190,38 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_map(peft_model: nn.Module, adapter_name: str, state: dict) -> tuple[dict[str, str], set[str]]:
-    """-> (on-disk key -> in-memory key for everything a file may hold, the in-memory keys it must hold)."""
-    state = other_adapters_removed(state, peft_model, adapter_name)
-    to_memory = {strip_adapter_name(k, adapter_name): k for k in state}
-    saved_copies = modules_to_save_keys(peft_model, adapter_name)
-    to_memory.update(saved_copies)
-    required = {k for k in adapter_keys(state, peft_model) if k != strip_adapter_name(k, adapter_name)}
-    return to_memory, required | set(saved_copies.values())
-
-
-def load_adapter_weights(peft_model: nn.Module, folder: str | Path, adapter_name: str, config) -> None:
+def load_adapter_weights(peft_model: nn.Module, folder: str | Path, adapter_name: str, config,
+                         key_mapping: dict[str, str] | None = None, ignore_mismatched_sizes: bool = False) -> None:
     """Copy the file's tensors into the model; every key must fit by name and shape (checked first).
 
     Besides the adapter's own tensors a PEFT file may hold base tensors (biases for bias="all" /
-    "lora_only", a targeted embedding table): those load into the base model, as in PEFT.
+    "lora_only", a targeted embedding table): those load into the base model, as in PEFT. `key_mapping`: PEFT's
+    renames of the file's keys (`mapped_keys`); `ignore_mismatched_sizes`: a tensor whose shape is not the
+    model's is skipped with PEFT's warning (`skip_mismatched`) instead of refused.
     """
-    path, shapes, tensors = adapter_weights(folder)
+    path, shapes, tensors = adapter_weights(folder, key_mapping)
     state = peft_model.state_dict(keep_vars=True)
     to_memory, required = load_map(peft_model, adapter_name, state)
-    check_fits(path, shapes, state, to_memory, required, adapter_name)
-    load_tensors(peft_model, state, ((to_memory[key], tensor) for key, tensor in tensors))
+    mismatched = check_fits(path, shapes, state, to_memory, required, adapter_name, ignore_mismatched_sizes)
+    skipped = skip_mismatched(peft_model, state, mismatched)
+    pairs = ((to_memory[key], tensor) for key, tensor in tensors)
+    load_tensors(peft_model, state, ((key, tensor) for key, tensor in pairs if key not in skipped))
+
+
+def skip_mismatched(model: nn.Module, state: dict, mismatched: list[tuple[str, tuple, tuple]]) -> set[str]:
+    """ignore_mismatched_sizes, as PEFT's: the (in-memory key, given shape, model shape) tensors are left as they
+    are, with PEFT's warning. -> their keys. A tensor on the meta device (low_cpu_mem_usage) would be left with
+    no values at all, so that is an error (PEFT leaves it on the meta device)."""
+    empty = [key for key, _, _ in mismatched if state[key].is_meta]
+    if empty:
+        raise AdapterLoadError(f"ignore_mismatched_sizes skips {empty[0]}, which low_cpu_mem_usage made on the meta "
+                               "device: it would hold no values. Load without low_cpu_mem_usage")
+    if mismatched:
+        lines = "\n".join(f"- {key}: found shape {torch.Size(given)} in the checkpoint and {torch.Size(expected)} in "
+                          "the model instantiated" for key, given, expected in mismatched)
+        warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the model checkpoint and are "
+                      f"being ignored because you passed `ignore_mismatched_sizes=True`: {lines}.")
+    return {key for key, _, _ in mismatched}
 
 
 def load_tensors(model: nn.Module, state: dict, pairs) -> None:
@@ -286,29 +248,36 @@ def base_devices(model: nn.Module) -> dict[str, torch.device]:
             for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
-def check_fits(path: Path, shapes: dict, state: dict, to_memory: dict, required: set, adapter_name: str) -> None:
-    """Every key of the file names a tensor of the model with its shape; every adapter tensor is there."""
+def check_fits(path: Path, shapes: dict, state: dict, to_memory: dict, required: set, adapter_name: str,
+               ignore_mismatched_sizes: bool = False) -> list[tuple[str, tuple, tuple]]:
+    """Every key of the file names a tensor of the model with its shape; every adapter tensor is there.
+    -> (in-memory key, file shape, model shape) of each shape mismatch that ignore_mismatched_sizes lets by."""
+    mismatched = []
     for key, shape in shapes.items():
         if key not in to_memory:
             raise AdapterLoadError(f"{path.name}: key {key} fits no parameter of the model (another base model?)")
         expected = tuple(state[to_memory[key]].shape)
-        if shape != expected:
+        if shape != expected and not ignore_mismatched_sizes:
             raise AdapterLoadError(f"{path.name}: {key} has shape {shape} but the model expects {expected}")
+        if shape != expected:
+            mismatched.append((to_memory[key], tuple(shape), expected))
     missing = sorted(strip_adapter_name(k, adapter_name) for k in required - {to_memory[k] for k in shapes})
     if missing:
         raise AdapterLoadError(f"{path.name} lacks {len(missing)} adapter tensor(s), e.g. {', '.join(missing[:4])}")
+    return mismatched
 
 
 ENCODER_WEIGHTS_NAME = "prompt_encoder.safetensors"  # peftcore's addition: the full encoder, to resume training
 
 
 def save_prompt_adapter(encoder: nn.Module, folder: str | Path, adapter_name: str, config,
-                        save_prompt_encoder: bool) -> Path:
-    """PEFT's files (`prompt_embeddings` = the encoder's output) and, if asked, the encoder's own weights."""
+                        save_prompt_encoder: bool, safe_serialization: bool = True) -> Path:
+    """PEFT's files (`prompt_embeddings` = the encoder's output) and, if asked, the encoder's own weights
+    (always safetensors: peftcore's own file)."""
     target = adapter_folder(folder, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
     config.save(target)
-    safetensors_io.write(saved_prompt_tensors(encoder, config), target / WEIGHTS_NAME)
+    write_weights(saved_prompt_tensors(encoder, config), target, safe_serialization)
     if save_prompt_encoder:
         safetensors_io.write(dict(encoder.state_dict()), target / ENCODER_WEIGHTS_NAME)
     return target

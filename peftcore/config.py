@@ -38,8 +38,6 @@ REFUSED_PEFT_FIELDS = {
     "alora_invocation_tokens": (None, "Activated LoRA (the adapter acts only from its invocation tokens on)"),
     "use_qalora": (False, "QALoRA (lora_A sees the input pooled in groups)"),
     "layer_replication": (None, "layer replication (base layers repeated into a deeper model)"),
-    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts)"),
-    "trainable_token_indices": (None, "trainable token rows of the embedding beside LoRA"),
     "monteclora_config": (None, "MonteCLoRA (Monte Carlo perturbations of the LoRA weights)"),
     "use_bdlora": (None, "BD-LoRA (block-diagonal lora_A or lora_B)"),
     "arrow_config": (None, "Arrow routing among LoRA experts"),
@@ -144,6 +142,8 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False  # a trainable bias on lora_B
+    target_parameters: list[str] | None = None  # bare nn.Parameters (MoE expert stacks): "experts.gate_up_proj"
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # rows of the embedding that train
 
     peft_type = PeftType.LORA
 

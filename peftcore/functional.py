@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from peftcore import adapter_io
+from peftcore import adapter_io, adapter_keys
 from peftcore.config import LoraConfig
 from peftcore.lora_backend import activate, add_lora
 from peftcore.prompt.configs import PromptLearningConfig
@@ -54,25 +54,33 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
-                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """The tensors of adapter `adapter_name` under PEFT's file keys (`base_model.model....lora_A.weight` in a
     PeftModel, `....lora_A.weight` in an injected model): what save_pretrained writes. `state_dict`: the values
-    to take (e.g. gathered from a sharded model); which keys belong is read off `model`."""
+    to take (e.g. gathered from a sharded model); which keys belong is read off `model`. As PEFT's:
+    unwrap_compiled takes the model out of torch.compile's wrapper; save_embedding_layers (True / False / "auto")
+    says whether the token embedding and output head go in too (adapter_keys.embedding_keys)."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
     config = model.peft_config[adapter_name]
+    adapter_keys.check_save_embedding_layers(save_embedding_layers, isinstance(config, PromptLearningConfig))
     if isinstance(config, PromptLearningConfig):
         return saved_prompt_tensors(model.prompt_encoder[adapter_name], config)
-    return adapter_io.adapter_state_dict(model, adapter_name, config, state_dict)
+    return adapter_keys.adapter_state_dict(model, adapter_name, config, state_dict, save_embedding_layers)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default", low_cpu_mem_usage: bool = False) -> LoadResult:
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> LoadResult:
     """Load a get_peft_model_state_dict (ours or PEFT's) into adapter `adapter_name`, which the model must have.
 
-    As PEFT's: the adapter name goes back into the keys, a PeftModel's `base_model.model.` prefix is dropped for
-    an injected model, and the result lists the model's keys the dict lacks (its base weights among them) and
-    the dict's keys the model lacks. A shape mismatch is an error naming the key. Meta tensors (adapters made
-    with low_cpu_mem_usage) are replaced by the given ones whatever `low_cpu_mem_usage` says: PEFT needs the
-    flag, we see the meta device."""
+    As PEFT's (and in its argument order): the adapter name goes back into the keys, a PeftModel's
+    `base_model.model.` prefix is dropped for an injected model, and the result lists the model's keys the dict
+    lacks (its base weights among them) and the dict's keys the model lacks. A shape mismatch is an error naming
+    the key; with ignore_mismatched_sizes the tensor is skipped (so listed as missing) with PEFT's warning. Meta
+    tensors (adapters made with low_cpu_mem_usage) are replaced by the given ones whatever `low_cpu_mem_usage`
+    says: PEFT needs the flag, we see the meta device."""
     config = model.peft_config[adapter_name]
     given = dict(peft_model_state_dict)
     if isinstance(config, PromptLearningConfig):
@@ -81,12 +89,16 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     state = model.state_dict(keep_vars=True)
     if not any(k.startswith(PEFT_PREFIX) for k in state):
         given = {k.removeprefix(PEFT_PREFIX): v for k, v in given.items()}
-    to_memory, _ = adapter_io.load_map(model, adapter_name, state)
+    to_memory, _ = adapter_keys.load_map(model, adapter_name, state)
     mapped = {to_memory.get(k, k): v for k, v in given.items()}
     loadable = {k: v for k, v in mapped.items() if k in state}
-    for key, tensor in loadable.items():
-        if tuple(tensor.shape) != tuple(state[key].shape):
-            raise adapter_io.AdapterLoadError(f"state dict: {key} has shape {tuple(tensor.shape)} but the model "
-                                              f"expects {tuple(state[key].shape)}")
+    mismatched = [(k, tuple(v.shape), tuple(state[k].shape)) for k, v in loadable.items()
+                  if tuple(v.shape) != tuple(state[k].shape)]
+    if mismatched and not ignore_mismatched_sizes:
+        key, given, expected = mismatched[0]
+        raise adapter_io.AdapterLoadError(f"state dict: {key} has shape {given} but the model expects {expected} "
+                                          "(ignore_mismatched_sizes=True skips such tensors)")
+    for key in adapter_io.skip_mismatched(model, state, mismatched):
+        del loadable[key], mapped[key]
     adapter_io.load_tensors(model, state, loadable.items())
     return LoadResult([k for k in state if k not in mapped], [k for k in mapped if k not in state])

@@ -21,6 +21,7 @@ from peftcore.lora.inject import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
 from peftcore.lora.layer import Magnitude, weight_before_merges
 from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
 from peftcore.lora.registry import LORA_LAYERS
+from peftcore.lora.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layers, wrap_token_rows
 from peftcore.models.generate import generate as generate_tokens
 
 
@@ -45,8 +46,20 @@ class LoraModel(nn.Module):
 
 
 # -- work on any model with LoRA layers ------------------------------------------------------------
+ADAPTER_LAYERS = (*LORA_LAYERS, ModulesToSave, TrainableTokensLayer)  # what holds adapters' tensors
+ADAPTER_WRAPPERS = (*LORA_LAYERS, ModulesToSave, TrainableTokensWrapper)  # what unload swaps back
+MERGEABLE = (*LORA_LAYERS, TrainableTokensLayer)
+
+
 def adapter_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (*LORA_LAYERS, ModulesToSave))]
+    return [m for m in model.modules() if isinstance(m, ADAPTER_LAYERS)]
+
+
+def held_adapters(layer: nn.Module):
+    """The adapter names with tensors in `layer`."""
+    if isinstance(layer, ModulesToSave):
+        return layer.modules_to_save
+    return layer.token_indices if isinstance(layer, TrainableTokensLayer) else layer.r
 
 
 def check_one_bias(configs: dict, adapter_name: str, config: LoraConfig) -> None:
@@ -59,10 +72,23 @@ def check_one_bias(configs: dict, adapter_name: str, config: LoraConfig) -> None
                          "biases, as in HF PEFT; set bias='none' for one of them")
 
 
+def check_same_parameters(configs: dict, adapter_name: str, config: LoraConfig) -> None:
+    """As PEFT: every adapter with target_parameters targets the same ones (they nest into one set of wrappers)."""
+    for other, other_config in configs.items():
+        if config.target_parameters and getattr(other_config, "target_parameters", None) \
+                and set(config.target_parameters) != set(other_config.target_parameters):
+            raise ValueError(f"adapter {adapter_name!r} targets parameters {sorted(config.target_parameters)} but "
+                             f"adapter {other!r} {sorted(other_config.target_parameters)}: adapters with "
+                             "target_parameters must all target the same ones, as in HF PEFT")
+
+
 def add_lora(model: nn.Module, configs: dict, name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
              low_cpu_mem_usage: bool = False) -> None:
     """Inject adapter `name` (LoRA layers, modules_to_save copies) into `model`; `configs`: the adapters it has."""
     check_one_bias(configs, name, config)
+    check_same_parameters(configs, name, config)
+    if config.use_dora and config.target_parameters:  # checked here too: inject_on_meta injects without DoRA
+        raise ValueError("use_dora=True does not work with target_parameters (as in HF PEFT)")
     if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
         config.modules_to_save = list(config.modules_to_save or [])
         config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
@@ -72,6 +98,8 @@ def add_lora(model: nn.Module, configs: dict, name: str, config: LoraConfig, aut
         inject_lora(model, config, name, autocast_adapter_dtype)
     if config.modules_to_save:
         wrap_modules_to_save(model, config.modules_to_save, name)
+    if config.trainable_token_indices is not None:
+        wrap_token_rows(model, config.trainable_token_indices, name, config.modules_to_save)
 
 
 def inject_on_meta(model: nn.Module, config: LoraConfig, name: str, autocast_adapter_dtype: bool) -> None:
@@ -119,8 +147,8 @@ def activate(model: nn.Module, names: list[str], configs: dict) -> None:
             raise ValueError(f"adapters {', '.join(n for n in names if n in layer.modules_to_save)} each have a "
                              "modules_to_save copy of the same module; only one of them can be active at a time")
     for layer in layers:
-        held = layer.r if isinstance(layer, LORA_LAYERS) else layer.modules_to_save  # its adapter names
-        layer.active_adapters = [n for n in names if n in held] if isinstance(layer, ModulesToSave) else list(names)
+        held = held_adapters(layer)
+        layer.active_adapters = list(names) if isinstance(layer, LORA_LAYERS) else [n for n in names if n in held]
         for adapter in held:
             for p in layer.adapter_params(adapter):
                 p.requires_grad_(adapter in names and not configs[adapter].inference_mode)
@@ -148,8 +176,9 @@ def check_merge_is_finite(layer: nn.Module, names: list[str]) -> None:
     pending = [n for n in names if n in layer.r and n not in layer.merged_adapters]
     if not pending:
         return
-    W = layer.base_layer.weight.detach()
-    merged, bias = W.clone(), getattr(layer.base_layer, "bias", None)
+    get_param = getattr(layer, "get_param", None)  # a ParamWrapper merges into its parameter (no lora_bias there)
+    W = (get_param() if get_param else layer.base_layer.weight).detach()
+    merged, bias = W.clone(), None if get_param else getattr(layer.base_layer, "bias", None)
     bias = None if bias is None else bias.detach().clone()
     for name in pending:
         merged += layer.delta_weight(name).detach().to(W.dtype)
@@ -186,11 +215,12 @@ def merge(model: nn.Module, names: list[str], safe_merge: bool = False) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LORA_LAYERS):
-            set_submodule(model, name, module.base_layer)
-        elif isinstance(module, ModulesToSave):
-            set_submodule(model, name, module.active_module())
+    """Every adapter wrapper replaced by what it wraps. Outermost first, one at a time, until none is left:
+    wrappers nest (one per targeted parameter of a module), and a replaced one's inner names change."""
+    while (found := next(((n, m) for n, m in model.named_modules() if n and isinstance(m, ADAPTER_WRAPPERS)), None)):
+        name, wrapper = found
+        set_submodule(model, name, wrapper.active_module() if isinstance(wrapper, ModulesToSave)
+                      else wrapper.base_layer)
     return model
 
 
@@ -275,14 +305,19 @@ class LoraBackend:
 
     # -- merging ----------------------------------------------------------------------------------
     def is_merged(self) -> bool:
-        return any(layer.merged_adapters for layer in self.layers() if isinstance(layer, LORA_LAYERS))
+        return any(layer.merged_adapters for layer in self.layers() if isinstance(layer, MERGEABLE))
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        tables = token_layers(self.model)
+        for table in tables:  # checked before any LoRA layer merges: a refusal leaves nothing merged
+            table.check_mergeable(names, safe_merge)
         merge(self.model, names, safe_merge)
+        for table in tables:
+            table.merge(names)
 
     def unmerge(self) -> None:
         for layer in self.layers():
-            if isinstance(layer, LORA_LAYERS):
+            if isinstance(layer, MERGEABLE):
                 layer.unmerge()
 
     def unload(self) -> nn.Module:
@@ -318,11 +353,15 @@ class LoraBackend:
             return generate_tokens(self.model, input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- files ------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool) -> None:
-        adapter_io.save_adapter(self.peft_model, folder, name, self.peft_model.peft_config[name])
+    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool, safe_serialization: bool = True,
+             save_embedding_layers="auto") -> None:
+        adapter_io.save_adapter(self.peft_model, folder, name, self.peft_model.peft_config[name], safe_serialization,
+                                save_embedding_layers)
 
-    def load_weights(self, folder: str | Path, name: str) -> None:
-        adapter_io.load_adapter_weights(self.peft_model, folder, name, self.peft_model.peft_config[name])
+    def load_weights(self, folder: str | Path, name: str, key_mapping: dict[str, str] | None = None,
+                     ignore_mismatched_sizes: bool = False) -> None:
+        adapter_io.load_adapter_weights(self.peft_model, folder, name, self.peft_model.peft_config[name],
+                                        key_mapping, ignore_mismatched_sizes)
 
 
 def warn_if_biased(configs: dict, names: list[str]) -> None:

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from peftcore import adapter_io
+from peftcore import adapter_io, adapter_keys
 from peftcore.config import PeftConfig
 from peftcore.lora_backend import LoraBackend
 from peftcore.prompt_backend import PromptBackend
@@ -53,8 +53,10 @@ class AdapterBackend(Protocol):
     def unload(self) -> nn.Module: ...
     def forward(self, args: tuple, kwargs: dict, adapter_names: list[str] | None): ...
     def generate(self, input_ids, attention_mask, adapter_names: list[str] | None, kwargs: dict) -> torch.Tensor: ...
-    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool) -> None: ...
-    def load_weights(self, folder: str | Path, name: str) -> None: ...
+    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool, safe_serialization: bool,
+             save_embedding_layers: bool | str) -> None: ...
+    def load_weights(self, folder: str | Path, name: str, key_mapping: dict[str, str] | None,
+                     ignore_mismatched_sizes: bool) -> None: ...
 
 
 BACKENDS: tuple[type[AdapterBackend], ...] = (LoraBackend, PromptBackend)
@@ -80,6 +82,7 @@ class PeftModel(nn.Module):
         self.backend: AdapterBackend = backend_type(config)(self, model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = [adapter_name]
+        self._active_frozen = False  # set_adapter(..., inference_mode=True): the active adapters run frozen
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype, _loading, low_cpu_mem_usage)
@@ -129,9 +132,14 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._activate(self._active)  # as in PEFT, a new adapter waits for set_adapter() to run
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make `adapter_name` (or each of a list: their LoRA terms add up) the adapter(s) that run and train;
-        the others stay loaded and frozen. Merged adapters are unmerged first, with PEFT's warning."""
+        the others stay loaded and frozen. Merged adapters are unmerged first, with PEFT's warning.
+
+        inference_mode=True (PEFT's argument): they run frozen (requires_grad False on what adapter_parameters
+        lists; base biases a bias="all" / "lora_only" adapter trains keep theirs, as in PEFT), and stay so through
+        add_adapter / delete_adapter until the next set_adapter. inference_mode=False: an adapter loaded for
+        inference (is_trainable=False) stays frozen here, where PEFT's set_adapter makes it trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise ValueError("set_adapter needs at least one adapter name")
@@ -139,11 +147,17 @@ class PeftModel(nn.Module):
         if self.backend.is_merged():
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
             self.backend.unmerge()
-        self._activate(names)
+        self._activate(names, frozen=bool(inference_mode))
 
-    def _activate(self, names: list[str]) -> None:
+    def _activate(self, names: list[str], frozen: bool | None = None) -> None:
+        """`frozen`: set_adapter's inference_mode (None: as the last set_adapter said)."""
         self.backend.activate(names)  # first: it refuses what it cannot run, before anything changes here
         self._active = list(names)
+        if frozen is not None:
+            self._active_frozen = frozen
+        for name in names if self._active_frozen else []:
+            for p in self.backend.parameters(name):
+                p.requires_grad_(False)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Every tensor adapter `adapter_name` trains (LoRA factors, magnitudes, modules_to_save copies, prompts)."""
@@ -248,34 +262,60 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # -- files ----------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, selected_adapters: list[str] | None = None,
+    def save_pretrained(self, folder: str | Path, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         save_prompt_encoder: bool = False) -> None:
-        """HF PEFT's format, and its README.md model card in `folder`. `save_prompt_encoder=True` (prompt
-        methods) also writes the encoder's own weights, so training can resume from the folder (PEFT keeps
-        only the prompts it produces)."""
+        """HF PEFT's format, and its README.md model card in `folder`; PEFT's arguments, in its order.
+        safe_serialization=False: adapter_model.bin (torch.save) in place of adapter_model.safetensors.
+        save_embedding_layers: True / False / "auto" (adapter_keys.embedding_keys). is_main_process=False: nothing
+        is written (the adapters' folders are made, as PEFT makes them on every process). `save_prompt_encoder=True`
+        (prompt methods; peftcore's) also writes the encoder's own weights, so training can resume from the
+        folder (PEFT keeps only the prompts it produces)."""
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError("path_initial_model_for_weight_conversion (PEFT's PiSSA / CorDA / OLoRA -> LoRA "
+                                      "conversion at save time) is not implemented in peftcore: save without it")
+        if Path(folder).is_file():
+            raise ValueError(f"Provided path ({folder}) should be a directory, not a file")
+        adapter_keys.check_save_embedding_layers(save_embedding_layers, self.is_prompt_learning)
         names = selected_adapters or list(self.peft_config)
         self.check_known(names)
         for name in names:
-            self.backend.save(folder, name, save_prompt_encoder)
-        adapter_io.write_model_card(folder, {name: self.peft_config[name] for name in names})
+            if not is_main_process:
+                adapter_io.adapter_folder(folder, name).mkdir(parents=True, exist_ok=True)
+                continue
+            self.backend.save(folder, name, save_prompt_encoder, bool(safe_serialization), save_embedding_layers)
+        if is_main_process:
+            adapter_io.write_model_card(folder, {name: self.peft_config[name] for name in names})
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder, adapter_name: str = "default", is_trainable: bool = False,
-                        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> PeftModel:
-        config = adapter_io.load_config_for(folder, is_trainable)
+                        config: PeftConfig | None = None, autocast_adapter_dtype: bool = True,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
+                        ignore_mismatched_sizes: bool = False) -> PeftModel:
+        """PEFT's arguments: `config`, a PeftConfig used in place of the folder's adapter_config.json (a copy,
+        its inference_mode set to `not is_trainable`, as PEFT sets it); `key_mapping`, {regex: replacement} for
+        the file's keys (adapter_io.mapped_keys; None: the model's `_checkpoint_conversion_mapping`, if any, as
+        in PEFT); `ignore_mismatched_sizes` (PEFT takes it through **kwargs): a tensor whose shape is not the
+        model's is skipped with PEFT's warning, instead of an error."""
+        config = adapter_io.load_config_for(folder, is_trainable, config)
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, _loading=True,
                          low_cpu_mem_usage=low_cpu_mem_usage)
-        peft_model.backend.load_weights(folder, adapter_name)
+        if key_mapping is None and not peft_model.is_prompt_learning:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+        peft_model.backend.load_weights(folder, adapter_name, key_mapping, ignore_mismatched_sizes)
         return peft_model if is_trainable else peft_model.eval()  # PEFT: loaded for inference, dropout off
 
     def load_adapter(self, folder, adapter_name: str, is_trainable: bool = False,
-                     autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+                     autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, ignore_mismatched_sizes: bool = False) -> None:
         """Load an adapter beside the others; it does not become the active one (PEFT's behaviour), but with
-        is_trainable it trains (as in PEFT), the others keeping their requires_grad."""
+        is_trainable it trains (as in PEFT), the others keeping their requires_grad. key_mapping and
+        ignore_mismatched_sizes: as in from_pretrained (PEFT's load_adapter applies no default key_mapping)."""
         self.add_adapter(adapter_name, adapter_io.load_config_for(folder, is_trainable), autocast_adapter_dtype,
                          _loading=True, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            self.backend.load_weights(folder, adapter_name)
+            self.backend.load_weights(folder, adapter_name, key_mapping, ignore_mismatched_sizes)
         except Exception:
             self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
             raise

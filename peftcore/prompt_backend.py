@@ -105,11 +105,19 @@ class PromptBackend:
         prompt = prompt_prefill(encoder, config, input_embeddings(self.model), input_ids)
         return generate_tokens(self.model, input_ids, attention_mask=attention_mask, **prompt, **kwargs)
 
-    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool) -> None:
+    def save(self, folder: str | Path, name: str, save_prompt_encoder: bool, safe_serialization: bool = True,
+             save_embedding_layers="auto") -> None:
+        """save_embedding_layers: nothing to save (PeftModel refuses True for a prompt adapter)."""
         adapter_io.save_prompt_adapter(self.peft_model.prompt_encoder[name], folder, name,
-                                       self.peft_model.peft_config[name], save_prompt_encoder)
+                                       self.peft_model.peft_config[name], save_prompt_encoder, safe_serialization)
 
-    def load_weights(self, folder: str | Path, name: str) -> None:
+    def load_weights(self, folder: str | Path, name: str, key_mapping: dict[str, str] | None = None,
+                     ignore_mismatched_sizes: bool = False) -> None:
+        """A prompt's file holds `prompt_embeddings` only, with no module path to rename (PEFT fails there with "An
+        error occurred ..."); ignore_mismatched_sizes skips nothing in it, as in PEFT."""
+        if key_mapping:
+            raise ValueError("key_mapping renames the module paths in a LoRA adapter's keys; a prompt-learning "
+                             "adapter's file holds prompt_embeddings only: load it without key_mapping")
         adapter_io.load_prompt_adapter(self.peft_model.prompt_encoder[name], folder)
 
 

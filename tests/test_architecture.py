@@ -18,6 +18,7 @@ LAYERS = [
     ["peftcore.peft_model", "peftcore.functional"],
     ["peftcore.lora_backend", "peftcore.prompt_backend"],
     ["peftcore.adapter_io"],
+    ["peftcore.adapter_keys"],
     ["peftcore.lora", "peftcore.prompt"],
     ["peftcore.config", "peftcore.data", "peftcore._json", "peftcore._logging", "peftcore._version"],
     ["peftcore.models"],

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from peftcore.adapter_io import TOKEN_EMBEDDING_NAMES
+from peftcore.adapter_keys import TOKEN_EMBEDDING_NAMES
 from peftcore.models import safetensors_io
 
 PREFIXES = ("transformer.", "model.", "bert.")  # what our model classes put before a checkpoint's own names

@@ -102,7 +102,11 @@ def exportable_config(adapter: Path) -> LoraConfig:
                (config.lora_bias, "lora_bias (a bias on lora_B; llama.cpp's LoRA pairs have none)"),
                (config.bias != "none", f"bias={config.bias!r} (trained base biases; a LoRA file cannot carry them)"),
                (bool(config.modules_to_save), f"modules_to_save={config.modules_to_save} (whole module copies; "
-                                              "a LoRA file cannot carry them)")]
+                                              "a LoRA file cannot carry them)"),
+               (config.trainable_token_indices is not None, "trainable_token_indices (replaced embedding rows; "
+                                                            "llama.cpp's LoRA pairs cannot carry them)"),
+               (bool(config.target_parameters), f"target_parameters={config.target_parameters} (LoRA on bare "
+                                                "parameters, which llama.cpp's LoRA loader does not map)")]
     for on, what in refused:
         if on:
             raise TaskError(f"{adapter} cannot be a llama.cpp LoRA adapter: it sets {what}")

@@ -7,6 +7,9 @@ Matching follows HF PEFT so a config means the same in both libraries:
   exclude_modules uses the same rules; layers_to_transform keeps only the listed block indices.
 Dispatch by base type, as PEFT's dispatch_default: nn.Embedding -> LoraEmbedding, nn.Conv1d/2d/3d -> LoraConv,
 nn.Linear, GPT-2's Conv1D (ours or transformers', see layer.is_conv1d) and quantized linears -> LoraLinear.
+target_parameters (bare nn.Parameters, PEFT's rules): after the modules, "<module>.<param>" matches a parameter
+registered directly on a module (recurse=False) whose key equals an entry or ends with "." + entry; each gets a
+ParamWrapper, several of one module nest (see param_wrapper).
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import re
 import warnings
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from peftcore.config import LoraConfig, TaskType
 from peftcore.lora.conv import CONV_TYPES, LoraConv
 from peftcore.lora.layer import LoraEmbedding, LoraLinear, is_conv1d
-from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
+from peftcore.lora.modules_to_save import ModulesToSave, set_submodule, walk_unwrapped
+from peftcore.lora.param_wrapper import ParamWrapper, check_shape, refusal
 from peftcore.lora.registry import LORA_LAYERS
 from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
@@ -102,10 +107,32 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
                 autocast_adapter_dtype: bool = True) -> dict[str, nn.Module]:
     """Wrap every targeted module (or add the adapter to an existing LoRA layer). -> {name: lora layer}.
     autocast_adapter_dtype: float32 adapters on half-precision layers (lora.adapter_dtype)."""
-    if config.target_modules is None:
-        raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+    if config.target_modules is None and not config.target_parameters:
+        raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear' "
+                         "(or target_parameters, e.g. ['experts.gate_up_proj'], for bare nn.Parameters)")
     if config.target_modules == "all-linear":
         config.target_modules = expand_all_linear(model, config)
+    wrapped = inject_modules(model, config, adapter_name, autocast_adapter_dtype) if config.target_modules else {}
+    params = inject_parameters(model, config, adapter_name, autocast_adapter_dtype) if config.target_parameters else {}
+    if not wrapped and not params:
+        if not config.target_modules and config.target_parameters:
+            raise ValueError(no_parameter_matched(model, config))
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
+            f"Candidates: {', '.join(candidate_names(model))}" + regex_hint(model, config.target_modules)
+            + (f"; and {no_parameter_matched(model, config)}" if config.target_parameters else "")
+        )
+    if config.target_parameters and not params:  # PEFT warns too: the modules took the adapter
+        warnings.warn(no_parameter_matched(model, config), RuntimeWarning)
+    elif config.target_modules and not wrapped:
+        warnings.warn(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__} "
+                      "(target_parameters did); candidates: " + ", ".join(candidate_names(model)), RuntimeWarning)
+    return {**wrapped, **params}
+
+
+def inject_modules(model: nn.Module, config: LoraConfig, adapter_name: str,
+                   autocast_adapter_dtype: bool) -> dict[str, nn.Module]:
+    """The target_modules part of inject_lora. -> {name: lora layer}."""
     wrapped = {}
     for name, module in list(walk_unwrapped(model)):
         if not name or not is_target(name, config):
@@ -119,11 +146,6 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
         if layer is not module:
             set_submodule(model, name, layer)
         wrapped[name] = layer
-    if not wrapped:
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
-            f"Candidates: {', '.join(candidate_names(model))}" + regex_hint(model, config.target_modules)
-        )
     return wrapped
 
 
@@ -175,5 +197,130 @@ def wrap(module: nn.Module, name: str) -> nn.Module:
                         f"2-D weight stored (in_features, nf); this one has nf={getattr(module, 'nf', None)!r} and "
                         f"weight shape {None if weight is None else tuple(weight.shape)}")
     raise TypeError(f"target {name!r} is a {kind}; LoRA adapts nn.Linear, GPT-2's Conv1D (peftcore's or "
-                    "transformers'), nn.Conv1d / Conv2d / Conv3d, nn.Embedding and quantized linears")
+                    "transformers'), nn.Conv1d / Conv2d / Conv3d, nn.Embedding and quantized linears; a module's "
+                    "bare nn.Parameters (MoE expert stacks) take target_parameters, e.g. ['experts.gate_up_proj']")
 
+
+# -- target_parameters ------------------------------------------------------------------------------
+def unwrapped_name(name: str) -> str:
+    """A module's name without the `base_layer` steps adapter wrappers put in ("experts.base_layer" -> "experts")."""
+    parts = name.split(".")
+    return ".".join(parts[:1] + [p for p in parts[1:] if p != "base_layer"])
+
+
+def inside_adapter(modules: dict[str, nn.Module], name: str) -> bool:
+    """Whether module `name` is an adapter's own part (lora_A, a modules_to_save copy), not under a base_layer."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(modules.get(".".join(parts[:i])), (*LORA_LAYERS, ModulesToSave)) and parts[i] != "base_layer":
+            return True
+    return False
+
+
+def parameter_keys(model: nn.Module):
+    """(module name, "<module>.<param>" key, param name) for every parameter registered directly on a module
+    (recurse=False), keys without base_layer steps: what a target_parameters entry is matched against."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if inside_adapter(modules, name) or isinstance(module, parametrize.ParametrizationList):
+            continue
+        for param_name, _ in module.named_parameters(recurse=False):
+            yield unwrapped_name(name), f"{unwrapped_name(name)}.{param_name}".lstrip("."), param_name
+        for param_name in getattr(module, "parametrizations", {}):  # torch.nn.utils.parametrize
+            yield unwrapped_name(name), f"{unwrapped_name(name)}.{param_name}".lstrip("."), param_name
+
+
+def located(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, module) of the module at `name` (a name without base_layer steps), looking through
+    the ParamWrappers of its ancestors' parameters."""
+    parent, module = None, model
+    for part in name.split("."):
+        while isinstance(module, ParamWrapper):
+            module = module.base_layer
+        parent, module = module, getattr(module, part)
+    return parent, part, module
+
+
+def param_wrapper_for(module: nn.Module, param_name: str) -> ParamWrapper | None:
+    """The ParamWrapper of `param_name` in the chain of wrappers `module` heads, if there is one."""
+    while isinstance(module, ParamWrapper):
+        if module.parameter_name == param_name:
+            return module
+        module = module.base_layer
+    return None
+
+
+def wrapped_parameter_keys(model: nn.Module) -> set[str]:
+    """Keys of the parameters other adapters adapt already (their ParamWrappers hold an adapter)."""
+    return {f"{unwrapped_name(n)}.{m.parameter_name}" for n, m in model.named_modules()
+            if isinstance(m, ParamWrapper) and m.r}
+
+
+def inject_parameters(model: nn.Module, config: LoraConfig, adapter_name: str,
+                      autocast_adapter_dtype: bool) -> dict[str, ParamWrapper]:
+    """The target_parameters part of inject_lora: a ParamWrapper per matched parameter (or the adapter added to the
+    one an earlier adapter made). PEFT's rules: entries sorted; modules in named_modules order, each one's own
+    parameters in their order; no parameter of the top-level module; none of a layer target_modules adapts.
+    Everything is checked before the first wrapper goes in. -> {key: wrapper}."""
+    found = matched_parameters(model, config)
+    for module_name, key, _ in found:
+        holder = located(model, module_name)[2] if module_name else model
+        check_parameter(holder, module_name, key, config, pattern_value(key, config.rank_pattern, config.r))
+    wrappers = {}
+    for module_name, key, param_name in found:
+        parent, attribute, holder = located(model, module_name)
+        layer = param_wrapper_for(holder, param_name)
+        if layer is None:
+            layer = ParamWrapper(holder, param_name)
+            setattr(parent, attribute, layer)
+        r = pattern_value(key, config.rank_pattern, config.r)
+        layer.add_adapter(adapter_name, config, r, pattern_value(key, config.alpha_pattern, config.lora_alpha),
+                          autocast_adapter_dtype)
+        wrappers[key] = layer
+    return wrappers
+
+
+def matched_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str, str]]:
+    """(module name, key, param name) of the parameters config.target_parameters names; the same set as the other
+    adapters' (HF PEFT's rule: the wrappers' nesting names their keys, so it must not differ between adapters)."""
+    if isinstance(config.target_parameters, str):
+        raise TypeError("target_parameters must be a list of parameter names, e.g. ['experts.gate_up_proj'], not a str")
+    targets = sorted(set(config.target_parameters))
+    found = [(module, key, param) for module, key, param in parameter_keys(model)
+             if key in targets or any(key.endswith(f".{t}") for t in targets)]
+    before = wrapped_parameter_keys(model)
+    if before and found and {key for _, key, _ in found} != before:
+        raise ValueError(f"target_parameters={config.target_parameters!r} adapts {sorted(k for _, k, _ in found)} but "
+                         f"the model's other adapters adapt {sorted(before)}: all adapters with target_parameters "
+                         "must adapt the same parameters (as in HF PEFT), since the wrappers' nesting names their keys")
+    return found
+
+
+def check_parameter(holder: nn.Module, module_name: str, key: str, config: LoraConfig, r: int) -> None:
+    """Raise if the parameter `key` of module `module_name` cannot take this adapter (checked for all first)."""
+    param_name = key.rpartition(".")[2]
+    if not module_name:
+        raise ValueError(f"target_parameters: {param_name!r} is a parameter of the top-level module, which cannot "
+                         "be wrapped (as in HF PEFT); move it into a submodule")
+    module = holder
+    while isinstance(module, ParamWrapper):
+        module = module.base_layer
+    if param_name in getattr(module, "parametrizations", {}):
+        raise ValueError(f"target_parameters: {key!r} is parametrized (torch.nn.utils.parametrize), which peftcore's "
+                         "ParamWrapper does not adapt (HF PEFT stacks its update on the parametrization); remove "
+                         "the parametrization first, or leave the parameter out")
+    if isinstance(holder, LORA_LAYERS) and not isinstance(holder, ParamWrapper):
+        raise ValueError(f"target_parameters: {key!r} belongs to a layer target_modules adapts already "
+                         f"({type(holder).__name__}); leave it out of one of the two (as in HF PEFT)")
+    why = refusal(config, r)
+    if why:
+        raise ValueError(f"LoRA on the parameter {key!r} (target_parameters) does not work with {why}, as in HF PEFT")
+    check_shape(module, param_name, key)
+
+
+def no_parameter_matched(model: nn.Module, config: LoraConfig) -> str:
+    """The error (or warning) for target_parameters that match nothing, with what they could name."""
+    keys = sorted({".".join(key.split(".")[-2:]) for name, key, _ in parameter_keys(model) if name})
+    shown = ", ".join(keys[:16]) + (f", ... ({len(keys)} in all)" if len(keys) > 16 else "")
+    return (f"target_parameters={config.target_parameters!r} matched no parameter of {type(model).__name__}; an entry "
+            f"names '<module>.<parameter>' (the key's ending). Candidates: {shown or 'none'}")

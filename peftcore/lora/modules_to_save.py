@@ -63,13 +63,14 @@ class ModulesToSave(nn.Module):
 
 def walk_unwrapped(model: nn.Module):
     """named_modules(), but not the insides of adapter wrappers (a LoRA layer's base_layer, lora_A, ...;
-    a ModulesToSave's copies): they are no targets of their own. Here, not in inject, because it must know
+    a ModulesToSave's copies; a wrapper class that says `is_adapter_wrapper = True`, as trainable_tokens' does,
+    which imports this module): they are no targets of their own. Here, not in inject, because it must know
     ModulesToSave and inject imports this module."""
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        if isinstance(module, (*LORA_LAYERS, ModulesToSave)):
+        if isinstance(module, (*LORA_LAYERS, ModulesToSave)) or getattr(module, "is_adapter_wrapper", False):
             inside.append(name)
         yield name, module
 

@@ -244,6 +244,12 @@ def check_adapters(peft_model: nn.Module, adapters: list[str], weights: list[flo
             option = "use_dora=True" if config.use_dora else "lora_bias=True"
             raise ValueError(f"adapter {name!r} has {option}: add_weighted_adapter combines plain LoRA A and B "
                              "factors only (DoRA magnitudes and lora_B biases have no weighted combination)")
+        if config.target_parameters:  # PEFT's refusal: "cat" would stack the experts' A rows into each other
+            raise ValueError(f"adapter {name!r} targets bare parameters (target_parameters): add_weighted_adapter "
+                             "does not combine them, as in HF PEFT")
+        if config.trainable_token_indices is not None:  # PEFT would copy the indices, and fresh rows with them
+            raise ValueError(f"adapter {name!r} trains token rows (trainable_token_indices): add_weighted_adapter "
+                             "combines LoRA factors only; rows replaced by several adapters have no combination")
 
 
 def check_layers(peft_model: nn.Module, adapters: list[str], combination_type: str) -> None:

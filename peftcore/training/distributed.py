@@ -81,7 +81,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peftcore import adapter_io
+from peftcore import adapter_keys
 from peftcore.config import LoraConfig
 from peftcore.multitask.model import MultiTaskModel
 
@@ -318,12 +318,12 @@ def replicated_params(model: nn.Module) -> set[nn.Parameter]:
     keep |= {n for n in named if n.startswith("prompt_encoder.")}
     configs = getattr(model, "peft_config", {})
     if any(isinstance(c, LoraConfig) for c in configs.values()):
-        keep |= set(adapter_io.adapter_keys(named, model))
+        keep |= set(adapter_keys.adapter_keys(named, model))
     for name, config in configs.items():
         if isinstance(config, LoraConfig):
-            keep |= set(adapter_io.bias_keys(named, model, config.bias))
-            keep |= set(adapter_io.embedding_keys(named, model, config))
-            keep |= set(adapter_io.modules_to_save_keys(model, name).values())
+            keep |= set(adapter_keys.bias_keys(named, model, config.bias))
+            keep |= set(adapter_keys.embedding_keys(named, model, config))
+            keep |= set(adapter_keys.modules_to_save_keys(model, name).values())
     return {named[n] for n in keep if n in named}
 
 

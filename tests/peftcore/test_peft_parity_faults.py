@@ -84,7 +84,6 @@ def one_line(excinfo) -> str:
 # -- 1. options peftcore does not implement -----------------------------------------------------------
 REFUSED = {  # each changes what the adapter computes (or the model it applies to)
     "alora_invocation_tokens": [5, 6], "use_qalora": True, "layer_replication": [[0, 2], [1, 2]],
-    "target_parameters": ["mlp.experts.gate_up_proj"], "trainable_token_indices": [3, 4],
     "monteclora_config": {"num_samples": 2}, "use_bdlora": {"target_matrix": "A"}, "arrow_config": {"top_k": 2},
     "kasa_config": {"beta": 0.1}, "velora_config": {"num_groups": 4}, "ensure_weight_tying": True,
 }

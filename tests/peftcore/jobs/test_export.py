@@ -185,6 +185,7 @@ def test_the_q_k_permutation_is_the_inverse_of_the_readers():
     (dict(lora_bias=True), "lora_bias"),
     (dict(bias="all"), "bias='all'"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(trainable_token_indices=[3, 4]), "trainable_token_indices"),
     (dict(target_modules=["embed_tokens"]), "no lora_A / lora_B weight"),
 ])
 def test_export_refuses_what_a_llama_cpp_lora_cannot_carry(tiny_base, tmp_path, config, message):

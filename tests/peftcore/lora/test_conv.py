@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
-from peftcore.adapter_io import adapter_state_dict
+from peftcore.adapter_keys import adapter_state_dict
 from peftcore.lora.conv import LoraConv
 from peftcore.lora.layer import Adapter
 from peftcore.lora.registry import LORA_LAYERS
