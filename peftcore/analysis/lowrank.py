@@ -18,6 +18,12 @@ Statistics follow Hu et al. 2021 (LoRA), section 7: the subspace similarity
 phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the top right-singular vectors of two
 adapters' A matrices, and the amplification factor ||dW||_F / ||U^T W V||_F with U, V the top-r
 singular directions of dW (how much dW amplifies directions W itself does not emphasise).
+
+Combined adapters (PeftModel.add_weighted_adapter) store more directions than dW has: "cat" is zero-padded to
+r' = the sum of the adapters' largest ranks where a layer holds less (rank patterns, a module one adapter lacks),
+and an svd type truncating a delta of rank < svd_rank keeps round-off directions (~1e-7 of sigma1, float32).
+`numerical_rank` counts the directions above round-off; the amplification factor and the spectra plot use those
+only (U^T W V over arbitrary directions of a zero singular value would measure nothing about dW).
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from peftcore.lora.conv import grouped_to_dense
 from peftcore.lora.inject import pattern_value
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
-                      r"(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+                      r"(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|lora_embedding_[AB])$")
+ROUND_OFF = torch.finfo(torch.float32).eps
 
 
 @dataclass
@@ -72,10 +79,20 @@ def stable_rank(S: torch.Tensor) -> float:
     return float(((S / S[0]) ** 2).sum())
 
 
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values of the (out, in) = `shape` delta rise above round-off: numpy's matrix_rank
+    tolerance, sigma1 * max(out, in) * float32 eps (adapters are stored in float32 or narrower). 0 for dW = 0."""
+    if S.numel() == 0 or not bool(S[0] > 0):
+        return 0
+    return int((S > S[0] * max(shape) * ROUND_OFF).sum())
+
+
 def amplification_factor(svd: LowRankSVD, W: torch.Tensor) -> float:
-    """||dW||_F / ||U^T W V||_F (LoRA paper, Table 7), with W (out, in); costs one (out, in, r) product.
-    W.double() is a no-op for the float64 weight inspect_adapter passes: no second copy."""
-    projected = svd.U.T @ (W.double() @ svd.V)  # (r, r)
+    """||dW||_F / ||U^T W V||_F (LoRA paper, Table 7), with W (out, in); costs one (out, in, r) product. U, V: the
+    directions above round-off (numerical_rank), not a combined adapter's zero padding, whose singular vectors are
+    arbitrary. W.double() is a no-op for the float64 weight inspect_adapter passes: no second copy."""
+    k = numerical_rank(svd.S, (svd.U.shape[0], svd.V.shape[0]))
+    projected = svd.U[:, :k].T @ (W.double() @ svd.V[:, :k])  # (k, k)
     return float(torch.linalg.norm(svd.S) / torch.linalg.norm(projected).clamp_min(1e-300))
 
 
@@ -109,6 +126,7 @@ class LayerStats:
     relative_delta: float | None = None  # ||dW||_F / ||W||_F, with the base weight
     amplification: float | None = None
     magnitude_change: dict | None = None  # DoRA: m vs the base row norms
+    numerical_rank: int | None = None  # singular values above round-off: < rank for a combined adapter's padding
     extra: dict = field(default_factory=dict)
 
 
@@ -139,10 +157,14 @@ def read_adapter(folder: str | Path) -> AdapterTensors:
     for key, tensor in tensors:
         match = LORA_KEY.match(key)
         if match:
-            target = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": magnitude}[match["part"]]
-            target[match["module"]] = tensor.float()
+            # An embedding's lora_embedding_A (r, vocab) and _B (dim, r) give PEFT's delta (B A)^T, the (vocab, dim)
+            # of its table: as an (out, in) = (vocab, dim) layer, A is _B^T and B is _A^T
+            parts = {"lora_A.weight": (A, False), "lora_B.weight": (B, False), "lora_embedding_B": (A, True),
+                     "lora_embedding_A": (B, True), "lora_magnitude_vector": (magnitude, False)}
+            target, transposed = parts[match["part"]]
+            target[match["module"]] = (tensor.T if transposed else tensor).float()
     if not A:
-        raise ValueError(f"{folder}: no lora_A / lora_B tensors (embedding adapters are not inspected yet)")
+        raise ValueError(f"{folder}: no LoRA factors (lora_A / lora_B, lora_embedding_A / _B) in its weights")
     return AdapterTensors(config, A, B, magnitude)
 
 
@@ -190,7 +212,8 @@ def layer_stats(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, W: 
     svd = lowrank_svd(B, A, scale)
     S = svd.S
     stats = LayerStats(module, A.shape[0], scale, float(torch.linalg.norm(S)), float(S[0]), S.tolist(),
-                       effective_rank(S), stable_rank(S), float(torch.linalg.norm(A)), float(torch.linalg.norm(B)))
+                       effective_rank(S), stable_rank(S), float(torch.linalg.norm(A)), float(torch.linalg.norm(B)),
+                       numerical_rank=numerical_rank(S, (B.shape[0], A.shape[1])))
     if W is not None:
         W = W.double()
         stats.relative_delta = stats.delta_fro / float(torch.linalg.norm(W))
@@ -243,17 +266,22 @@ def natural_key(name: str):
 
 def format_table(stats: list[LayerStats]) -> str:
     """One row per layer. ||A||/||B||: how the update's norm is split between the factors (B ~ 0 after
-    init, so large early on); dm: DoRA's mean relative change of the magnitude vector vs W's row norms."""
+    init, so large early on); dm: DoRA's mean relative change of the magnitude vector vs W's row norms;
+    r(dW): the directions dW has (numerical_rank), shown where some layer has fewer than its r (a combined
+    adapter's zero padding, a B still at zero)."""
     dora = any(s.magnitude_change is not None for s in stats)
-    head = (f"{'module':<44} {'r':>3} {'scale':>6} {'||dW||':>9} {'||dW||/||W||':>12} {'sigma1':>9} {'eff.rank':>8} "
-            f"{'st.rank':>7} {'amplif.':>8} {'||A||/||B||':>11}" + (f" {'dm':>9}" if dora else ""))
+    padded = any(s.numerical_rank is not None and s.numerical_rank < s.rank for s in stats)
+    head = (f"{'module':<44} {'r':>3}" + (f" {'r(dW)':>5}" if padded else "") + f" {'scale':>6} {'||dW||':>9} "
+            f"{'||dW||/||W||':>12} {'sigma1':>9} {'eff.rank':>8} {'st.rank':>7} {'amplif.':>8} {'||A||/||B||':>11}"
+            + (f" {'dm':>9}" if dora else ""))
     rows = [head, "-" * len(head)]
     for s in stats:
         rel = f"{s.relative_delta:12.3e}" if s.relative_delta is not None else f"{'-':>12}"
         amp = f"{s.amplification:8.2f}" if s.amplification is not None else f"{'-':>8}"
         balance = f"{s.norm_A / s.norm_B:11.3g}" if s.norm_B > 0 else f"{'inf':>11}"
-        row = (f"{s.module[-44:]:<44} {s.rank:>3} {s.scale:6.3g} {s.delta_fro:9.3e} {rel} {s.delta_spectral:9.3e} "
-               f"{s.effective_rank:8.2f} {s.stable_rank:7.2f} {amp} {balance}")
+        shown = f"{'-' if s.numerical_rank is None else s.numerical_rank:>5} " if padded else ""
+        row = (f"{s.module[-44:]:<44} {s.rank:>3} {shown}{s.scale:6.3g} {s.delta_fro:9.3e} {rel} "
+               f"{s.delta_spectral:9.3e} {s.effective_rank:8.2f} {s.stable_rank:7.2f} {amp} {balance}")
         if dora:
             row += f" {s.magnitude_change['mean']:+9.2e}" if s.magnitude_change is not None else f" {'-':>9}"
         rows.append(row)
@@ -273,11 +301,14 @@ def format_similarity(comparison: dict[str, list[list[float]]], first: str, seco
     return "\n".join(rows)
 
 
-def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | None = None) -> Path:
+def write_json(stats: list[LayerStats], path: str | Path, comparison: dict | None = None,
+               token_rows: list | None = None) -> Path:
     """Strict JSON: a non-finite number (a zero base weight's ratio) is written as null, never as NaN,
     which json.loads in other languages rejects."""
     payload = {"layers": [asdict(s) for s in stats]}
     if comparison is not None:
         payload["subspace_similarity"] = comparison
+    if token_rows:  # trainable_token_indices: analysis.token_rows
+        payload["token_rows"] = [asdict(s) for s in token_rows]
     Path(path).write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
     return Path(path)

@@ -63,20 +63,31 @@ def plot_spectra(stats: list[LayerStats], path: str | Path) -> Path:
 
 
 def spectra_figure(plt, stats: list[LayerStats]):
+    """Each layer's singular values above round-off (LayerStats.numerical_rank): a combined adapter's zero padding
+    would drop its line off the log axis, and an svd combination's round-off directions (~1e-7) squash the rest."""
     kinds = sorted({split_name(s.module)[1] for s in stats})
     fig, axes = kind_panels(plt, len(kinds))
     for ax, kind in zip(axes, kinds):
         layers = [s for s in stats if split_name(s.module)[1] == kind]
         cmap = plt.get_cmap("viridis", max(len(layers), 2))
         for k, s in enumerate(layers):
-            ax.semilogy(range(1, len(s.singular_values) + 1), s.singular_values, color=cmap(k), lw=1.2,
+            shown = shown_singular_values(s)
+            ax.semilogy(range(1, len(shown) + 1), shown, color=cmap(k), lw=1.2,
                         label=f"layer {split_name(s.module)[0]}")
         ax.set_title(kind, fontsize=TITLE_SIZE), ax.set_xlabel("i (i-th largest)"), ax.grid(alpha=0.3)
         integer_ticks(plt, ax.xaxis)
-    fig.suptitle("singular values of each layer's update dW, by module", fontsize=SUPTITLE_SIZE)
+    cut = sum(len(shown_singular_values(s)) < len(s.singular_values) for s in stats)
+    fig.suptitle("singular values of each layer's update dW, by module"
+                 + (f"\n(round-off-level values left out in {cut} layer(s): dW has fewer directions than r)"
+                    if cut else ""), fontsize=SUPTITLE_SIZE)
     fig.supylabel("i-th singular value of dW", fontsize=TITLE_SIZE)
     axes[len(kinds) - 1].legend(fontsize=LEGEND_SIZE, loc="upper right")
     return fig
+
+
+def shown_singular_values(s: LayerStats) -> list[float]:
+    """The singular values a log axis can show: those above round-off (all, for stats without numerical_rank)."""
+    return s.singular_values if s.numerical_rank is None else s.singular_values[:s.numerical_rank]
 
 
 def plot_relative_heatmap(stats: list[LayerStats], path: str | Path) -> Path:

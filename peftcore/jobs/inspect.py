@@ -12,6 +12,7 @@ from peftcore.adapter_io import read_adapter_config
 from peftcore.analysis import plots
 from peftcore.analysis.lowrank import compare_adapters, format_similarity, format_table, inspect_adapter, write_json
 from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
+from peftcore.analysis.token_rows import format_token_table, inspect_token_rows
 from peftcore.jobs.bases import resolve_base
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = N
     out = Path(output_dir or adapter)
     out.mkdir(parents=True, exist_ok=True)
     report = (report_prompt(adapter, base_folder, top_k, out) if prompt
-              else report_lora(adapter, base_folder, compare, out))
+              else report_lora(adapter, base_folder, compare, out, config))
     written = [out / "inspect.json"] + write_plots(report, out)
     log.info("wrote " + ", ".join(str(p) for p in written))
     return written
@@ -50,14 +51,17 @@ def report_prompt(adapter: Path, base: Path | None, top_k: int, out: Path) -> li
     return [(plots.plot_prompt_norms, stats, "inspect_prompt_norms.png")]
 
 
-def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Path) -> list[tuple]:
+def report_lora(adapter: Path, base: Path | None, compare: Path | None, out: Path, config: dict) -> list[tuple]:
     stats = inspect_adapter(adapter, base)
     comparison = compare_adapters(adapter, compare) if compare else None
     log.info(format_table(stats))
+    token_rows = inspect_token_rows(adapter, config, base)
+    if token_rows:
+        log.info(format_token_table(token_rows))
     names = shown_names(adapter, Path(compare)) if compare else None
     if comparison:
         log.info(format_similarity(comparison, *names))
-    write_json(stats, out / "inspect.json", comparison)
+    write_json(stats, out / "inspect.json", comparison, token_rows)
     drawn = [(plots.plot_spectra, stats, "inspect_spectra.png")]
     if base is not None:
         drawn.append((plots.plot_relative_heatmap, stats, "inspect_relative_norms.png"))
