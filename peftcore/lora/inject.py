@@ -6,7 +6,9 @@ Matching follows HF PEFT so a config means the same in both libraries:
   "all-linear"  -> every nn.Linear / Conv1D except the output head (lm_head; classifier/score for SEQ_CLS)
   exclude_modules uses the same rules; layers_to_transform keeps only the listed block indices.
 Dispatch by base type, as PEFT's dispatch_default: nn.Embedding -> LoraEmbedding, nn.Conv1d/2d/3d -> LoraConv,
-nn.Linear, GPT-2's Conv1D (ours or transformers', see layer.is_conv1d) and quantized linears -> LoraLinear.
+nn.MultiheadAttention -> LoraMultiheadAttention (in_proj and out_proj; see mha), nn.Linear, GPT-2's Conv1D (ours or
+transformers', see layer.is_conv1d) and quantized linears -> LoraLinear. An attention's out_proj named as well as the
+attention is left to it; named alone it gets PEFT's LoRA layer that the attention never runs (with a warning).
 target_parameters (bare nn.Parameters, PEFT's rules): after the modules, "<module>.<param>" matches a parameter
 registered directly on a module (recurse=False) whose key equals an entry or ends with "." + entry; each gets a
 ParamWrapper, several of one module nest (see param_wrapper).
@@ -22,6 +24,7 @@ from torch.nn.utils import parametrize
 from peftcore.config import LoraConfig, TaskType
 from peftcore.lora.conv import CONV_TYPES, LoraConv
 from peftcore.lora.layer import LoraEmbedding, LoraLinear, is_conv1d
+from peftcore.lora.mha import LoraMultiheadAttention, attention_owner, lone_out_proj
 from peftcore.lora.modules_to_save import ModulesToSave, set_submodule, walk_unwrapped
 from peftcore.lora.param_wrapper import ParamWrapper, check_shape, refusal
 from peftcore.lora.registry import LORA_LAYERS
@@ -63,7 +66,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, (nn.Embedding, *CONV_TYPES, *LORA_LAYERS))
+    return is_linear(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention, *CONV_TYPES, *LORA_LAYERS))
 
 
 def output_head_names(model: nn.Module, task_type) -> set[str]:
@@ -137,7 +140,15 @@ def inject_modules(model: nn.Module, config: LoraConfig, adapter_name: str,
     for name, module in list(walk_unwrapped(model)):
         if not name or not is_target(name, config):
             continue
-        layer = module if isinstance(module, LORA_LAYERS) else wrap(module, name)
+        owner = attention_owner(model, name)
+        if isinstance(owner, LoraMultiheadAttention):  # PEFT adds a second adapter here that nothing runs
+            warnings.warn(f"{name} is the out_proj of an nn.MultiheadAttention target_modules names too; LoRA on the "
+                          "attention adapts it already")
+            continue
+        if isinstance(module, LORA_LAYERS):
+            layer = module
+        else:
+            layer = lone_out_proj(module, name) if owner is not None else wrap(module, name)
         match_fan_in_fan_out(name, layer.base_layer, config)
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
@@ -178,8 +189,8 @@ def match_fan_in_fan_out(name: str, base: nn.Module, config: LoraConfig) -> None
     if is_conv1d(base) and not config.fan_in_fan_out:
         warnings.warn(f"fan_in_fan_out is False but {name} is a Conv1D (weight stored (in, out)): setting it to True")
         config.fan_in_fan_out = True
-    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
-        warnings.warn(f"fan_in_fan_out is True but {name} is an nn.Linear: setting it to False")
+    elif isinstance(base, (nn.Linear, nn.MultiheadAttention)) and config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out is True but {name} is an {type(base).__name__}: setting it to False")
         config.fan_in_fan_out = False
 
 
@@ -188,6 +199,8 @@ def wrap(module: nn.Module, name: str) -> nn.Module:
         return LoraEmbedding(module)
     if isinstance(module, CONV_TYPES):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention(module)
     if is_linear(module):
         return LoraLinear(module)
     kind = type(module).__name__
@@ -197,8 +210,9 @@ def wrap(module: nn.Module, name: str) -> nn.Module:
                         f"2-D weight stored (in_features, nf); this one has nf={getattr(module, 'nf', None)!r} and "
                         f"weight shape {None if weight is None else tuple(weight.shape)}")
     raise TypeError(f"target {name!r} is a {kind}; LoRA adapts nn.Linear, GPT-2's Conv1D (peftcore's or "
-                    "transformers'), nn.Conv1d / Conv2d / Conv3d, nn.Embedding and quantized linears; a module's "
-                    "bare nn.Parameters (MoE expert stacks) take target_parameters, e.g. ['experts.gate_up_proj']")
+                    "transformers'), nn.Conv1d / Conv2d / Conv3d, nn.Embedding, nn.MultiheadAttention and quantized "
+                    "linears; a module's bare nn.Parameters (MoE expert stacks) take target_parameters, e.g. "
+                    "['experts.gate_up_proj']")
 
 
 # -- target_parameters ------------------------------------------------------------------------------
