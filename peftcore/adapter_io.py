@@ -21,8 +21,8 @@ from torch import nn
 from peftcore._json import read_json_object
 from peftcore._version import __version__
 from peftcore.adapter_keys import adapter_state_dict, load_map, strip_adapter_name
-from peftcore.config import CONFIG_NAME, PEFT_FORMAT_VERSION, LoraConfig, PeftConfig
-from peftcore.lora.registry import LORA_LAYERS
+from peftcore.config import CONFIG_NAME, PEFT_FORMAT_VERSION, PeftConfig
+from peftcore.methods import ADAPTER_LAYERS, LAYER_METHOD_CONFIGS
 from peftcore.models import safetensors_io
 from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensors
@@ -35,7 +35,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT's save_pretrained(..., safe
 # here, not filled in as a side effect of importing a module, so every supported method is in one table.
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {
     config.peft_type.value: config
-    for config in (LoraConfig, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)
+    for config in (*LAYER_METHOD_CONFIGS, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)
 }
 
 
@@ -245,7 +245,7 @@ def load_tensors(model: nn.Module, state: dict, pairs) -> None:
 def base_devices(model: nn.Module) -> dict[str, torch.device]:
     """LoRA layer name -> the device of the base layer it wraps (a quantized base holds buffers only)."""
     return {name: next(t for t in (*m.base_layer.parameters(), *m.base_layer.buffers())).device
-            for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
+            for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)}
 
 
 def check_fits(path: Path, shapes: dict, state: dict, to_memory: dict, required: set, adapter_name: str,

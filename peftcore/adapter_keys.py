@@ -19,8 +19,8 @@ from torch import nn
 from peftcore._json import read_json_object
 from peftcore.config import LoraConfig
 from peftcore.lora.modules_to_save import ModulesToSave
-from peftcore.lora.registry import LORA_LAYERS
 from peftcore.lora.trainable_tokens import token_row_keys
+from peftcore.methods import ADAPTER_LAYERS, trains_adapted_biases
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names that make it save the embedding tables
 TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")  # our models' input embeddings
@@ -46,20 +46,36 @@ def other_adapters_removed(state: dict, peft_model: nn.Module, adapter_name: str
 
 
 def lora_layer_names(peft_model: nn.Module) -> list[str]:
-    return [name for name, m in peft_model.named_modules() if isinstance(m, LORA_LAYERS)]
+    """The adapter layers of every method (LoRA's, OFT's, ...)."""
+    return [name for name, m in peft_model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
 
 
 def adapter_keys(state: dict, peft_model: nn.Module) -> list[str]:
-    """Keys that live on a LoRA layer but not in the base layer it wraps (lora_A, lora_B, magnitudes, ...)."""
-    prefixes = [f"{name}." for name in lora_layer_names(peft_model)]
-    return [k for k in state if any(k.startswith(p) and not k.startswith(p + "base_layer.") for p in prefixes)]
+    """Keys that live on an adapter layer but not in the base layer it wraps (lora_A, lora_B, magnitudes, oft_R),
+    nor in the model-wide tensors it refers to (a layer's `shared_state`: VeRA's projections, see shared_keys)."""
+    # per layer: its prefix and what under it is not its own (a nested layer under base_layer. has its own entry)
+    layers = [(f"{name}.", (f"{name}.base_layer.", *(f"{name}.{part}." for part in getattr(m, "shared_state", ()))))
+              for name, m in peft_model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    return [k for k in state if any(k.startswith(p) and not k.startswith(skip) for p, skip in layers)]
+
+
+def shared_keys(state: dict, peft_model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """On-disk key -> in-memory key of the model-wide tensors of `adapter_name` (PEFT's VeRA: `base_model.vera_A`
+    on disk, `base_model.vera_A.<adapter>` in memory, kept outside every layer; absent with save_projection=False,
+    where they are drawn again from projection_prng_key)."""
+    names = {part for m in peft_model.modules() for part in getattr(m, "shared_state", ())}
+    inside = tuple(f"{n}." for n in lora_layer_names(peft_model))
+    wanted = {f"{part}.{adapter_name}" for part in names}
+    return {k.removesuffix(f".{adapter_name}"): k for k in state
+            if not k.startswith(inside) and any(k == w or k.endswith(f".{w}") for w in wanted)}
 
 
 def bias_keys(state: dict, peft_model: nn.Module, bias: str) -> list[str]:
-    """The base biases PEFT saves beside the adapter: every `.bias` for "all", the adapted layers' for "lora_only"."""
+    """The base biases PEFT saves beside the adapter: every `.bias` for "all", the adapted layers' for "lora_only"
+    (OFT's "oft_only", ...)."""
     if bias == "all":
         return [k for k in state if k.endswith(".bias")]
-    if bias == "lora_only":
+    if trains_adapted_biases(bias):
         return [f"{name}.base_layer.bias" for name in lora_layer_names(peft_model)
                 if f"{name}.base_layer.bias" in state]
     return []
@@ -152,11 +168,12 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str, config: LoraCon
     """The tensors that make up one adapter, under their on-disk keys (the same set HF PEFT saves). `state`:
     the values to take (default: the model's state_dict()); which keys belong is read off the model."""
     state = other_adapters_removed(peft_model.state_dict() if state is None else state, peft_model, adapter_name)
-    selected = adapter_keys(state, peft_model) + bias_keys(state, peft_model, config.bias)
+    selected = adapter_keys(state, peft_model) + bias_keys(state, peft_model, getattr(config, "bias", "none"))
     selected += embedding_keys(state, peft_model, config, save_embedding_layers)
     out = {strip_adapter_name(k, adapter_name): state[k] for k in selected}
-    saved_copies = (modules_to_save_keys(peft_model, adapter_name) | token_row_keys(peft_model, adapter_name)).items()
-    out.update({disk: state[memory] for disk, memory in saved_copies if memory in state})
+    saved_copies = modules_to_save_keys(peft_model, adapter_name) | token_row_keys(peft_model, adapter_name)
+    saved_copies |= shared_keys(state, peft_model, adapter_name)
+    out.update({disk: state[memory] for disk, memory in saved_copies.items() if memory in state})
     return out
 
 

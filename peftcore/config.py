@@ -28,6 +28,11 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    VERA = "VERA"
+    OFT = "OFT"
 
 
 # PEFT 0.21.2 LoraConfig fields peftcore does not implement: (the value that means "off", what the

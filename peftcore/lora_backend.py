@@ -19,9 +19,12 @@ from peftcore import adapter_io
 from peftcore.config import LoraConfig, TaskType
 from peftcore.lora.inject import SEQ_CLS_HEAD_NAMES, inject_lora, set_submodule
 from peftcore.lora.layer import Magnitude, weight_before_merges
+from peftcore.lora.mha import LoraMultiheadAttention
 from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
 from peftcore.lora.registry import LORA_LAYERS
 from peftcore.lora.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layers, wrap_token_rows
+from peftcore.methods import ADAPTER_LAYERS as METHOD_LAYERS
+from peftcore.methods import LAYER_METHOD_CONFIGS, method_of, trains_adapted_biases
 from peftcore.models.generate import generate as generate_tokens
 
 
@@ -46,27 +49,31 @@ class LoraModel(nn.Module):
 
 
 # -- work on any model with LoRA layers ------------------------------------------------------------
-ADAPTER_LAYERS = (*LORA_LAYERS, ModulesToSave, TrainableTokensLayer)  # what holds adapters' tensors
-ADAPTER_WRAPPERS = (*LORA_LAYERS, ModulesToSave, TrainableTokensWrapper)  # what unload swaps back
-MERGEABLE = (*LORA_LAYERS, TrainableTokensLayer)
+ADAPTER_LAYERS = (*METHOD_LAYERS, ModulesToSave, TrainableTokensLayer)  # what holds adapters' tensors
+ADAPTER_WRAPPERS = (*METHOD_LAYERS, ModulesToSave, TrainableTokensWrapper)  # what unload swaps back
+MERGEABLE = (*METHOD_LAYERS, TrainableTokensLayer)
 
 
 def adapter_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, ADAPTER_LAYERS)]
 
 
-def held_adapters(layer: nn.Module):
-    """The adapter names with tensors in `layer`."""
+def held_adapters(layer: nn.Module, names) -> list[str]:
+    """Those of `names` (adapter names) with tensors in `layer`."""
     if isinstance(layer, ModulesToSave):
-        return layer.modules_to_save
-    return layer.token_indices if isinstance(layer, TrainableTokensLayer) else layer.r
+        return [n for n in names if n in layer.modules_to_save]
+    if isinstance(layer, TrainableTokensLayer):
+        return [n for n in names if n in layer.token_indices]
+    if isinstance(layer, LORA_LAYERS):
+        return [n for n in names if n in layer.r]
+    return [n for n in names if next(iter(layer.adapter_params(n)), None) is not None]
 
 
 def check_one_bias(configs: dict, adapter_name: str, config: LoraConfig) -> None:
     """As PEFT's BaseTuner._check_new_adapter_config: one adapter at most trains base biases (two would
     train, and each save, the same bias tensors)."""
-    other = next((n for n, c in configs.items() if c.bias != "none"), None)
-    if config.bias != "none" and other is not None:
+    other = next((n for n, c in configs.items() if getattr(c, "bias", "none") != "none"), None)
+    if getattr(config, "bias", "none") != "none" and other is not None:
         raise ValueError(f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {other!r} trains "
                          f"biases already (bias={configs[other].bias!r}): only one adapter may train "
                          "biases, as in HF PEFT; set bias='none' for one of them")
@@ -82,6 +89,38 @@ def check_same_parameters(configs: dict, adapter_name: str, config: LoraConfig) 
                              "target_parameters must all target the same ones, as in HF PEFT")
 
 
+def check_one_method(configs: dict, adapter_name: str, config) -> None:
+    """As PEFT's PeftModel: the adapters of one model are of one method (their layers would wrap each other)."""
+    other = next((n for n, c in configs.items() if method_of(c) is not method_of(config)), None)
+    if other is not None:
+        raise ValueError(f"adapter {adapter_name!r} is {method_of(config).name} but adapter {other!r} is "
+                         f"{method_of(configs[other]).name}: one model holds adapters of one method, as in HF PEFT")
+
+
+def add_method_adapter(model: nn.Module, configs: dict, name: str, config, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, holder: nn.Module | None = None) -> None:
+    """Inject adapter `name` of any layer method (methods.METHODS) into `model`; `configs`: the adapters it has.
+    For the methods but LoRA, low_cpu_mem_usage changes nothing: their layers are built with their init values
+    (vectors and small rotations, no memory to speak of), which the loaded weights then overwrite. `holder`: where
+    model-wide tensors go (VeRA's projections; default `model`; a PeftModel passes its base_model, PEFT's place)."""
+    check_one_method(configs, name, config)
+    method = method_of(config)
+    if method.inject is None:
+        return add_lora(model, configs, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+    check_one_bias(configs, name, config)
+    add_head_to_modules_to_save(config)
+    shared = {"holder": holder} if method.shares_state else {}
+    method.inject(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, **shared)
+    if config.modules_to_save:
+        wrap_modules_to_save(model, config.modules_to_save, name)
+
+
+def add_head_to_modules_to_save(config) -> None:
+    if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
+        config.modules_to_save = list(config.modules_to_save or [])
+        config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
+
+
 def add_lora(model: nn.Module, configs: dict, name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
              low_cpu_mem_usage: bool = False) -> None:
     """Inject adapter `name` (LoRA layers, modules_to_save copies) into `model`; `configs`: the adapters it has."""
@@ -89,9 +128,7 @@ def add_lora(model: nn.Module, configs: dict, name: str, config: LoraConfig, aut
     check_same_parameters(configs, name, config)
     if config.use_dora and config.target_parameters:  # checked here too: inject_on_meta injects without DoRA
         raise ValueError("use_dora=True does not work with target_parameters (as in HF PEFT)")
-    if config.task_type == TaskType.SEQ_CLS:  # PEFT trains (and saves) the classification head too
-        config.modules_to_save = list(config.modules_to_save or [])
-        config.modules_to_save += [m for m in SEQ_CLS_HEAD_NAMES if m not in config.modules_to_save]
+    add_head_to_modules_to_save(config)
     if low_cpu_mem_usage:
         inject_on_meta(model, config, name, autocast_adapter_dtype)
     else:
@@ -112,6 +149,8 @@ def inject_on_meta(model: nn.Module, config: LoraConfig, name: str, autocast_ada
         layers = inject_lora(model, empty, name, autocast_adapter_dtype)
         if config.use_dora:
             for layer in layers.values():
+                if isinstance(layer, LoraMultiheadAttention):  # inject_lora's refusal, skipped by the DoRA-less copy
+                    raise ValueError("use_dora=True does not work with nn.MultiheadAttention (as in HF PEFT)")
                 dtype = next(layer.adapter_params(name)).dtype
                 layer.lora_magnitude_vector[name] = Magnitude(torch.empty(layer.out_features, dtype=dtype))
     config.target_modules = empty.target_modules  # "all-linear" expanded, as inject_lora does on the config
@@ -147,7 +186,7 @@ def activate(model: nn.Module, names: list[str], configs: dict) -> None:
             raise ValueError(f"adapters {', '.join(n for n in names if n in layer.modules_to_save)} each have a "
                              "modules_to_save copy of the same module; only one of them can be active at a time")
     for layer in layers:
-        held = held_adapters(layer)
+        held = held_adapters(layer, configs)
         layer.active_adapters = list(names) if isinstance(layer, LORA_LAYERS) else [n for n in names if n in held]
         for adapter in held:
             for p in layer.adapter_params(adapter):
@@ -157,15 +196,15 @@ def activate(model: nn.Module, names: list[str], configs: dict) -> None:
 
 
 def set_bias_trainable(model: nn.Module, config: LoraConfig) -> None:
-    trainable = not config.inference_mode
-    if config.bias == "all":
+    trainable, bias = not config.inference_mode, getattr(config, "bias", "none")  # IA3 has no bias option
+    if bias == "all":
         for name, p in model.named_parameters():
             if name.endswith(".bias") and ".lora_" not in name and "original_module." not in name:
                 p.requires_grad_(trainable)
-    elif config.bias == "lora_only":
+    elif trains_adapted_biases(bias):
         for layer in model.modules():
             # getattr: an nn.Embedding base has no bias attribute at all
-            if isinstance(layer, LORA_LAYERS) and getattr(layer.base_layer, "bias", None) is not None:
+            if isinstance(layer, METHOD_LAYERS) and getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(trainable)
 
 
@@ -191,6 +230,14 @@ def check_merge_is_finite(layer: nn.Module, names: list[str]) -> None:
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
 
 
+def check_deltas_are_finite(layer: nn.Module, names: list[str]) -> None:
+    """safe_merge for the other methods: what each pending merge adds to the weight must be finite."""
+    for name in names:
+        if held_adapters(layer, [name]) and name not in layer.merged_adapters \
+                and not torch.isfinite(layer.delta_weight(name)).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
+
 def dora_factor(layer: nn.Module, name: str) -> torch.Tensor:
     """m / ||W0 + s*B*A||, shaped by the layer itself to scale its stored weight (rows, Conv1D or embedding columns,
     conv output channels). dora_factor reads the norm merge_weights records in _merge_norms: it is put there for
@@ -205,11 +252,11 @@ def dora_factor(layer: nn.Module, name: str) -> torch.Tensor:
 
 
 def merge(model: nn.Module, names: list[str], safe_merge: bool = False) -> None:
-    layers = [layer for layer in model.modules() if isinstance(layer, LORA_LAYERS)]
+    layers = [layer for layer in model.modules() if isinstance(layer, METHOD_LAYERS)]
     for layer in layers:  # every layer first: a refusal in the last one must not leave the others merged
         layer.check_mergeable(names)
         if safe_merge:  # PEFT checks layer by layer while merging; checking all first leaves nothing half-merged
-            check_merge_is_finite(layer, names)
+            (check_merge_is_finite if isinstance(layer, LORA_LAYERS) else check_deltas_are_finite)(layer, names)
     for layer in layers:
         layer.merge(names)
 
@@ -228,8 +275,8 @@ class LoraBackend:
     """PeftModel's LoRA kind: the functions above on `peft_model.base_model.model`, plus what needs the
     PeftModel (its configs, mixed batches, files, the disabled state)."""
 
-    config_type = LoraConfig
-    kind = "LoRA"
+    config_type = LAYER_METHOD_CONFIGS
+    kind = "weight-adapting (LoRA, OFT, ...)"
     is_prompt_learning = False
 
     def __init__(self, peft_model: nn.Module, model: nn.Module):
@@ -247,7 +294,8 @@ class LoraBackend:
 
     def add(self, name: str, config: LoraConfig, autocast_adapter_dtype: bool, loading: bool,
             low_cpu_mem_usage: bool = False) -> None:
-        add_lora(self.model, self.peft_model.peft_config, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+        add_method_adapter(self.model, self.peft_model.peft_config, name, config, autocast_adapter_dtype,
+                           low_cpu_mem_usage, holder=self.peft_model.base_model)
 
     def activate(self, names: list[str]) -> None:
         activate(self.model, names, self.peft_model.peft_config)

@@ -66,7 +66,8 @@ def backend_type(config: PeftConfig) -> type[AdapterBackend]:
     for backend in BACKENDS:
         if isinstance(config, backend.config_type):
             return backend
-    kinds = ", ".join(b.config_type.__name__ for b in BACKENDS)
+    kinds = ", ".join(c.__name__ for b in BACKENDS for c in
+                      (b.config_type if isinstance(b.config_type, tuple) else (b.config_type,)))
     raise TypeError(f"a PeftModel is made from a {kinds} (or a subclass), not a {type(config).__name__}")
 
 

@@ -240,6 +240,9 @@ def check_adapters(peft_model: nn.Module, adapters: list[str], weights: list[flo
         raise ValueError(f"an adapter named {adapter_name!r} exists already; pick a new name or delete_adapter() it")
     for name in adapters:
         config = peft_model.peft_config[name]
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"adapter {name!r} is a {type(config).__name__}: add_weighted_adapter combines LoRA "
+                            "adapters' A and B factors, as in HF PEFT")
         if config.use_dora or config.lora_bias:
             option = "use_dora=True" if config.use_dora else "lora_bias=True"
             raise ValueError(f"adapter {name!r} has {option}: add_weighted_adapter combines plain LoRA A and B "
