@@ -19,7 +19,13 @@ from torch import nn
 
 from peftcore.ia3.config import IA3Config
 from peftcore.ia3.layer import CONV_TYPES, IA3_LAYERS, IA3Conv, IA3Linear
-from peftcore.lora.inject import is_linear, match_fan_in_fan_out, matches, output_head_names, regex_hint
+from peftcore.lora.inject import (
+    all_linear_names,
+    is_linear,
+    match_fan_in_fan_out,
+    matches,
+    regex_hint,
+)
 from peftcore.lora.modules_to_save import ModulesToSave, set_submodule, walk_unwrapped
 from peftcore.lora.registry import LORA_LAYERS
 
@@ -87,9 +93,7 @@ def candidate_names(model: nn.Module) -> list[str]:
 
 def expand_all_linear(model: nn.Module, config: IA3Config) -> list[str]:
     """PEFT's "all-linear": every linear (or the IA3Linear around one) but the output head, by full name."""
-    heads = output_head_names(model, config.task_type)
-    return sorted(name for name, module in walk_unwrapped(model)
-                  if name and (is_linear(module) or isinstance(module, IA3Linear)) and name not in heads)
+    return all_linear_names(model, config.task_type, (IA3Linear,))
 
 
 def check_wrappable(name: str, module: nn.Module) -> None:

@@ -77,12 +77,16 @@ def output_head_names(model: nn.Module, task_type) -> set[str]:
 
 
 def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
-    heads = output_head_names(model, config.task_type)
-    return sorted(
-        name
-        for name, module in walk_unwrapped(model)
-        if (is_linear(module) or isinstance(module, LoraLinear)) and name not in heads
-    )
+    return all_linear_names(model, config.task_type, (LoraLinear,))
+
+
+def all_linear_names(model: nn.Module, task_type, wrappers: tuple[type, ...]) -> list[str]:
+    """PEFT's "all-linear", by full name: every linear layer (GPT-2's Conv1D too) or one of `wrappers` (a method's
+    layers: a second adapter finds the first one's) around one, but the output head (lm_head; score / classifier
+    for SEQ_CLS). Every method expands it so."""
+    heads = output_head_names(model, task_type)
+    return sorted(name for name, module in walk_unwrapped(model) if name and name not in heads and (
+        is_linear(module) or isinstance(module, wrappers) and is_linear(module.base_layer)))
 
 
 def is_target(name: str, config: LoraConfig) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from peftcore.lora.inject import is_linear, is_target, output_head_names, pattern_value, regex_hint
+from peftcore.lora.inject import all_linear_names, is_target, pattern_value, regex_hint
 from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
 from peftcore.lycoris.common import SUPPORTED_BASES, check_base
 from peftcore.lycoris.config import LoHaConfig, LoKrConfig
@@ -39,7 +39,7 @@ def inject(model: nn.Module, config, adapter_name: str, layer_cls: type, autocas
         raise ValueError(f"{type(config).__name__}.target_modules is required, e.g. ['q_proj', 'v_proj'] or "
                          "'all-linear' (peftcore has no per-architecture defaults)")
     if config.target_modules == "all-linear":
-        config.target_modules = all_linear_names(model, config)
+        config.target_modules = all_linear_names(model, config.task_type, LYCORIS_LAYERS)
     found = [(name, module) for name, module in walk_unwrapped(model) if name and is_target(name, config)]
     if not found:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
@@ -58,14 +58,6 @@ def inject(model: nn.Module, config, adapter_name: str, layer_cls: type, autocas
             set_submodule(model, name, layer)
         wrapped[name] = layer
     return wrapped
-
-
-def all_linear_names(model: nn.Module, config) -> list[str]:
-    """"all-linear": every linear module but the output head, counting linears this method wrapped already (a
-    second adapter finds the first one's layers), by full name as peftcore's LoRA expands it."""
-    heads = output_head_names(model, config.task_type)
-    return sorted(name for name, module in walk_unwrapped(model) if name and name not in heads and (
-        is_linear(module) or isinstance(module, LYCORIS_LAYERS) and isinstance(module.base_layer, nn.Linear)))
 
 
 def check_wrappable(module: nn.Module, name: str, method: str) -> None:

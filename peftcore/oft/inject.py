@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from peftcore.lora.inject import is_linear, is_target, output_head_names, regex_hint
+from peftcore.lora.inject import all_linear_names, is_target, regex_hint
 from peftcore.lora.layer import is_conv1d
 from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
 from peftcore.models.quantized import QuantLinear
@@ -35,7 +35,7 @@ def inject_oft(model: nn.Module, config: OFTConfig, adapter_name: str,
     if config.target_modules is None:
         raise ValueError("OFTConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     if config.target_modules == "all-linear":
-        config.target_modules = all_linear_names(model, config)
+        config.target_modules = all_linear_names(model, config.task_type, (OftLinear,))
     found = [(name, module) for name, module in walk_unwrapped(model) if name and is_target(name, config)]
     if not found:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
@@ -49,14 +49,6 @@ def inject_oft(model: nn.Module, config: OFTConfig, adapter_name: str,
         if layer is not module:
             set_submodule(model, name, layer)
     return layers
-
-
-def all_linear_names(model: nn.Module, config: OFTConfig) -> list[str]:
-    """"all-linear": every linear layer (GPT-2's Conv1D included, which wrap then refuses, as PEFT does) but the
-    output head, and the OFT layers already around linear layers."""
-    heads = output_head_names(model, config.task_type)
-    return sorted(name for name, module in walk_unwrapped(model)
-                  if (is_linear(module) or isinstance(module, OftLinear)) and name not in heads)
 
 
 def candidate_names(model: nn.Module) -> list[str]:

@@ -16,7 +16,13 @@ import types
 
 from torch import nn
 
-from peftcore.lora.inject import is_linear, is_target, match_fan_in_fan_out, output_head_names, regex_hint
+from peftcore.lora.inject import (
+    all_linear_names,
+    is_linear,
+    is_target,
+    match_fan_in_fan_out,
+    regex_hint,
+)
 from peftcore.lora.layer import linear_features
 from peftcore.lora.modules_to_save import set_submodule, walk_unwrapped
 from peftcore.vera.config import VeraConfig
@@ -33,7 +39,7 @@ def inject_vera(model: nn.Module, config: VeraConfig, adapter_name: str, holder:
         raise ValueError("VeraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     holder = model if holder is None else holder
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        config.target_modules = all_linear_names(model, config)  # PEFT saves the expanded names too
+        config.target_modules = all_linear_names(model, config.task_type, (VeraLinear,))  # PEFT saves them too
     targets = find_targets(model, config)
     vera_A, vera_B = shared_dicts(holder, config)
     check_targets_share(targets, vera_A, vera_B)
@@ -93,14 +99,6 @@ def linear_candidates(model: nn.Module) -> list[str]:
     """Distinct last name parts of the modules VeRA could adapt: what the user probably meant."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in walk_unwrapped(model)
                    if name and (is_linear(m) or isinstance(m, VeraLinear))})
-
-
-def all_linear_names(model: nn.Module, config: VeraConfig) -> list[str]:
-    """'all-linear': every linear (or VeRA-wrapped linear) but the output head (lm_head; score / classifier for
-    SEQ_CLS), as lora.inject.expand_all_linear and PEFT's _maybe_include_all_linear_layers."""
-    heads = output_head_names(model, config.task_type)
-    return sorted(name for name, m in walk_unwrapped(model)
-                  if name and (is_linear(m) or isinstance(m, VeraLinear)) and name not in heads)
 
 
 def dims(module: nn.Module) -> tuple[int, int]:
