@@ -16,6 +16,11 @@ lm_head stored as 4-bit NF4 codes plus absmax scales, dequantized in the forward
     prompt    support_prompt.toml   prompt tuning, 20 virtual tokens (TEXT init), LR 3e-2
     p-tuning  support_ptuning.toml  P-tuning, 20 virtual tokens, MLP encoder (hidden 128), LR 3e-3
     prefix    support_prefix.toml   prefix tuning, 20 virtual keys / values per layer, LR 1e-2
+    ia3       support_ia3.toml      (IA)^3 output-scaling vectors on q_proj + v_proj, LR 1e-1
+    loha      support_loha.toml     LoHa r=4, alpha 8, q_proj + v_proj, LR 1e-2
+    lokr      support_lokr.toml     LoKr r=4, alpha 8, q_proj + v_proj, LR 1e-2
+    oft       support_oft.toml      OFT, Cayley-Neumann rotations in blocks of 16, q_proj + v_proj, LR 1e-2
+    vera      support_vera.toml     VeRA r=16 (shared random projections), q_proj + v_proj, LR 1e-1
 
 What every method shares (set with the recipes' own `--set` overrides): the seed (so the same
 data order: `batches_from` shuffles with it), the batch size (8), max_length (256), `--steps`
@@ -50,7 +55,7 @@ Each method runs in its own fresh Python process, built with the library's own p
                 batch 8) before training, with the adapter disabled (the base model, as
                 `peftcore train` reports "before"; the NF4 base for QLoRA), and after the last step.
 
-    python bench/bench_methods.py                     # 7 x 150 steps, 1 thread: ~3 min (2 cores, load ~1)
+    python bench/bench_methods.py                     # 12 x 150 steps, 1 thread: ~5 min (2 cores, load ~1)
     python bench/bench_methods.py --quick             # smoke run: 3 steps, 8 held-out records
     python bench/bench_methods.py --methods lora,prompt --steps 150 --threads 2
 
@@ -85,6 +90,11 @@ METHODS = {
     "prompt": ("support_prompt.toml", [], ""),
     "p-tuning": ("support_ptuning.toml", [], ""),
     "prefix": ("support_prefix.toml", [], ""),
+    "ia3": ("support_ia3.toml", [], ""),
+    "loha": ("support_loha.toml", [], ""),
+    "lokr": ("support_lokr.toml", [], ""),
+    "oft": ("support_oft.toml", [], ""),
+    "vera": ("support_vera.toml", [], ""),
 }
 DEFAULT_STEPS = 150  # the example recipes' own max_steps: their learning rates were chosen for it
 QUICK = {"steps": 3, "eval_rows": 8}

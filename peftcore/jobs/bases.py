@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peftcore.config import TaskType
+from peftcore.jobs.recipe_methods import WEIGHT_METHODS
 from peftcore.models import checkpoint, load_pretrained
 from peftcore.models.tokenizer import read_chat_template, read_json
 
@@ -131,7 +132,7 @@ def default_targets(model: nn.Module) -> list[str]:
 
 def adapter_config(recipe, model: nn.Module, base_name: str, tokenizer_source: Path, task_type: str | None = None):
     filled = {"task_type": TaskType(task_type or recipe.model.task), "base_model_name_or_path": base_name}
-    if recipe.adapter.method in ("lora", "dora") and "target_modules" not in recipe.adapter.options:
+    if recipe.adapter.method in WEIGHT_METHODS and "target_modules" not in recipe.adapter.options:
         filled["target_modules"] = default_targets(model)
     if recipe.adapter.method == "prompt" and "tokenizer_name_or_path" not in recipe.adapter.options:
         filled["tokenizer_name_or_path"] = str(tokenizer_source)  # for prompt_tuning_init = "TEXT"

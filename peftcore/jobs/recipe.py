@@ -25,13 +25,12 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from peftcore.config import LoraConfig
 from peftcore.data.augment import AugmentConfig
 from peftcore.data.records import PromptTemplate
 from peftcore.jobs.builtin import EXAMPLES_DIR
+from peftcore.jobs.recipe_methods import ADAPTER_DEFAULTS, INTERNAL_ADAPTER_FIELDS, METHODS
 from peftcore.models.generate import SamplingOptions
 from peftcore.multitask.heads import HEAD_KINDS, KINDS, POOLINGS, Classification, check_task_name
-from peftcore.prompt.configs import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftcore.training.config import (
     COUNT,
     NON_NEGATIVE,
@@ -50,21 +49,6 @@ else:  # pragma: no cover
 DEFAULT_RECIPE_NAME = "support_smollm2.toml"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
-METHODS = {"lora": LoraConfig, "dora": LoraConfig, "prompt": PromptTuningConfig, "p-tuning": PromptEncoderConfig,
-           "prefix": PrefixTuningConfig}
-# Fields the job fills in from the model, the task and the base: never set in a recipe.
-INTERNAL_ADAPTER_FIELDS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "token_dim",
-                           "num_transformer_submodules", "num_attention_heads", "num_layers", "use_dora"}
-# The practitioners' starting point (r=8, alpha=32, q/v, dropout 0.05); target_modules unset means
-# the family's attention query/value projections (q_proj/v_proj, BERT query/value, GPT-2 c_attn).
-ADAPTER_DEFAULTS = {
-    "lora": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.05},
-    "dora": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.05},
-    "prompt": {"num_virtual_tokens": 20},
-    "p-tuning": {"num_virtual_tokens": 20},
-    "prefix": {"num_virtual_tokens": 20},
-}
-
 # Numbers a recipe refuses by key before the model loads (the configs check theirs too): values that
 # fail late, in torch's words, or make a job that silently trains nothing. The library's TrainConfig
 # takes learning_rate 0 (a step that only computes gradients); a recipe with it would train nothing.
@@ -128,7 +112,7 @@ class DataSection:
 
 @dataclass
 class AdapterSection:
-    method: str = "lora"  # lora | dora | prompt | p-tuning | prefix
+    method: str = "lora"  # lora | dora | ia3 | loha | lokr | oft | vera | prompt | p-tuning | prefix
     options: dict = field(default_factory=dict)  # the method's config fields, validated against its class
 
     def config(self, **filled):

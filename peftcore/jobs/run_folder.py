@@ -18,15 +18,13 @@ from pathlib import Path
 
 from peftcore._json import read_json_object
 from peftcore.jobs.recipe import (
-    ADAPTER_DEFAULTS,
-    INTERNAL_ADAPTER_FIELDS,
-    METHODS,
     SECTIONS,
     Recipe,
     TaskSection,
     load_recipe,
     parse_recipe,
 )
+from peftcore.jobs.recipe_methods import ADAPTER_DEFAULTS, INTERNAL_ADAPTER_FIELDS, METHODS
 from peftcore.training import distributed
 from peftcore.training.state import resumable_state
 

@@ -51,7 +51,7 @@ def test_every_example_recipe_validates(name):
 
 def test_example_recipes_cover_every_method():
     methods = {load_recipe(p).adapter.method for p in EXAMPLES.glob("*.toml")}
-    assert methods == {"lora", "dora", "prompt", "p-tuning", "prefix"}
+    assert methods == {"lora", "dora", "ia3", "loha", "lokr", "oft", "vera", "prompt", "p-tuning", "prefix"}
 
 
 def test_defaults_follow_the_practitioners_recipe(folder):
