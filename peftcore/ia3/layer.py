@@ -18,7 +18,7 @@ from functools import reduce
 import torch
 from torch import nn
 
-from peftcore.lora.layer import adapter_dtype, is_conv1d, linear_features
+from peftcore.lora.layer import adapter_dtype, base_output_stands, is_conv1d, linear_features
 from peftcore.models.quantized import QuantLinear
 
 UNMERGE_EPS = 1e-8  # PEFT's tolerance against a zero entry when dividing a merged vector out
@@ -60,14 +60,6 @@ def delete_adapter(layer: nn.Module, name: str) -> None:
     if name in layer.ia3_l:
         del layer.ia3_l[name]
     layer.active_adapters = [a for a in layer.active_adapters if a != name]
-
-
-def check_unmerged_call(layer: nn.Module, adapter_names) -> None:
-    """Merged or disabled adapters run the base alone; two combinations of these cannot be honoured."""
-    if layer.disable_adapters and layer.merged_adapters:
-        raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-    if adapter_names is not None and layer.merged_adapters:
-        raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
 
 
 def combined_vector(layer: nn.Module, names: list[str]) -> torch.Tensor | None:
@@ -169,8 +161,7 @@ class IA3Linear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         """As PEFT's ia3.Linear.forward: the input scaled in the vector's dtype and cast back to x's before the
         base runs, or the base's output scaled and cast back to its own dtype."""
-        if self.disable_adapters or self.merged_adapters:
-            check_unmerged_call(self, adapter_names)
+        if base_output_stands(self, adapter_names):
             return self.base_layer(x)
         scale = self.scale_for(x, adapter_names)
         if scale is None:
@@ -242,8 +233,7 @@ class IA3Conv(nn.Module):
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         """As PEFT's ia3._ConvNd.forward: the scaled input goes to the base weight's dtype; a scaled output
         is taken in the vector's dtype; the result comes back in x's dtype."""
-        if self.disable_adapters or self.merged_adapters:
-            check_unmerged_call(self, adapter_names)
+        if base_output_stands(self, adapter_names):
             return self.base_layer(x)
         scale = self.scale_for(x, adapter_names)
         if scale is None:

@@ -372,15 +372,24 @@ def delete_from(layer, name: str, containers) -> None:
     layer.active_adapters = [a for a in layer.active_adapters if a != name]
 
 
+def base_output_stands(layer, adapter_names) -> bool:
+    """Whether a layer's base output is its output: adapters disabled, or merged into the weight already. Two
+    states are refused: disabled while merged (the weight holds them anyway), a mixed batch while merged. Every
+    method's layers ask this first."""
+    if not (layer.disable_adapters or layer.merged_adapters):
+        return False
+    if layer.disable_adapters and layer.merged_adapters:
+        raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
+    if adapter_names is not None and layer.merged_adapters:
+        raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+    return True
+
+
 def apply_adapters(layer, out: torch.Tensor, x: torch.Tensor, adapter_names, known) -> torch.Tensor:
     """The base output plus the active adapters (or one adapter per row); merged or disabled: as is.
     Shared by LoraLinear and LoraEmbedding; `known` holds the adapters this layer has. The sum is taken
     in the adapters' dtype (fp32 adapters on a bf16 base) and cast to the base's once, as in PEFT."""
-    if layer.disable_adapters or layer.merged_adapters:
-        if layer.disable_adapters and layer.merged_adapters:
-            raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-        if adapter_names is not None and layer.merged_adapters:
-            raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+    if base_output_stands(layer, adapter_names):
         return out
     if adapter_names is not None:
         return mixed_rows(out, x, adapter_names, known, layer.add_lora)

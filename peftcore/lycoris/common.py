@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcore.lora.layer import adapter_dtype, is_conv1d, mixed_rows
+from peftcore.lora.layer import adapter_dtype, base_output_stands, is_conv1d, mixed_rows
 
 SUPPORTED_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # HF PEFT 0.21.2's LyCORIS layers_mapping
 
@@ -147,11 +147,7 @@ def lycoris_forward(layer: nn.Module, x: torch.Tensor, adapter_names: list[str] 
     adapter per batch row (adapter_names; "__base__": none); merged or disabled: base(x) alone. The result takes
     x's dtype, as PEFT casts back to the input's."""
     out = layer.base_layer(x)
-    if layer.disable_adapters or layer.merged_adapters:
-        if layer.disable_adapters and layer.merged_adapters:
-            raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-        if adapter_names is not None and layer.merged_adapters:
-            raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+    if base_output_stands(layer, adapter_names):
         return out
     known = known_adapters(layer)
     if adapter_names is not None:

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from peftcore.lora.layer import adapter_dtype, mixed_rows
+from peftcore.lora.layer import adapter_dtype, base_output_stands, mixed_rows
 from peftcore.models.quantized import QuantLinear
 from peftcore.oft.config import OFTConfig
 
@@ -233,17 +233,6 @@ def delete_rotation(layer: nn.Module, name: str) -> None:
     layer.active_adapters = [a for a in layer.active_adapters if a != name]
 
 
-def plain_call(layer: nn.Module, adapter_names) -> bool:
-    """Whether the base runs as is (adapters disabled or merged); refuses what cannot run so (as LoRA's layers)."""
-    if not (layer.disable_adapters or layer.merged_adapters):
-        return False
-    if layer.disable_adapters and layer.merged_adapters:
-        raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-    if adapter_names is not None and layer.merged_adapters:
-        raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
-    return True
-
-
 def rotate(layer: nn.Module, t: torch.Tensor, adapter_names) -> torch.Tensor:
     """t rotated by every active adapter in turn (PEFT's loop: t R1 R2 ...), or row b by adapter_names[b] alone."""
     rotations = layer.rotations
@@ -309,7 +298,7 @@ class OftLinear(nn.Module):
             yield self.oft_R[name].weight
 
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
-        if plain_call(self, adapter_names):
+        if base_output_stands(self, adapter_names):
             return self.base_layer(x)
         dtype = x.dtype  # the rotation runs in the adapter's dtype, the base in the input's (PEFT's casts)
         return self.base_layer(rotate(self, x, adapter_names).to(dtype)).to(dtype)
@@ -380,7 +369,7 @@ class OftEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         out = self.base_layer(ids)
-        if plain_call(self, adapter_names):
+        if base_output_stands(self, adapter_names):
             return out
         return rotate(self, out, adapter_names).to(out.dtype)
 

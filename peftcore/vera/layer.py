@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcore.lora.layer import adapter_dtype, is_conv1d, linear_features, mixed_rows
+from peftcore.lora.layer import adapter_dtype, base_output_stands, is_conv1d, linear_features, mixed_rows
 from peftcore.models.quantized import QuantLinear
 from peftcore.vera.config import VeraConfig
 
@@ -173,11 +173,7 @@ class VeraLinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.disable_adapters or self.merged_adapters:
-            if self.disable_adapters and self.merged_adapters:
-                raise RuntimeError("adapters are merged into the base weight; unmerge before disabling them")
-            if adapter_names is not None and self.merged_adapters:
-                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+        if base_output_stands(self, adapter_names):
             return out
         if adapter_names is not None:
             return mixed_rows(out, x, adapter_names, self.vera_lambda_d, self.add_vera)
