@@ -26,6 +26,9 @@ def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = N
     adapter = Path(adapter)
     config = read_adapter_config(adapter)
     prompt = is_prompt_adapter(config)
+    if not prompt and config.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter: peftcore inspect reads LoRA / DoRA "
+                         "and prompt-learning adapters; IA3, LoHa, LoKr, OFT and VeRA reports are not written yet")
     if top_k < 1:
         raise ValueError(f"--top-k {top_k}: list at least 1 nearest vocabulary token")
     if prompt and compare:
