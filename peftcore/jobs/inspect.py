@@ -3,6 +3,7 @@ learned (peftcore.analysis: low-rank spectra for LoRA / DoRA, norms and nearest 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -11,6 +12,8 @@ from peftcore._logging import quiet
 from peftcore.adapter_io import read_adapter_config
 from peftcore.analysis import plots
 from peftcore.analysis.lowrank import compare_adapters, format_similarity, format_table, inspect_adapter, write_json
+from peftcore.analysis.method_vectors import REPORTED as VECTOR_METHODS
+from peftcore.analysis.method_vectors import format_vector_table, inspect_method_adapter, vector_json
 from peftcore.analysis.prompts import format_prompt_table, inspect_prompt_adapter, is_prompt_adapter, write_prompt_json
 from peftcore.analysis.token_rows import format_token_table, inspect_token_rows
 from peftcore.jobs.bases import resolve_base
@@ -26,9 +29,9 @@ def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = N
     adapter = Path(adapter)
     config = read_adapter_config(adapter)
     prompt = is_prompt_adapter(config)
-    if not prompt and config.get("peft_type") != "LORA":
-        raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter: peftcore inspect reads LoRA / DoRA "
-                         "and prompt-learning adapters; IA3, LoHa, LoKr, OFT and VeRA reports are not written yet")
+    if not prompt and config.get("peft_type") not in ("LORA", *VECTOR_METHODS):
+        raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter: peftcore inspect reads LoRA / DoRA, "
+                         "IA3, VeRA, OFT and prompt-learning adapters; LoHa and LoKr reports are not written yet")
     if top_k < 1:
         raise ValueError(f"--top-k {top_k}: list at least 1 nearest vocabulary token")
     if prompt and compare:
@@ -39,11 +42,22 @@ def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = N
                                      "nearest vocabulary tokens" if prompt else "relative norms")
     out = Path(output_dir or adapter)
     out.mkdir(parents=True, exist_ok=True)
-    report = (report_prompt(adapter, base_folder, top_k, out) if prompt
-              else report_lora(adapter, base_folder, compare, out, config))
+    if config.get("peft_type") in VECTOR_METHODS:
+        report = report_vectors(adapter, out)
+    else:
+        report = (report_prompt(adapter, base_folder, top_k, out) if prompt
+                  else report_lora(adapter, base_folder, compare, out, config))
     written = [out / "inspect.json"] + write_plots(report, out)
     log.info("wrote " + ", ".join(str(p) for p in written))
     return written
+
+
+def report_vectors(adapter: Path, out: Path) -> list[tuple]:
+    """IA3 / VeRA vectors, OFT angles: the table and inspect.json; no plots."""
+    stats = inspect_method_adapter(adapter)
+    log.info(format_vector_table(stats))
+    (out / "inspect.json").write_text(json.dumps(vector_json(stats), indent=1) + "\n")
+    return []
 
 
 def report_prompt(adapter: Path, base: Path | None, top_k: int, out: Path) -> list[tuple]:

@@ -191,7 +191,11 @@ def rotation_angle(layer: nn.Module, name: str) -> float:
 
 def block_angles(layer: nn.Module, name: str) -> torch.Tensor:
     """(blocks,) the largest principal angle of each distinct block of adapter `name` (see rotation_angle)."""
-    rotation = layer.rotations[name]
+    return rotation_block_angles(layer.rotations[name])
+
+
+def rotation_block_angles(rotation: OftRotation) -> torch.Tensor:
+    """(blocks,) the largest principal angle of each block of `rotation` (see rotation_angle)."""
     with torch.no_grad():
         vec = rotation.weight.detach().double()  # fp64: angles near 0 need the precision
         if rotation.coft:  # what the next forward will use, without storing it (measuring changes nothing)

@@ -115,11 +115,3 @@ def test_a_second_adapter_trains_alone_once_set_and_methods_do_not_mix(folder):
     with pytest.raises(ValueError, match="is OFT but adapter 'default' is LoRA"):
         lora.add_adapter("oft", OFTConfig(target_modules=["q_proj"], oft_block_size=8))
 
-
-def test_inspect_says_plainly_that_it_does_not_report_these_methods_yet(folder, tmp_path):
-    from peftcore.jobs.inspect import run_inspect
-
-    get_peft_model(load_pretrained(folder), OFTConfig(target_modules=["q_proj"], oft_block_size=8)).save_pretrained(
-        tmp_path)
-    with pytest.raises(ValueError, match="holds a OFT adapter: peftcore inspect reads LoRA / DoRA and prompt"):
-        run_inspect(tmp_path, base=str(folder), output_dir=tmp_path / "out")
