@@ -95,8 +95,10 @@ def exportable_config(adapter: Path) -> LoraConfig:
                         "e.g. runs/<timestamp>/adapter)")
     config = load_config(adapter)
     if not isinstance(config, LoraConfig):
-        raise TaskError(f"{adapter} holds a {config.peft_type.value} adapter: prompt learning adds virtual tokens, "
-                        "not weight deltas, and a llama.cpp LoRA file holds only lora_a / lora_b pairs")
+        what = ("prompt learning adds virtual tokens, not weight deltas" if config.peft_type.value.endswith("TUNING")
+                else "its update is no B A pair (merge it into the base with `peftcore merge` instead)")
+        raise TaskError(f"{adapter} holds a {config.peft_type.value} adapter: {what}, and a llama.cpp LoRA file "
+                        "holds only lora_a / lora_b pairs")
     refused = [(config.use_dora, "use_dora (DoRA's magnitude vector rescales the merged weight; llama.cpp "
                                  "adds B A only: merge it with `peftcore merge` instead)"),
                (config.lora_bias, "lora_bias (a bias on lora_B; llama.cpp's LoRA pairs have none)"),

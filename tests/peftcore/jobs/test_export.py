@@ -196,6 +196,15 @@ def test_export_refuses_what_a_llama_cpp_lora_cannot_carry(tiny_base, tmp_path, 
     assert not (tmp_path / "a.gguf").exists()
 
 
+def test_export_refuses_the_other_weight_methods_naming_merge(tiny_base, tmp_path):
+    from peftcore.ia3 import IA3Config
+
+    ia3 = get_peft_model(load_pretrained(tiny_base), IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
+    with pytest.raises(TaskError, match="IA3 adapter: its update is no B A pair .*peftcore merge"):
+        run_export(save_adapter(ia3, tmp_path / "ia3", str(tiny_base)), tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_export_refuses_prompt_methods_other_bases_and_a_missing_base(tiny_base, tmp_path):
     prompt = get_peft_model(load_pretrained(tiny_base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(TaskError, match="PROMPT_TUNING adapter: prompt learning adds virtual tokens"):
