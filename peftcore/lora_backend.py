@@ -22,7 +22,7 @@ from peftcore.lora.layer import Magnitude, weight_before_merges
 from peftcore.lora.mha import LoraMultiheadAttention
 from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
 from peftcore.lora.registry import LORA_LAYERS
-from peftcore.lora.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layers, wrap_token_rows
+from peftcore.lora.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, wrap_token_rows
 from peftcore.methods import ADAPTER_LAYERS as METHOD_LAYERS
 from peftcore.methods import LAYER_METHOD_CONFIGS, method_of, trains_adapted_biases
 from peftcore.models.generate import generate as generate_tokens
@@ -252,7 +252,7 @@ def dora_factor(layer: nn.Module, name: str) -> torch.Tensor:
 
 
 def merge(model: nn.Module, names: list[str], safe_merge: bool = False) -> None:
-    layers = [layer for layer in model.modules() if isinstance(layer, METHOD_LAYERS)]
+    layers = [layer for layer in model.modules() if isinstance(layer, MERGEABLE)]  # trained token rows too
     for layer in layers:  # every layer first: a refusal in the last one must not leave the others merged
         layer.check_mergeable(names)
         if safe_merge:  # PEFT checks layer by layer while merging; checking all first leaves nothing half-merged
@@ -356,12 +356,7 @@ class LoraBackend:
         return any(layer.merged_adapters for layer in self.layers() if isinstance(layer, MERGEABLE))
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        tables = token_layers(self.model)
-        for table in tables:  # checked before any LoRA layer merges: a refusal leaves nothing merged
-            table.check_mergeable(names, safe_merge)
         merge(self.model, names, safe_merge)
-        for table in tables:
-            table.merge(names)
 
     def unmerge(self) -> None:
         for layer in self.layers():

@@ -62,12 +62,16 @@ class TrainableTokensLayer(nn.Module):
             weight = weight.index_copy(0, index, self.trainable_tokens_delta[name].to(weight))
         return weight
 
-    def check_mergeable(self, names: list[str], safe_merge: bool = False) -> None:
-        """Refusals before anything merges: overlapping rows; with safe_merge (PEFT's), rows that are not finite."""
+    def check_mergeable(self, names: list[str]) -> None:
+        """Refused before anything merges: rows two adapters both replace."""
         check_disjoint(self.token_indices, list(dict.fromkeys(self.merged_adapters + self.pending(names))))
-        for name in self.pending(names) if safe_merge else []:
-            if not torch.isfinite(self.trainable_tokens_delta[name]).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """What merging `name` adds to the table (the Adapter Protocol's): its rows minus the table's, 0 elsewhere."""
+        weight = self.base_layer.weight.detach()
+        index = torch.tensor(self.token_indices[name], device=weight.device)
+        rows = self.trainable_tokens_delta[name].detach().to(weight)
+        return torch.zeros_like(weight).index_copy(0, index, rows - weight[index])
 
     def pending(self, names: list[str]) -> list[str]:
         return [n for n in names if n in self.token_indices and n not in self.merged_adapters]
@@ -241,10 +245,6 @@ def check_same_rows(name: str, source: TrainableTokensLayer, adapter_name: str, 
         raise ValueError(f"{name!r} shares its weight with the embedding (tie_word_embeddings) but "
                          f"trainable_token_indices gives it rows {list(rows)} and the embedding "
                          f"{source.token_indices[adapter_name]}: tied tables need the same rows")
-
-
-def token_layers(model: nn.Module) -> list[TrainableTokensLayer]:
-    return [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
 
 
 def token_row_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:

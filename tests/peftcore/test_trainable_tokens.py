@@ -187,3 +187,14 @@ def test_loaded_for_inference_the_rows_are_frozen_and_weighted_combination_is_re
     assert any(DELTA in n for n, p in trained.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="trains token rows"):
         trained.add_weighted_adapter(["default"], [1.0], "combined")
+
+
+def test_safe_merge_refuses_rows_that_are_not_finite_and_merges_nothing(folder):
+    _, ours = pair(folder)
+    table = ours.get_base_model().model.embed_tokens.token_adapter
+    original = table.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        table.trainable_tokens_delta["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default"):
+        ours.merge_adapter(safe_merge=True)
+    assert not ours.backend.is_merged() and torch.equal(table.base_layer.weight, original)
