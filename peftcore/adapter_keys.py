@@ -45,7 +45,7 @@ def other_adapters_removed(state: dict, peft_model: nn.Module, adapter_name: str
     return {k: v for k, v in state.items() if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)}
 
 
-def lora_layer_names(peft_model: nn.Module) -> list[str]:
+def adapter_layer_names(peft_model: nn.Module) -> list[str]:
     """The adapter layers of every method (LoRA's, OFT's, ...)."""
     return [name for name, m in peft_model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
 
@@ -64,7 +64,7 @@ def shared_keys(state: dict, peft_model: nn.Module, adapter_name: str) -> dict[s
     on disk, `base_model.vera_A.<adapter>` in memory, kept outside every layer; absent with save_projection=False,
     where they are drawn again from projection_prng_key)."""
     names = {part for m in peft_model.modules() for part in getattr(m, "shared_state", ())}
-    inside = tuple(f"{n}." for n in lora_layer_names(peft_model))
+    inside = tuple(f"{n}." for n in adapter_layer_names(peft_model))
     wanted = {f"{part}.{adapter_name}" for part in names}
     return {k.removesuffix(f".{adapter_name}"): k for k in state
             if not k.startswith(inside) and any(k == w or k.endswith(f".{w}") for w in wanted)}
@@ -76,7 +76,7 @@ def bias_keys(state: dict, peft_model: nn.Module, bias: str) -> list[str]:
     if bias == "all":
         return [k for k in state if k.endswith(".bias")]
     if trains_adapted_biases(bias):
-        return [f"{name}.base_layer.bias" for name in lora_layer_names(peft_model)
+        return [f"{name}.base_layer.bias" for name in adapter_layer_names(peft_model)
                 if f"{name}.base_layer.bias" in state]
     return []
 

@@ -212,18 +212,30 @@ def wrap_token_rows(model: nn.Module, indices, adapter_name: str, modules_to_sav
             raise ValueError(f"{key!r} is in modules_to_save (trained whole) and in trainable_token_indices (some "
                              "rows trained): pick one of the two, as in HF PEFT")
         name, module = find_module(model, key)
-        wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
-        if wrapper.token_adapter.tied_to:  # named explicitly, but already tied to the embedding's rows
-            check_same_rows(name, wrapper.token_adapter, adapter_name, rows)
+        if isinstance(module, TrainableTokensWrapper):  # an earlier adapter's table, or one tied to it
+            source = module.token_adapter.tied_to[0] if module.token_adapter.tied_to else None
+        else:
+            source = rows_of_same_weight(model, module)
+        if source is not None:  # tied to a table with rows already (named after it, or tied by tie_to below)
+            check_same_rows(name, source, adapter_name, rows)
+            if not isinstance(module, TrainableTokensWrapper):
+                set_submodule(model, name, TrainableTokensWrapper(module, tied_to=source))
             continue
+        wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
         wrapper.token_adapter.add_adapter(adapter_name, rows)
         if wrapper is not module:
             set_submodule(model, name, wrapper)
-        wrapped += [name, *tie_to(model, wrapper.token_adapter, adapter_name, indices)]
+        wrapped += [name, *tie_to(model, wrapper.token_adapter)]
     return wrapped
 
 
-def tie_to(model: nn.Module, source: TrainableTokensLayer, adapter_name: str, indices) -> list[str]:
+def rows_of_same_weight(model: nn.Module, module: nn.Module) -> TrainableTokensLayer | None:
+    """The rows layer of a table holding `module`'s very weight (tie_word_embeddings), if one has rows already."""
+    return next((m.token_adapter for _, m in model.named_modules() if isinstance(m, TrainableTokensWrapper)
+                 and not m.token_adapter.tied_to and m.weight is module.weight), None)
+
+
+def tie_to(model: nn.Module, source: TrainableTokensLayer) -> list[str]:
     """Modules that hold the very weight of `source` (tie_word_embeddings) share its rows."""
     weight, tied = source.base_layer.weight, []
     for name, module in list(walk_unwrapped(model)):  # the wrappers' insides are not walked
@@ -232,9 +244,6 @@ def tie_to(model: nn.Module, source: TrainableTokensLayer, adapter_name: str, in
         if isinstance(module, LORA_LAYERS):
             raise ValueError(f"{name!r} shares the embedding's weight (tied) and LoRA adapts it: training rows of "
                              "the embedding would change it too; leave it out of target_modules")
-        if isinstance(indices, dict) and any(name == k or name.endswith(f".{k}") for k in indices):
-            check_same_rows(name, source, adapter_name, next(v for k, v in indices.items()
-                                                             if name == k or name.endswith(f".{k}")))
         set_submodule(model, name, TrainableTokensWrapper(module, tied_to=source))
         tied.append(name)
     return tied

@@ -198,3 +198,18 @@ def test_safe_merge_refuses_rows_that_are_not_finite_and_merges_nothing(folder):
     with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default"):
         ours.merge_adapter(safe_merge=True)
     assert not ours.backend.is_merged() and torch.equal(table.base_layer.weight, original)
+
+
+@pytest.mark.parametrize("order", [("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")])
+def test_tied_tables_named_in_either_order_share_one_set_of_rows(folder, order, tmp_path):
+    model = get_peft_model(load_pretrained(folder), LoraConfig(target_modules=["q_proj"],
+                                                               trainable_token_indices={k: [1, 2] for k in order}))
+    rows = [n for n, p in model.named_parameters() if DELTA in n]
+    tied = load_pretrained(folder).config.tie_word_embeddings
+    assert len(rows) == 1 if tied else len(rows) == 2
+    model.save_pretrained(tmp_path)
+    assert sum(DELTA in k for k in file_keys(tmp_path)) == len(rows)
+    if tied:
+        with pytest.raises(ValueError, match="tied tables need the same rows"):
+            get_peft_model(load_pretrained(folder), LoraConfig(
+                target_modules=["q_proj"], trainable_token_indices={order[0]: [1, 2], order[1]: [3]}))
