@@ -21,6 +21,8 @@ lm_head stored as 4-bit NF4 codes plus absmax scales, dequantized in the forward
     lokr      support_lokr.toml     LoKr r=4, alpha 8, q_proj + v_proj, LR 1e-2
     oft       support_oft.toml      OFT, Cayley-Neumann rotations in blocks of 16, q_proj + v_proj, LR 1e-2
     vera      support_vera.toml     VeRA r=16 (shared random projections), q_proj + v_proj, LR 1e-1
+    adalora   support_adalora.toml  AdaLoRA init_r=12 -> target_r=4 (rank budget schedule), q_proj + v_proj,
+                                    LR 1e-2 (total_step = --steps; under 60 steps tinit = tfinal = 0)
 
 What every method shares (set with the recipes' own `--set` overrides): the seed (so the same
 data order: `batches_from` shuffles with it), the batch size (8), max_length (256), `--steps`
@@ -95,7 +97,9 @@ METHODS = {
     "lokr": ("support_lokr.toml", [], ""),
     "oft": ("support_oft.toml", [], ""),
     "vera": ("support_vera.toml", [], ""),
+    "adalora": ("support_adalora.toml", [], ""),
 }
+SHORT_SCHEDULE = 60  # fewer steps than this: AdaLoRA's recipe tinit (20) + tfinal (30) leave no budget phase
 DEFAULT_STEPS = 150  # the example recipes' own max_steps: their learning rates were chosen for it
 QUICK = {"steps": 3, "eval_rows": 8}
 
@@ -234,6 +238,8 @@ def load_method_recipe(method: str, args: argparse.Namespace):
     from peftcore.jobs.recipe import EXAMPLES_DIR, load_recipe
 
     name, changes, _ = METHODS[method]
+    if method == "adalora" and args.steps < SHORT_SCHEDULE:
+        changes = [*changes, "adapter.tinit=0", "adapter.tfinal=0"]
     shared = [f"train.max_steps={args.steps}", f"train.seed={args.seed}", f"train.batch_size={args.batch_size}",
               f"data.max_length={args.max_length}", "train.eval_every=0", "train.checkpoint_every=0",
               "train.patience=0", "train.progress=false", "train.grad_accum=1", f"model.threads={args.threads}",
@@ -304,6 +310,7 @@ def measure_method(method: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from peftcore.jobs.bases import resolve_base, set_runtime
     from peftcore.jobs.tasks import pad_id
+    from peftcore.jobs.train import with_schedule_length
     from peftcore.models import load_tokenizer
     from peftcore.training.loop import evaluate, train
 
@@ -316,7 +323,7 @@ def measure_method(method: str, args: argparse.Namespace) -> dict:
     train_rows, eval_rows = load_rows(recipe, tokenizer, args.eval_rows)
     import_lazy_modules()
     after_imports = status_bytes("VmRSS")
-    peft_model = build_model(recipe, base_folder, device)
+    peft_model = build_model(with_schedule_length(recipe, train_rows, 1), base_folder, device)
     after_load = status_bytes("VmRSS")
     trainable, total = peft_model.get_nb_trainable_parameters()  # a 4-bit weight counts as out x in
     batch = recipe.train.batch_size

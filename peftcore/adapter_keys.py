@@ -20,7 +20,7 @@ from peftcore._json import read_json_object
 from peftcore.config import LoraConfig
 from peftcore.lora.modules_to_save import ModulesToSave
 from peftcore.lora.trainable_tokens import token_row_keys
-from peftcore.methods import ADAPTER_LAYERS, trains_adapted_biases
+from peftcore.methods import ADAPTER_LAYERS, method_of, trains_adapted_biases
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names that make it save the embedding tables
 TOKEN_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")  # our models' input embeddings
@@ -52,10 +52,13 @@ def adapter_layer_names(peft_model: nn.Module) -> list[str]:
 
 def adapter_keys(state: dict, peft_model: nn.Module) -> list[str]:
     """Keys that live on an adapter layer but not in the base layer it wraps (lora_A, lora_B, magnitudes, oft_R),
-    nor in the model-wide tensors it refers to (a layer's `shared_state`: VeRA's projections, see shared_keys)."""
-    # per layer: its prefix and what under it is not its own (a nested layer under base_layer. has its own entry)
-    layers = [(f"{name}.", (f"{name}.base_layer.", *(f"{name}.{part}." for part in getattr(m, "shared_state", ()))))
-              for name, m in peft_model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    nor in the model-wide tensors it refers to (a layer's `shared_state`: VeRA's projections, see shared_keys),
+    nor in what PEFT leaves out of files (a layer's `unsaved_state`: AdaLoRA's ranknum)."""
+    def not_own(name: str, m: nn.Module) -> tuple[str, ...]:  # a nested layer under base_layer. has its own entry
+        parts = (*getattr(m, "shared_state", ()), *getattr(m, "unsaved_state", ()))
+        return (f"{name}.base_layer.", *(f"{name}.{part}." for part in parts))
+
+    layers = [(f"{name}.", not_own(name, m)) for name, m in peft_model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
     return [k for k in state if any(k.startswith(p) and not k.startswith(skip) for p, skip in layers)]
 
 
@@ -174,7 +177,8 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str, config: LoraCon
     saved_copies = modules_to_save_keys(peft_model, adapter_name) | token_row_keys(peft_model, adapter_name)
     saved_copies |= shared_keys(state, peft_model, adapter_name)
     out.update({disk: state[memory] for disk, memory in saved_copies.items() if memory in state})
-    return out
+    to_file = method_of(config).to_file  # AdaLoRA: only the triplets its schedule kept
+    return out if to_file is None else to_file(out, config)
 
 
 def load_map(peft_model: nn.Module, adapter_name: str, state: dict) -> tuple[dict[str, str], set[str]]:

@@ -33,6 +33,7 @@ class PeftType(str, enum.Enum):
     LOKR = "LOKR"
     VERA = "VERA"
     OFT = "OFT"
+    ADALORA = "ADALORA"
 
 
 # PEFT 0.21.2 LoraConfig fields peftcore does not implement: (the value that means "off", what the

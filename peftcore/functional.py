@@ -16,6 +16,7 @@ from torch import nn
 from peftcore import adapter_io, adapter_keys
 from peftcore.config import LoraConfig
 from peftcore.lora_backend import activate, add_lora
+from peftcore.methods import method_of
 from peftcore.prompt.configs import PromptLearningConfig
 from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensors
 
@@ -36,7 +37,7 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     As PEFT's: the model's own weights are frozen, the new adapter trains (unless inference_mode) and is the
     active one; `model.peft_config` ({name: config}) records the adapters, for the state-dict functions.
     low_cpu_mem_usage: the adapter's tensors are made on the meta device, for set_peft_model_state_dict to fill."""
-    if not isinstance(peft_config, LoraConfig):
+    if not isinstance(peft_config, LoraConfig) or method_of(peft_config).inject is not None:
         raise ValueError(f"inject_adapter_in_model adds LoRA adapters, not a {type(peft_config).__name__} (PEFT's "
                          "supports no prompt learning either): use get_peft_model")
     configs = getattr(model, "peft_config", None)
@@ -86,6 +87,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if isinstance(config, PromptLearningConfig):
         load_prompt_embeddings(model.prompt_encoder[adapter_name], given.pop("prompt_embeddings"), "state dict")
         return LoadResult([], list(given))
+    before_load = method_of(config).before_load  # AdaLoRA: a pruned dict holds fewer triplets than init_r
+    if before_load is not None:
+        before_load(adapter_keys.user_model(model), config, adapter_name)
     state = model.state_dict(keep_vars=True)
     if not any(k.startswith(PEFT_PREFIX) for k in state):
         given = {k.removeprefix(PEFT_PREFIX): v for k, v in given.items()}

@@ -29,14 +29,42 @@ from peftcore.models.generate import generate as generate_tokens
 
 
 class LoraModel(nn.Module):
-    """Holds the user's model under `.model` (PEFT's nesting: keys read `base_model.model....`)."""
+    """Holds the user's model under `.model` (PEFT's nesting: keys read `base_model.model....`), and the
+    training-time state of methods that have some (AdaLoRA's rank allocator), under PEFT's names."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, peft_config: dict):
         super().__init__()
         self.model = model
+        self.peft_config = peft_config  # the PeftModel's {name: config}, the same dict
+        self.method_hooks: dict[str, object] = {}  # adapter name -> its method's training hook
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def trained_hooks(self) -> list:
+        """The step hooks of the adapters that train (AdaLoRA's RankAllocator), made when first asked for."""
+        hooks = []
+        for name, config in self.peft_config.items():
+            method = method_of(config)
+            if method.step_hook is None or config.inference_mode:
+                continue
+            if name not in self.method_hooks:
+                self.method_hooks[name] = method.step_hook(self.model, config, name)
+            hooks.append(self.method_hooks[name])
+        return hooks
+
+    @property
+    def rankallocator(self):
+        """PEFT's AdaLoraModel.rankallocator: the trainable AdaLoRA adapter's RankAllocator."""
+        hooks = self.trained_hooks()
+        if not hooks:
+            raise AttributeError("no trainable AdaLoRA adapter: rankallocator exists for AdaLoRA only")
+        return hooks[0]
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """PEFT's AdaLoraModel.update_and_allocate, for hand-written loops: call it after optimizer.step() and
+        before zero_grad() (it reads the gradients), with the 0-based step. `peftcore train` does it itself."""
+        self.rankallocator.update_and_allocate(global_step)
 
     def __getattr__(self, name: str):
         """Attributes of the wrapped model (`config`, ...) read through, as in PEFT."""
@@ -105,6 +133,8 @@ def add_method_adapter(model: nn.Module, configs: dict, name: str, config, autoc
     model-wide tensors go (VeRA's projections; default `model`; a PeftModel passes its base_model, PEFT's place)."""
     check_one_method(configs, name, config)
     method = method_of(config)
+    if method.check_new is not None:
+        method.check_new(configs, name, config)
     if method.inject is None:
         return add_lora(model, configs, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
     check_one_bias(configs, name, config)
@@ -282,7 +312,7 @@ class LoraBackend:
     def __init__(self, peft_model: nn.Module, model: nn.Module):
         # A plain reference, not a submodule: state-dict keys stay PEFT's (`base_model.model....`).
         self.peft_model = peft_model
-        peft_model.base_model = LoraModel(model)
+        peft_model.base_model = LoraModel(model, peft_model.peft_config)
         self.frozen_while_disabled: list[nn.Parameter] | None = None  # None: adapter layers enabled
 
     @property
@@ -311,6 +341,11 @@ class LoraBackend:
     def delete(self, name: str) -> None:
         for layer in self.layers():
             layer.delete_adapter(name)
+        self.peft_model.base_model.method_hooks.pop(name, None)
+
+    def step_hooks(self) -> list:
+        """What the training loop runs each step for the adapters that train (training.hooks)."""
+        return self.peft_model.base_model.trained_hooks()
 
     # -- enabled / disabled -----------------------------------------------------------------------
     def is_disabled(self) -> bool:
@@ -403,6 +438,9 @@ class LoraBackend:
 
     def load_weights(self, folder: str | Path, name: str, key_mapping: dict[str, str] | None = None,
                      ignore_mismatched_sizes: bool = False) -> None:
+        config = self.peft_model.peft_config[name]
+        if method_of(config).before_load is not None:
+            method_of(config).before_load(self.model, config, name)
         adapter_io.load_adapter_weights(self.peft_model, folder, name, self.peft_model.peft_config[name],
                                         key_mapping, ignore_mismatched_sizes)
 

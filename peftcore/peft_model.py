@@ -80,8 +80,8 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, _loading: bool = False, low_cpu_mem_usage: bool = False):
         super().__init__()
-        self.backend: AdapterBackend = backend_type(config)(self, model)
         self.peft_config: dict[str, PeftConfig] = {}
+        self.backend: AdapterBackend = backend_type(config)(self, model)
         self._active: list[str] = [adapter_name]
         self._active_frozen = False  # set_adapter(..., inference_mode=True): the active adapters run frozen
         for p in model.parameters():
@@ -163,6 +163,12 @@ class PeftModel(nn.Module):
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Every tensor adapter `adapter_name` trains (LoRA factors, magnitudes, modules_to_save copies, prompts)."""
         return self.backend.parameters(adapter_name)
+
+    def step_hooks(self) -> list:
+        """What the training loop runs around each optimizer step for the adapters that train (training.hooks):
+        AdaLoRA's rank allocator; none for most methods."""
+        hooks = getattr(self.backend, "step_hooks", None)
+        return hooks() if hooks is not None else []
 
     def delete_adapter(self, adapter_name: str) -> None:
         """As in PEFT, the other active adapters stay active; if none is left, the first remaining one is."""

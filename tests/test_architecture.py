@@ -20,6 +20,7 @@ LAYERS = [
     ["peftcore.adapter_io"],
     ["peftcore.adapter_keys"],
     ["peftcore.methods"],
+    ["peftcore.adalora"],  # AdaLoRA's config is a LoraConfig and its layers reuse LoRA's helpers
     ["peftcore.lora", "peftcore.prompt", "peftcore.ia3", "peftcore.lycoris", "peftcore.vera", "peftcore.oft"],
     ["peftcore.config", "peftcore.data", "peftcore._json", "peftcore._logging", "peftcore._version"],
     ["peftcore.models"],

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from peftcore.adapter_io import adapter_weights, load_config
-from peftcore.config import CONFIG_NAME, LoraConfig
+from peftcore.config import CONFIG_NAME, LoraConfig, PeftType
 from peftcore.jobs.bases import TaskError, canonical_base, resolve_base
 from peftcore.lora.inject import pattern_value
 from peftcore.lora.layer import lora_scaling
@@ -94,7 +94,7 @@ def exportable_config(adapter: Path) -> LoraConfig:
         raise TaskError(f"--adapter {adapter}: no {CONFIG_NAME} there (point at the adapter folder, "
                         "e.g. runs/<timestamp>/adapter)")
     config = load_config(adapter)
-    if not isinstance(config, LoraConfig):
+    if not isinstance(config, LoraConfig) or config.peft_type != PeftType.LORA:  # AdaLoRA's is a LoraConfig too
         what = ("prompt learning adds virtual tokens, not weight deltas" if config.peft_type.value.endswith("TUNING")
                 else "its update is no B A pair (merge it into the base with `peftcore merge` instead)")
         raise TaskError(f"{adapter} holds a {config.peft_type.value} adapter: {what}, and a llama.cpp LoRA file "

@@ -112,7 +112,7 @@ class DataSection:
 
 @dataclass
 class AdapterSection:
-    method: str = "lora"  # lora | dora | ia3 | loha | lokr | oft | vera | prompt | p-tuning | prefix
+    method: str = "lora"  # lora | dora | adalora | ia3 | loha | lokr | oft | vera | prompt | p-tuning | prefix
     options: dict = field(default_factory=dict)  # the method's config fields, validated against its class
 
     def config(self, **filled):
@@ -408,6 +408,8 @@ class Validator:
             options[key] = self.value(value, hints[key], keys + (key,))
         section = AdapterSection(method, options)
         filled_later = {"tokenizer_name_or_path": "(the base's)"} if method == "prompt" else {}
+        if method == "adalora" and "total_step" not in options:  # the run's step count, known to the job (jobs.train)
+            filled_later["total_step"] = options.get("tinit", 0) + options.get("tfinal", 0) + 1
         try:
             check_limits(options, ADAPTER_LIMITS)
             section.config(**filled_later)  # the config's own checks (r > 0, bias, init values, ...)

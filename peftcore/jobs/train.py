@@ -34,6 +34,7 @@ from peftcore.jobs.tasks import Record, pad_id, parse_records, read_labels, toke
 from peftcore.multitask.heads import Classification, Generation, HeadKind, TaskSpec, head_kind
 from peftcore.multitask.model import MultiTaskModel, parts_of
 from peftcore.peft_model import get_peft_model
+from peftcore.training.config import step_budget
 from peftcore.training.loop import check_precision, evaluate, train
 from peftcore.training.state import replace_atomically, set_seed
 
@@ -89,7 +90,7 @@ def run_train(recipe: Recipe, output_dir: Path, resume: bool = False, overwrite:
     train_rows, eval_rows = tokenize_tasks(tasks, tokenizer, recipe.data.max_length, output_dir if main else None,
                                            packing=recipe.data.packing)
     # 4. model + adapter (+ task heads); 5. before (the adapter disabled)
-    model = build_model(recipe, base_folder, device, tasks)
+    model = build_model(with_schedule_length(recipe, train_rows, distributed.world_size()), base_folder, device, tasks)
     info = {**recipe.to_dict(), "labels": tasks[None].labels if None in tasks else None}
     if main:
         write_recipe(output_dir, info)
@@ -158,6 +159,20 @@ def with_checkpoint_chat_template(recipe: Recipe) -> Recipe:
     what = "chat and input/output records" if template.io_as_chat else "chat records"
     log.info(f"{what}: rendered with the checkpoint's chat template ({source})")
     return replace(recipe, data=replace(recipe.data, template=replace(template, chat_template=chat_template)))
+
+
+def with_schedule_length(recipe: Recipe, train_rows, world: int) -> Recipe:
+    """AdaLoRA lays its rank schedule over the run: total_step, unless the recipe sets it, is the run's step count
+    (max_steps, or what `epochs` come to). Only the adapter's config holds it; recipe.json keeps the recipe."""
+    if recipe.adapter.method != "adalora" or "total_step" in recipe.adapter.options:
+        return recipe
+    steps = step_budget(recipe.train, train_rows, world)
+    tinit, tfinal = recipe.adapter.options.get("tinit", 0), recipe.adapter.options.get("tfinal", 0)
+    if tinit >= steps - tfinal:
+        raise TaskError(f"[adapter] tinit = {tinit} and tfinal = {tfinal} leave none of the run's {steps} steps for "
+                        "AdaLoRA's budget to fall from init_r to target_r: lower them (e.g. --set adapter.tinit=0 "
+                        "--set adapter.tfinal=0) or train longer")
+    return replace(recipe, adapter=replace(recipe.adapter, options={**recipe.adapter.options, "total_step": steps}))
 
 
 def build_model(recipe: Recipe, base_folder: Path, device, tasks: dict):

@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from peftcore.config import LoraConfig
+from peftcore.config import LoraConfig, PeftType
 from peftcore.lora.modules_to_save import ModulesToSave
 from peftcore.lora.registry import LORA_LAYERS
 
@@ -240,7 +240,7 @@ def check_adapters(peft_model: nn.Module, adapters: list[str], weights: list[flo
         raise ValueError(f"an adapter named {adapter_name!r} exists already; pick a new name or delete_adapter() it")
     for name in adapters:
         config = peft_model.peft_config[name]
-        if not isinstance(config, LoraConfig):
+        if not isinstance(config, LoraConfig) or config.peft_type != PeftType.LORA:  # AdaLoRA's is a LoraConfig
             raise TypeError(f"adapter {name!r} is a {type(config).__name__}: add_weighted_adapter combines LoRA "
                             "adapters' A and B factors, as in HF PEFT")
         if config.use_dora or config.lora_bias:

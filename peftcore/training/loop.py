@@ -39,6 +39,9 @@ from peftcore.multitask.heads import Classification, Generation, HeadKind, head_
 from peftcore.training import distributed
 from peftcore.training.config import TrainConfig, step_budget
 from peftcore.training.distributed import Parallel
+from peftcore.training.hooks import StepHook, step_hooks
+from peftcore.training.hooks import after_step as hooks_after_step
+from peftcore.training.hooks import extra_loss as hooks_extra_loss
 from peftcore.training.order import padding_batch, step_batches, task_weight
 from peftcore.training.reporting import Reporter
 from peftcore.training.state import CHECKPOINT_DIR, Checkpointer, TrainState, restore_rng, rng_of_rank, set_seed
@@ -144,20 +147,22 @@ def autocast(config: TrainConfig, device: torch.device):
 
 # -- one step ---------------------------------------------------------------------------------
 def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None,
-               parallel: Parallel | None = None) -> dict:
+               parallel: Parallel | None = None, hooks: list[StepHook] = ()) -> dict:
     """One update over micro-batches. -> {"loss", "grad_norm", "tokens", "skipped"}, and "task_losses"
     ({task: its mean loss in the step}) for multi-task batches.
 
     Each task's summed loss is divided by the task's trained-target count in the step and weighted by
     config.task_weights (single-task batches: one group of weight 1; weight-0 batches are skipped).
     `parallel` (from distributed.wrap_model) runs the forwards through DDP / FSDP; the counts are
-    then global, and so are the returned losses and tokens."""
+    then global, and so are the returned losses and tokens. `hooks`' extra losses (training.hooks) join the
+    first micro-batch's backward once per step, unscaled: DDP averages their identical gradients over ranks."""
     parallel = parallel or distributed.single(model)
     device = parallel.trainable[0].device
     micro_batches = [b for b in micro_batches if task_weight(config, b.get("task")) > 0]
     counts = step_targets(micro_batches, parallel)
     optimizer.zero_grad(set_to_none=True)
     step_loss, tokens, task_losses = 0.0, 0, dict.fromkeys(counts, 0.0)
+    extra = hooks_extra_loss(hooks)  # the parameters do not change within a step: once is PEFT's every forward
     for i, batch in enumerate(micro_batches):
         task, weight = batch.get("task"), task_weight(config, batch.get("task"))
         batch = to_device(batch, device)
@@ -165,6 +170,7 @@ def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None
             with autocast(config, device):
                 loss, _, n_tokens = loss_sum(parallel.module, batch)
             scaled = loss * parallel.loss_scale * weight / counts[task]  # weight 1.0: bit-identical to no weight
+            scaled = scaled + extra if i == 0 and extra is not None else scaled
             (scaler.scale(scaled) if scaler else scaled).backward()
         mean = float(loss.detach()) / counts[task]
         step_loss += weight * mean
@@ -189,7 +195,8 @@ def train_step(model, micro_batches, optimizer, config: TrainConfig, scaler=None
         scaler.update()
     else:
         optimizer.step()
-    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": False, "task_losses": task_losses}
+    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": False, "task_losses": task_losses,
+            "extra_loss": None if extra is None else float(extra.detach())}
 
 
 @torch.no_grad()
@@ -283,12 +290,14 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
     parallel = distributed.wrap_model(model, config.strategy)
     # final before the schedule is built: its lambda reads config.max_steps (the derived budget with epochs)
     config = with_step_budget(checked_config(config, model, parallel, train_rows), train_rows, world, parallel)
+    hooks = step_hooks(model)
+    check_hooks(hooks, parallel)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     check_precision(config.mixed_precision, parallel.trainable[0].device)
     scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
     checkpointer = Checkpointer(output_dir, model, save_adapter or model.save_pretrained, rank=rank, world_size=world,
-                                settle=parallel.settle)
+                                settle=parallel.settle, hooks=hooks)
     state = checkpointer.load(optimizer, scheduler) if resume else TrainState(world_size=world)
     if resume:
         restore_rng(rng_of_rank(state.rng, rank))
@@ -300,7 +309,7 @@ def train(model, train_rows, eval_rows, config: TrainConfig, output_dir, pad_tok
                                                   config.task_weights))
     steps = step_batches(train_rows, state, config, pad_token_id, rank, world)
     while state.step < config.max_steps and not state.stopped_early:
-        record = run_step(model, next(steps), optimizer, scheduler, config, state, scaler, parallel)
+        record = run_step(model, next(steps), optimizer, scheduler, config, state, scaler, parallel, hooks)
         if evaluating and (state.step % config.eval_every == 0 or state.step == config.max_steps):
             record.update(evaluate(model, eval_rows, config.batch_size, pad_token_id, parallel, config.task_weights))
             if note_eval(state, record, config, checkpointer):
@@ -333,6 +342,12 @@ def checked_config(config: TrainConfig, model, parallel: Parallel, train_rows: l
     return config
 
 
+def check_hooks(hooks: list[StepHook], parallel: Parallel) -> None:
+    if hooks and parallel.strategy == "fsdp":
+        raise TrainingError(f"{type(hooks[0]).__name__} (AdaLoRA's rank schedule) reads whole adapter weights and "
+                            "gradients on every rank: use strategy 'ddp' or 'single'")
+
+
 def with_step_budget(config: TrainConfig, train_rows: list[TokenizedExample], world: int,
                      parallel: Parallel) -> TrainConfig:
     """`config` with max_steps set: epochs, when given, become steps over these rows (step_budget). A resumed
@@ -360,14 +375,15 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
 
 
 def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, state: TrainState, scaler,
-             parallel: Parallel) -> dict:
+             parallel: Parallel, hooks: list[StepHook] = ()) -> dict:
     """train_step, then the bookkeeping around it -> the step's metrics.jsonl record (no eval yet)."""
     started = time.perf_counter()
     inspecting = bool(config.inspect_every) and (state.step + 1) % config.inspect_every == 0 and parallel.is_main
     watch = AdapterActivations(model) if inspecting and lora_layers(model) else None
     with watch or contextlib.nullcontext():
-        metrics = train_step(model, micro_batches, optimizer, config, scaler, parallel=parallel)
+        metrics = train_step(model, micro_batches, optimizer, config, scaler, parallel=parallel, hooks=hooks)
     check_bad_steps(state, metrics, config)
+    hooked = {} if metrics["skipped"] else hooks_after_step(hooks, state.step)  # before zero_grad: reads .grad
     lr = optimizer.param_groups[0]["lr"]
     with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
         warnings.simplefilter("ignore", UserWarning)
@@ -376,6 +392,9 @@ def run_step(model, micro_batches, optimizer, scheduler, config: TrainConfig, st
     record = {"step": state.step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
               "tokens_per_s": metrics["tokens"] / max(time.perf_counter() - started, 1e-9)}
     record.update({f"loss/{task}": loss for task, loss in metrics["task_losses"].items()})
+    if metrics.get("extra_loss") is not None:
+        record["extra_loss"] = metrics["extra_loss"]  # e.g. AdaLoRA's weighted orthogonality penalty
+    record.update(hooked)
     if metrics["skipped"]:
         record["skipped_steps"] = state.bad_steps  # NaN/inf steps so far, this one included
     if inspecting:

@@ -180,8 +180,10 @@ class Checkpointer:
     for every method.
     """
 
-    def __init__(self, output_dir: Path, model, save_adapter, rank: int = 0, world_size: int = 1, settle=None):
+    def __init__(self, output_dir: Path, model, save_adapter, rank: int = 0, world_size: int = 1, settle=None,
+                 hooks=()):
         self.output_dir, self.model, self.save_adapter = Path(output_dir), model, save_adapter
+        self.hooks = list(hooks)  # training.hooks: their state (AdaLoRA's importance EMAs) resumes with the run
         self.rank, self.world_size = rank, world_size
         self.settle = settle or (lambda: None)  # run by every rank before rank 0 reads the model
 
@@ -203,7 +205,8 @@ class Checkpointer:
             self.save_adapter(tmp / "adapter")
             trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
             safetensors_io.write(trainable, tmp / TRAINABLE_FILE)
-            payload = {"state": asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            payload = {"state": asdict(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "hooks": [hook.state_dict() for hook in self.hooks]}
             torch.save(payload, tmp / STATE_FILE)
 
         replace_atomically(build, self.folder)
@@ -235,6 +238,8 @@ class Checkpointer:
                 params[name].copy_(tensor)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        for hook, hook_state in zip(self.hooks, payload.get("hooks", [])):
+            hook.load_state_dict(hook_state)
         return TrainState(**payload["state"])
 
 

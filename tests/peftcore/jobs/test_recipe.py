@@ -46,12 +46,14 @@ def test_every_example_recipe_validates(name):
     trains = [task.train for task in recipe.tasks.values()] or [recipe.data.train]  # a multi-task recipe: per task
     assert all(Path(path).is_file() for path in trains)
     filled = {"tokenizer_name_or_path": str(ROOT)} if recipe.adapter.method == "prompt" else {}
+    if recipe.adapter.method == "adalora":  # the run's step count, filled in by jobs.train
+        filled["total_step"] = recipe.train.max_steps
     assert recipe.adapter.config(task_type=recipe.model.task, **filled).task_type.value == recipe.model.task
 
 
 def test_example_recipes_cover_every_method():
     methods = {load_recipe(p).adapter.method for p in EXAMPLES.glob("*.toml")}
-    assert methods == {"lora", "dora", "ia3", "loha", "lokr", "oft", "vera", "prompt", "p-tuning", "prefix"}
+    assert methods == {"lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "vera", "prompt", "p-tuning", "prefix"}
 
 
 def test_defaults_follow_the_practitioners_recipe(folder):
