@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_inspect_command(commands) -> None:
     cmd = commands.add_parser("inspect", help="what an adapter learned: LoRA per layer (low-rank: no dense dW); "
-                                              "prompt methods per virtual token (prefix: per layer)")
+                                              "LoHa / LoKr per layer (dense dW); AdaLoRA's ranks kept and over "
+                                              "training; IA3 / VeRA vectors, OFT angles; prompt methods per virtual "
+                                              "token (prefix: per layer)")
     cmd.add_argument("adapter", type=Path, help="adapter folder (peftcore's or HF PEFT's)")
     cmd.add_argument("--base", help="base checkpoint folder (or builtin:/pip: name): "
-                                    "LoRA ||dW||/||W|| and amplification, prompts' nearest vocabulary tokens; "
+                                    "LoRA / LoHa / LoKr ||dW||/||W|| and amplification, prompts' nearest "
+                                    "vocabulary tokens; "
                                     "default: the adapter's base_model_name_or_path")
     cmd.add_argument("--compare", type=Path, help="a second LoRA adapter: subspace similarity phi per shared module")
     cmd.add_argument("--top-k", type=int, default=5, help="prompt methods: nearest vocabulary tokens per virtual token")

@@ -58,7 +58,8 @@ def kind_panels(plt, n: int, columns: int = 4):
 
 
 def plot_spectra(stats: list[LayerStats], path: str | Path) -> Path:
-    """Singular values of every layer's dW, one line per layer, grouped by module kind."""
+    """Singular values of every layer's dW, one line per layer, grouped by module kind. `stats`: LoRA's LayerStats
+    or LoHa / LoKr's dense_delta.DeltaStats (both have module, singular_values, numerical_rank, relative_delta)."""
     return save(spectra_figure(pyplot(), stats), path)
 
 
@@ -78,8 +79,8 @@ def spectra_figure(plt, stats: list[LayerStats]):
         integer_ticks(plt, ax.xaxis)
     cut = sum(len(shown_singular_values(s)) < len(s.singular_values) for s in stats)
     fig.suptitle("singular values of each layer's update dW, by module"
-                 + (f"\n(round-off-level values left out in {cut} layer(s): dW has fewer directions than r)"
-                    if cut else ""), fontsize=SUPTITLE_SIZE)
+                 + (f"\n(round-off-level values left out in {cut} layer(s): dW has fewer directions than its "
+                    "factors allow)" if cut else ""), fontsize=SUPTITLE_SIZE)
     fig.supylabel("i-th singular value of dW", fontsize=TITLE_SIZE)
     axes[len(kinds) - 1].legend(fontsize=LEGEND_SIZE, loc="upper right")
     return fig

@@ -1,5 +1,10 @@
 """`peftcore inspect ADAPTER`: the table on the terminal, inspect.json and the plots of what an adapter
-learned (peftcore.analysis: low-rank spectra for LoRA / DoRA, norms and nearest tokens for prompts)."""
+learned (peftcore.analysis: low-rank spectra for LoRA / DoRA, dense-update spectra for LoHa / LoKr, ranks kept
+and their history for AdaLoRA, scaling vectors and rotation angles for IA3 / VeRA / OFT, norms and nearest tokens
+for prompts).
+
+One report function per kind of adapter, chosen by peft_type in run_inspect: a new method adds its peft_type to
+READ and one branch there."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +16,10 @@ from typing import Callable
 from peftcore._logging import quiet
 from peftcore.adapter_io import read_adapter_config
 from peftcore.analysis import plots
+from peftcore.analysis.adalora_ranks import format_rank_table, inspect_adalora_adapter, plot_rank_history, rank_history
+from peftcore.analysis.adalora_ranks import rank_json as adalora_json
+from peftcore.analysis.dense_delta import REPORTED as DENSE_METHODS
+from peftcore.analysis.dense_delta import format_dense_table, inspect_dense_adapter, write_dense_json
 from peftcore.analysis.lowrank import compare_adapters, format_similarity, format_table, inspect_adapter, write_json
 from peftcore.analysis.method_vectors import REPORTED as VECTOR_METHODS
 from peftcore.analysis.method_vectors import format_vector_table, inspect_method_adapter, vector_json
@@ -20,36 +29,49 @@ from peftcore.jobs.bases import resolve_base
 
 log = logging.getLogger(__name__)
 RUN_ADAPTER_FOLDERS = ("adapter", "best")  # what `peftcore train` names the adapters it saves
+READ = ("LORA", "ADALORA", *VECTOR_METHODS, *DENSE_METHODS)  # peft_types with a report, besides the prompt methods
+NO_BASE = ("PREFIX_TUNING", "ADALORA", *VECTOR_METHODS)  # reports that read nothing from the base
 
 
 def run_inspect(adapter: Path, base: str | None = None, compare: Path | None = None, output_dir: Path | None = None,
                 top_k: int = 5) -> list[Path]:
     """The table on the terminal, inspect.json and the PNG plots (in output_dir, default: the adapter
-    folder) of a LoRA / DoRA or prompt-learning adapter. -> the files written."""
+    folder) of a LoRA / DoRA, LoHa / LoKr, IA3 / VeRA / OFT or prompt-learning adapter. -> the files written."""
     adapter = Path(adapter)
     config = read_adapter_config(adapter)
-    prompt = is_prompt_adapter(config)
-    if not prompt and config.get("peft_type") not in ("LORA", *VECTOR_METHODS):
-        raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter: peftcore inspect reads LoRA / DoRA, "
-                         "IA3, VeRA, OFT and prompt-learning adapters; LoHa and LoKr reports are not written yet")
-    if top_k < 1:
-        raise ValueError(f"--top-k {top_k}: list at least 1 nearest vocabulary token")
-    if prompt and compare:
-        raise ValueError("--compare measures LoRA subspaces; it does not apply to a prompt-learning adapter")
-    base_folder = None  # prefix tuning needs no base: its vectors are keys and values, not token embeddings
-    if config.get("peft_type") != "PREFIX_TUNING":
+    kind, prompt = config.get("peft_type"), is_prompt_adapter(config)
+    check_options(adapter, kind, prompt, compare, top_k)
+    base_folder = None  # NO_BASE: prefix tuning's vectors are keys and values, not token embeddings
+    if kind not in NO_BASE:
         base_folder = available_base(base or config.get("base_model_name_or_path"),
                                      "nearest vocabulary tokens" if prompt else "relative norms")
     out = Path(output_dir or adapter)
     out.mkdir(parents=True, exist_ok=True)
-    if config.get("peft_type") in VECTOR_METHODS:
+    if kind in VECTOR_METHODS:
         report = report_vectors(adapter, out)
+    elif kind == "ADALORA":
+        report = report_adalora(adapter, out)
+    elif kind in DENSE_METHODS:
+        report = report_dense(adapter, base_folder, out)
+    elif prompt:
+        report = report_prompt(adapter, base_folder, top_k, out)
     else:
-        report = (report_prompt(adapter, base_folder, top_k, out) if prompt
-                  else report_lora(adapter, base_folder, compare, out, config))
+        report = report_lora(adapter, base_folder, compare, out, config)
     written = [out / "inspect.json"] + write_plots(report, out)
     log.info("wrote " + ", ".join(str(p) for p in written))
     return written
+
+
+def check_options(adapter: Path, kind: str | None, prompt: bool, compare: Path | None, top_k: int) -> None:
+    """One line for an adapter no report reads, or an option that does not apply to it."""
+    if not prompt and kind not in READ:
+        raise ValueError(f"{adapter} holds a {kind} adapter: peftcore inspect reads LoRA / DoRA, AdaLoRA, LoHa, LoKr, "
+                         "IA3, VeRA, OFT and prompt-learning adapters")
+    if top_k < 1:
+        raise ValueError(f"--top-k {top_k}: list at least 1 nearest vocabulary token")
+    if compare and kind != "LORA":
+        raise ValueError("--compare measures LoRA subspaces; it does not apply to a "
+                         + ("prompt-learning adapter" if prompt else f"{kind} adapter"))
 
 
 def report_vectors(adapter: Path, out: Path) -> list[tuple]:
@@ -58,6 +80,30 @@ def report_vectors(adapter: Path, out: Path) -> list[tuple]:
     log.info(format_vector_table(stats))
     (out / "inspect.json").write_text(json.dumps(vector_json(stats), indent=1) + "\n")
     return []
+
+
+def report_adalora(adapter: Path, out: Path) -> list[tuple]:
+    """AdaLoRA: ranks kept, |E|, orthogonality; with the run's metrics.jsonl beside the adapter, the ranks over
+    training. -> the rank-history heatmap to draw (none without a history)."""
+    stats, history = inspect_adalora_adapter(adapter), rank_history(adapter)
+    log.info(format_rank_table(stats))
+    if not history:  # said here: the plot list below is empty then
+        log.info("no rank history (the adapter is not in a run folder with metrics.jsonl, or no mask step ran)")
+    (out / "inspect.json").write_text(json.dumps(adalora_json(stats, history), indent=1) + "\n")
+    if not history:
+        return []
+    return [(functools.partial(plot_rank_history, stats=stats), history, "inspect_adalora_ranks.png")]
+
+
+def report_dense(adapter: Path, base: Path | None, out: Path) -> list[tuple]:
+    """LoHa / LoKr: the table and inspect.json. -> the spectra (and, with the base, the relative norms) to draw."""
+    stats = inspect_dense_adapter(adapter, base)
+    log.info(format_dense_table(stats))
+    write_dense_json(stats, out / "inspect.json")
+    drawn = [(plots.plot_spectra, stats, "inspect_spectra.png")]
+    if base is not None:
+        drawn.append((plots.plot_relative_heatmap, stats, "inspect_relative_norms.png"))
+    return drawn
 
 
 def report_prompt(adapter: Path, base: Path | None, top_k: int, out: Path) -> list[tuple]:

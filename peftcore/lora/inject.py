@@ -32,7 +32,7 @@ from peftcore.models.layers import Conv1D
 from peftcore.models.quantized import QuantLinear
 
 LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)  # by type; transformers' Conv1D is matched by is_linear
-SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")  # PEFT's order, as its configs list them
 
 
 def matches(name: str, targets: list[str] | str | None) -> bool:

@@ -40,6 +40,10 @@ CSV_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 
 
+# Records written whatever log_every says: evaluations, adapter statistics, AdaLoRA's ranks after a mask step
+# (`peftcore inspect` draws the rank history from them)
+ALWAYS_LOGGED = ("eval_loss", "adapter_stats", "adalora_ranks")
+
 class Callbacks:
     """The run's callbacks, called in order; an event a callback lacks is skipped."""
 
@@ -73,7 +77,7 @@ class Reporter:
         self.events.fire("on_step", state, record)
         if "eval_loss" in record:
             self.events.fire("on_eval", state, {k: v for k, v in record.items() if k == "step" or k.startswith("eval")})
-        if state.step % self.config.log_every == 0 or "eval_loss" in record or "adapter_stats" in record:
+        if state.step % self.config.log_every == 0 or any(key in record for key in ALWAYS_LOGGED):
             self.write(state, record)
         update_bar(self.bar, record)
 

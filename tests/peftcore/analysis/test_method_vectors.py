@@ -67,9 +67,8 @@ def test_oft_reports_the_angle_of_a_known_rotation(base, tmp_path, degrees):
     assert f["median block angle deg"] == pytest.approx(degrees, abs=1e-4)
 
 
-def test_other_methods_are_refused_plainly(base, tmp_path):
-    from peftcore.lycoris import LoHaConfig
-
-    get_peft_model(load_pretrained(base), LoHaConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="LoHa and LoKr reports are not written yet"):
+def test_other_methods_are_refused_plainly(tmp_path):
+    """A peft_type no report reads (LoHa / LoKr have theirs now: analysis/test_dense_delta.py)."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "FOURIERFT"}))
+    with pytest.raises(ValueError, match="holds a FOURIERFT adapter: peftcore inspect reads LoRA / DoRA, AdaLoRA, "):
         run_inspect(tmp_path, output_dir=tmp_path / "out")
