@@ -53,10 +53,11 @@ REFUSED_PEFT_FIELDS = {
 }
 # INERT options only shape how PEFT builds the adapter (an initialisation that the loaded weights overwrite, a
 # framework peftcore models are not built with): the saved weights compute the same without them. Each
-# init config is used by PEFT only with its init_lora_weights scheme ("loftq", "eva", ...), and that
+# init config is used by PEFT only with its init_lora_weights scheme ("eva", "corda", ...), and that
 # scheme peftcore refuses on its own (lora_init.check_scheme), so a config beside another scheme is inert.
+# (loftq_config is a LoraConfig field: LoftQ is implemented, peftcore.lora.loftq.)
 INERT_PEFT_FIELDS = {
-    "loftq_config": ({}, "LoftQ's initialisation"), "eva_config": (None, "EVA's initialisation"),
+    "eva_config": (None, "EVA's initialisation"),
     "corda_config": (None, "CorDA's initialisation"), "lora_ga_config": (None, "LoRA-GA's initialisation"),
     "megatron_config": (None, "Megatron parallel layers, which peftcore models do not have"),
     "megatron_core": ("megatron.core", "the Megatron module PEFT imports"),
@@ -130,6 +131,47 @@ def check_extra_keys(source: str, extra: dict) -> None:
                              f"from {source}; if it does, load the adapter with HF PEFT")
 
 
+# LoftQ's bits -> the peftcore quantizer it rounds with, as HF PEFT 0.21.2's loftq_init does with bitsandbytes
+# (4: NF4 in blocks of 64 without double quantization, Params4bit(compress_statistics=False); 8: int8 per output row,
+# Int8Params). PEFT 0.21.2 refuses every other width ("Only nf4 and int8 quantization is supported"): so do we.
+LOFTQ_BITS = {4: "nf4", 8: "int8"}
+
+
+@dataclass
+class LoftQConfig:
+    """HF PEFT's LoftQConfig: LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...)). Held in the
+    LoraConfig as the dict PEFT's adapter_config.json stores ({"loftq_bits": 4, "loftq_iter": 1})."""
+
+    loftq_bits: int = 4  # 4 (NF4) or 8 (int8)
+    loftq_iter: int = 1  # alternating quantize / SVD steps
+
+
+def check_loftq(scheme, loftq_config) -> dict:
+    """PEFT's LoraConfig handling of loftq_config, with one-line errors where PEFT fails later (a KeyError, or a
+    ValueError when the first layer is built): -> the dict to keep."""
+    if isinstance(loftq_config, LoftQConfig):
+        loftq_config = asdict(loftq_config)  # PEFT: vars(loftq_config)
+    if scheme != "loftq":
+        if loftq_config:  # PEFT warns and clears it, so its files hold {} here
+            warnings.warn(f"loftq_config={loftq_config!r} ignored: init_lora_weights is {scheme!r}, not 'loftq' "
+                          "(as in HF PEFT, which clears it)")
+        return {}
+    if not isinstance(loftq_config, dict) or not loftq_config:
+        raise ValueError(f"init_lora_weights='loftq' needs loftq_config, e.g. LoftQConfig(loftq_bits=4, loftq_iter=1) "
+                         f"or {{'loftq_bits': 4, 'loftq_iter': 1}}; got {loftq_config!r}")
+    known, given = {f.name for f in fields(LoftQConfig)}, set(loftq_config)
+    if given != known:
+        raise ValueError(f"loftq_config={loftq_config!r}: expected exactly the keys loftq_bits and loftq_iter "
+                         f"(missing: {sorted(known - given)}, unknown: {sorted(given - known)})")
+    bits, iters = loftq_config["loftq_bits"], loftq_config["loftq_iter"]
+    if type(bits) is not int or bits not in LOFTQ_BITS:
+        raise ValueError(f"loftq_bits={bits!r}: LoftQ quantizes to 4 bits (NF4, as bitsandbytes) or 8 bits (int8 per "
+                         "row), the two widths HF PEFT 0.21.2 supports")
+    if type(iters) is not int or iters < 1:
+        raise ValueError(f"loftq_iter={iters!r}: LoftQ takes a whole number >= 1 of quantize / SVD steps")
+    return dict(loftq_config)
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     r: int = 8
@@ -141,7 +183,7 @@ class LoraConfig(PeftConfig):
     bias: str = "none"  # "none" | "all" | "lora_only": which base biases train
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True  # True | False | "gaussian" | "pissa" | "pissa_niter_K" | "olora"
+    init_lora_weights: bool | str = True  # True | False | "gaussian" | "pissa" | "pissa_niter_K" | "olora" | "loftq"
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict = field(default_factory=dict)
@@ -150,6 +192,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False  # a trainable bias on lora_B
     target_parameters: list[str] | None = None  # bare nn.Parameters (MoE expert stacks): "experts.gate_up_proj"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # rows of the embedding that train
+    loftq_config: dict = field(default_factory=dict)  # init_lora_weights="loftq": {"loftq_bits", "loftq_iter"}
 
     peft_type = PeftType.LORA
 
@@ -167,7 +210,9 @@ class LoraConfig(PeftConfig):
                 "layers_to_transform / layers_pattern cannot be used when target_modules is a str (a regex)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
-        check_alphas(self.lora_alpha, self.alpha_pattern)
+        if self.peft_type is PeftType.LORA:  # AdaLoRA scales by r when lora_alpha <= 0 (PEFT's SVDLinear)
+            check_alphas(self.lora_alpha, self.alpha_pattern)
+        self.loftq_config = check_loftq(self.init_lora_weights, self.loftq_config)
         if self.use_dora and self.lora_bias:
             raise ValueError("lora_bias=True is not supported together with use_dora=True (as in HF PEFT)")
 

@@ -64,7 +64,11 @@ class LoraModel(nn.Module):
     def update_and_allocate(self, global_step: int) -> None:
         """PEFT's AdaLoraModel.update_and_allocate, for hand-written loops: call it after optimizer.step() and
         before zero_grad() (it reads the gradients), with the 0-based step. `peftcore train` does it itself."""
-        self.rankallocator.update_and_allocate(global_step)
+        hooks = self.trained_hooks()
+        if not hooks:  # not via the property: its AttributeError would fall through to __getattr__
+            raise AttributeError("no trainable AdaLoRA adapter: update_and_allocate needs one (load it with "
+                                 "is_trainable=True)")
+        hooks[0].update_and_allocate(global_step)
 
     def __getattr__(self, name: str):
         """Attributes of the wrapped model (`config`, ...) read through, as in PEFT."""
@@ -174,7 +178,7 @@ def inject_on_meta(model: nn.Module, config: LoraConfig, name: str, autocast_ada
     and the loaded weights take their place (adapter_io.load_tensors). No init runs at all: PiSSA / OLoRA
     leave the base weight as it is, as PEFT skips them on meta tensors; DoRA's magnitude, which
     the layer would compute from the base weight, is an empty meta vector too."""
-    empty = dataclasses.replace(config, init_lora_weights=False, use_dora=False)
+    empty = dataclasses.replace(config, init_lora_weights=False, use_dora=False, loftq_config={})
     with parameters_on_meta():
         layers = inject_lora(model, empty, name, autocast_adapter_dtype)
         if config.use_dora:
@@ -324,8 +328,11 @@ class LoraBackend:
 
     def add(self, name: str, config: LoraConfig, autocast_adapter_dtype: bool, loading: bool,
             low_cpu_mem_usage: bool = False) -> None:
+        # LoftQ's init replaces the base weight with its quantized copy: a loaded LoftQ adapter goes onto the base
+        # it is given as that is (the LoftQ base, dense or quantized), made on meta for the file's tensors
+        skip_init = loading and getattr(config, "init_lora_weights", None) == "loftq"
         add_method_adapter(self.model, self.peft_model.peft_config, name, config, autocast_adapter_dtype,
-                           low_cpu_mem_usage, holder=self.peft_model.base_model)
+                           low_cpu_mem_usage or skip_init, holder=self.peft_model.base_model)
 
     def activate(self, names: list[str]) -> None:
         activate(self.model, names, self.peft_model.peft_config)

@@ -41,14 +41,14 @@ def budget_schedule(config: AdaLoraConfig, step: int, init_bgt: int, target_bgt:
 
 def orthogonal_regularization(model: nn.Module, adapter_name: str) -> torch.Tensor:
     """mean over A and B matrices of ||A A^T - I||_F and ||B^T B - I||_F (PEFT's regu_loss, unweighted)."""
-    terms = []
+    total, count = torch.zeros(()), 0
     for _, layer in svd_layers(model, adapter_name):
         A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         for cov in (A @ A.T, B.T @ B):  # (r, r) each
-            terms.append(torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro"))
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).sum() / len(terms)
+            term = torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro")
+            total = total + term if count else term  # PEFT's running `regu_loss +=`: its rounding, bit for bit
+            count += 1
+    return total / count if count else total
 
 
 class RankAllocator:
@@ -60,6 +60,12 @@ class RankAllocator:
         layers = svd_layers(model, adapter_name)
         if not layers:
             raise ValueError(f"the model holds no AdaLoRA layer of adapter {adapter_name!r}")
+        pruned = [(name, layer_rank(layer, adapter_name)) for name, layer in layers
+                  if layer_rank(layer, adapter_name) != config.init_r]
+        if pruned:  # PEFT sizes its allocator before the file shrinks the layers, then masks every triplet
+            raise ValueError(f"adapter {adapter_name!r} was pruned by an earlier AdaLoRA run ({pruned[0][0]} has "
+                             f"rank {pruned[0][1]}, not init_r={config.init_r}): its rank schedule has run; load "
+                             "it with is_trainable=False, or train a new AdaLoRA adapter")
         self.init_bgt = sum(layer_rank(layer, adapter_name) for _, layer in layers)
         self.target_bgt = config.target_r * len(layers)
         self.reset_ipt()
@@ -101,6 +107,8 @@ class RankAllocator:
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Zero E where a triplet scores at or below the (init_bgt - budget)-th smallest score. -> rank_pattern."""
         scores = self.triplet_scores()
+        if self.init_bgt - budget <= 0:  # target_r == init_r: nothing to prune (kthvalue needs k >= 1)
+            return {key: [True] * len(s) for key, s in scores.items()}
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k=self.init_bgt - budget)[0].item()
         pattern = {key: (~(s <= threshold)).tolist() for key, s in scores.items()}  # PEFT: NaN kept
         self.apply_pattern(pattern)

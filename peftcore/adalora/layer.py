@@ -113,7 +113,7 @@ def svd_product(layer: nn.Module, name: str) -> torch.Tensor:
 def check_mergeable(layer: nn.Module) -> None:
     """Raise before anything is merged (the backend asks every layer first: no half-merged model)."""
     if isinstance(layer.base_layer, QuantLinear):
-        raise TypeError("cannot merge AdaLoRA into a quantized base layer in place; use the adapter unmerged")
+        raise TypeError("cannot merge AdaLoRA into a quantized base layer in place; use merge_and_unload()")
 
 
 def merge_svd(layer: nn.Module, adapter_names: list[str] | None) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftcore.config import TaskType
+from peftcore.config import LOFTQ_BITS, TaskType
 from peftcore.jobs.recipe_methods import WEIGHT_METHODS
+from peftcore.lora import loftq
 from peftcore.models import checkpoint, load_pretrained
 from peftcore.models.tokenizer import read_chat_template, read_json
 
@@ -119,6 +120,37 @@ def load_base(folder: Path, model_section, labels: list[str] | None, device=None
     model = BertForSequenceClassification(config)
     model.bert = encoder
     return model.to(device=device, dtype=dtype).eval()
+
+
+def loftq_first(recipe) -> bool:
+    """Does the recipe ask for LoftQ (`[adapter] init_lora_weights = "loftq"`)? Then the job loads the base dense
+    (load_base(..., quantize=False)), builds the adapter, whose init reads the dense weights, and quantizes after
+    (quantize_after_loftq). Only over the quantization LoftQ rounds with, in one step: later jobs (eval, merge,
+    generate) rebuild the base by quantizing the checkpoint, which gives one-step LoftQ's Q exactly and nothing else
+    (more steps quantize W - B A; a dense base would keep W, not dequant(Q))."""
+    options = recipe.adapter.options
+    if options.get("init_lora_weights") != "loftq":
+        return False
+    settings = options.get("loftq_config") or {}
+    bits, steps = settings.get("loftq_bits"), settings.get("loftq_iter")
+    method = LOFTQ_BITS.get(bits) if type(bits) is int else None
+    if method is None or recipe.model.quantize != method:
+        wanted = " or ".join(f'loftq_bits = {b} with quantize = "{m}"' for b, m in LOFTQ_BITS.items())
+        raise TaskError(f"[adapter] init_lora_weights = \"loftq\" initialises LoRA for the quantized base it will "
+                        f"train on: set {wanted} (got loftq_bits = {bits!r}, [model] quantize = "
+                        f"{recipe.model.quantize!r})")
+    if steps != 1:
+        raise TaskError(f"[adapter] loftq_config loftq_iter = {steps!r}: a recipe takes loftq_iter = 1, the LoftQ "
+                        "whose quantized base later jobs rebuild from the checkpoint (more steps change the base "
+                        "itself; use peftcore.lora.loftq in Python and keep that base)")
+    return True
+
+
+def quantize_after_loftq(peft_model: nn.Module, model_section) -> None:
+    """The recipe's quantization, applied after LoftQ has set the adapter and the dense bases to dequant(Q):
+    the quantized layers hold Q exactly, and the linears LoRA does not adapt are quantized as load_base would."""
+    loftq.quantize_base_layers(peft_model.get_base_model(), model_section.quantize, model_section.group_size,
+                               model_section.double_quant)
 
 
 def default_targets(model: nn.Module) -> list[str]:

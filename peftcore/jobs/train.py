@@ -27,7 +27,16 @@ from peftcore.data.records import pack
 from peftcore.data.report import data_report, format_report, write_report
 from peftcore.jobs import run_folder
 from peftcore.jobs.adapter_folder import Loaded, backbone, load_adapter_folder, save_adapter_folder, task_weights
-from peftcore.jobs.bases import TaskError, adapter_config, base_chat_template, load_base, resolve_base, set_runtime
+from peftcore.jobs.bases import (
+    TaskError,
+    adapter_config,
+    base_chat_template,
+    load_base,
+    loftq_first,
+    quantize_after_loftq,
+    resolve_base,
+    set_runtime,
+)
 from peftcore.jobs.generate import show_samples, trained_instructions
 from peftcore.jobs.recipe import Recipe, TaskSection
 from peftcore.jobs.tasks import Record, pad_id, parse_records, read_labels, tokenize_records
@@ -185,8 +194,12 @@ def build_model(recipe: Recipe, base_folder: Path, device, tasks: dict):
 def build_adapted(recipe: Recipe, base_folder: Path, device, labels: list[str] | None):
     """The base with the recipe's adapter (seeded), its trainable share logged. -> PeftModel."""
     set_seed(recipe.train.seed)
-    model = load_base(base_folder, recipe.model, labels, device=device, seed=recipe.train.seed)
+    dense_first = loftq_first(recipe)  # LoftQ reads the dense weights: the base is quantized after it
+    model = load_base(base_folder, recipe.model, labels, device=device, seed=recipe.train.seed,
+                      quantize=not dense_first)
     peft_model = get_peft_model(model, adapter_config(recipe, model, recipe.model.base_name, base_folder))
+    if dense_first:
+        quantize_after_loftq(peft_model, recipe.model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(f"model: {recipe.model.base_name} ({type(model).__name__}), adapter {recipe.adapter.method}: "
         f"{trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.3f}%)")

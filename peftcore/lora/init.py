@@ -4,6 +4,7 @@ True: A kaiming-uniform(a=sqrt 5), B zero (output == base). "gaussian": A ~ N(0,
 False: both keep nn.Linear's random init (tests use it: the adapter must change the output).
 "pissa" / "pissa_niter_K": A, B from the top-r singular triplets of W, and W keeps the residual.
 "olora": A, B from the QR decomposition of W, and W keeps the residual.
+"loftq": A, B from the SVD of W minus its quantized copy, and W becomes that copy (peftcore.lora.loftq).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import math
 import torch
 from torch import nn
 
+from peftcore.lora.loftq import init_loftq
 from peftcore.models.quantized import QuantLinear
 
 
-def init_adapter(layer, name: str, scheme: bool | str) -> None:
+def init_adapter(layer, name: str, scheme: bool | str, loftq_config: dict | None = None) -> None:
+    """`loftq_config`: the LoraConfig's, which scheme "loftq" needs (its bits and steps)."""
     A, B = layer.lora_A[name], layer.lora_B[name]
     if scheme is False:
         return
@@ -29,6 +32,8 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
             if B.bias is not None:
                 nn.init.zeros_(B.bias)
         return
+    if scheme == "loftq":
+        return init_loftq(layer, name, loftq_config)
     check_scheme(scheme)
     if isinstance(layer.base_layer, QuantLinear):
         raise TypeError(f"init_lora_weights={scheme!r} rewrites the base weight: initialise before quantizing")
@@ -50,7 +55,7 @@ def init_adapter(layer, name: str, scheme: bool | str) -> None:
 def check_scheme(scheme) -> None:
     if not isinstance(scheme, str) or not (scheme == "olora" or scheme.startswith("pissa")):
         raise ValueError(f"init_lora_weights={scheme!r}: "
-                         "expected True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
+                         "expected True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' or 'loftq'")
     if scheme.startswith("pissa") and scheme != "pissa" and not scheme.removeprefix("pissa_niter_").isdigit():
         raise ValueError(f"init_lora_weights={scheme!r}: expected 'pissa' or 'pissa_niter_<int>'")
 

@@ -174,7 +174,8 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, config.use_rslora)
-        init_adapter(self, name, config.init_lora_weights)  # PiSSA / OLoRA also rewrite the base weight
+        # PiSSA / OLoRA / LoftQ also rewrite the base weight
+        init_adapter(self, name, config.init_lora_weights, config.loftq_config)
         if config.use_dora:
             with torch.no_grad():
                 norm = dora_row_norm(base_weight(self.base_layer), self.lora_A[name].weight,
@@ -304,6 +305,9 @@ class LoraEmbedding(nn.Module):
         dtype = adapter_dtype(weight.dtype, autocast_dtype)
         A = torch.empty(r, vocab, dtype=dtype, device=weight.device)
         B = torch.empty(dim, r, dtype=dtype, device=weight.device)
+        if config.init_lora_weights == "loftq":  # HF PEFT 0.21.2 fails here too (loftq_init() missing 'config')
+            raise ValueError("init_lora_weights='loftq' is not defined for embedding layers (it factors a linear "
+                             "weight's quantization error): leave the embedding out of target_modules")
         if config.init_lora_weights is False:
             nn.init.normal_(A), nn.init.normal_(B)
         else:  # HF PEFT swaps the roles for embeddings: A zeros, B normal

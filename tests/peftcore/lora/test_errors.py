@@ -139,13 +139,13 @@ def test_missing_adapter_files(saved, tmp_path_factory):
 def test_a_config_for_another_method_or_an_unknown_one():
     with pytest.raises(ValueError, match="adapter_config.json is for PREFIX_TUNING, not LORA"):
         LoraConfig.from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
-    with pytest.raises(ValueError, match="adapter_config.json has peft_type 'SHINY_NEW'; peftcore supports LORA"):
+    with pytest.raises(ValueError, match="peft_type 'SHINY_NEW'; peftcore supports ADALORA, LORA"):
         config_from_dict({"peft_type": "SHINY_NEW", "r": 4})
 
 
 def test_an_unknown_peft_type_in_a_folder(saved):
     edit_config(saved, peft_type="BOFT")
-    with pytest.raises(ValueError, match="peft_type 'BOFT'; peftcore supports LORA, IA3"):
+    with pytest.raises(ValueError, match="peft_type 'BOFT'; peftcore supports ADALORA, LORA, IA3"):
         PeftModel.from_pretrained(tiny_llama(), saved)
 
 
