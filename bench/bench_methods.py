@@ -23,6 +23,8 @@ lm_head stored as 4-bit NF4 codes plus absmax scales, dequantized in the forward
     vera      support_vera.toml     VeRA r=16 (shared random projections), q_proj + v_proj, LR 1e-1
     adalora   support_adalora.toml  AdaLoRA init_r=12 -> target_r=4 (rank budget schedule), q_proj + v_proj,
                                     LR 1e-2 (total_step = --steps; under 60 steps tinit = tfinal = 0)
+    qlora-a8  support_lora.toml     QLoRA with lora_alpha = r = 8 (scaling 1): the control for
+    qlora-loftq support_qlora_loftq.toml  the same QLoRA, LoftQ-initialised (1 step, NF4)
 
 What every method shares (set with the recipes' own `--set` overrides): the seed (so the same
 data order: `batches_from` shuffles with it), the batch size (8), max_length (256), `--steps`
@@ -98,6 +100,8 @@ METHODS = {
     "oft": ("support_oft.toml", [], ""),
     "vera": ("support_vera.toml", [], ""),
     "adalora": ("support_adalora.toml", [], ""),
+    "qlora-a8": ("support_lora.toml", ['model.quantize="nf4"', "adapter.lora_alpha=8"], " + NF4 base, alpha 8"),
+    "qlora-loftq": ("support_qlora_loftq.toml", [], ""),
 }
 SHORT_SCHEDULE = 60  # fewer steps than this: AdaLoRA's recipe tinit (20) + tfinal (30) leave no budget phase
 DEFAULT_STEPS = 150  # the example recipes' own max_steps: their learning rates were chosen for it
@@ -267,13 +271,10 @@ def import_lazy_modules() -> None:
 
 
 def build_model(recipe, base_folder: Path, device: torch.device):
-    from peftcore.jobs.bases import adapter_config, load_base
-    from peftcore.peft_model import get_peft_model
-    from peftcore.training.state import set_seed
+    """The job's own build (seeded base, the recipe's adapter; LoftQ: dense base, init, then quantize)."""
+    from peftcore.jobs.train import build_adapted
 
-    set_seed(recipe.train.seed)
-    model = load_base(base_folder, recipe.model, None, device=device, seed=recipe.train.seed)
-    return get_peft_model(model, adapter_config(recipe, model, recipe.model.base_name, base_folder))
+    return build_adapted(recipe, base_folder, device, None)
 
 
 def weight_bytes(model) -> int:

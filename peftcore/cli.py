@@ -184,9 +184,9 @@ def add_merge_command(commands) -> None:
     merge.add_argument("--base", help=BASE_HELP)
     merge.add_argument("--output", type=Path, required=True,
                        help="folder for config.json, model.safetensors, tokenizer")
-    merge.add_argument("--into", choices=("original", "quantized"), default="original",
+    merge.add_argument("--into", choices=("original", "quantized"), default=None,
                        help="QLoRA adapters: merge into the base's original weights (default) or into the "
-                            "dequantized weights the adapter trained against")
+                            "dequantized weights the adapter trained against (LoftQ adapters: only these)")
     merge.set_defaults(run=merge_command)
 
 

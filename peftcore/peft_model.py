@@ -68,7 +68,7 @@ def backend_type(config: PeftConfig) -> type[AdapterBackend]:
             return backend
     kinds = ", ".join(c.__name__ for b in BACKENDS for c in
                       (b.config_type if isinstance(b.config_type, tuple) else (b.config_type,)))
-    raise TypeError(f"a PeftModel is made from a {kinds} (or a subclass), not a {type(config).__name__}")
+    raise TypeError(f"a PeftModel is made from one of {kinds} (or a subclass), not a {type(config).__name__}")
 
 
 class PeftModel(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from peftcore.adapter_io import read_adapter_config
 from peftcore.jobs.adapter_folder import copy_tokenizer, load_adapter_folder
 from peftcore.jobs.bases import TaskError
 from peftcore.lora.quantized_merge import format_merge_report
@@ -12,11 +13,18 @@ from peftcore.peft_model import PeftModel
 
 log = logging.getLogger(__name__)
 
-def run_merge(adapter: Path, output: Path, base: str | None = None, into: str = "original") -> Path:
+def run_merge(adapter: Path, output: Path, base: str | None = None, into: str | None = None) -> Path:
     """Fold the adapter into its base. A QLoRA adapter (trained over a quantized base) merges into the
     base's original weights by default, or with into="quantized" into the dequantized weights it was
     trained against (the merged model then computes exactly what training saw; the log reports what
-    re-quantizing each merged layer would cost)."""
+    re-quantizing each merged layer would cost). A LoftQ adapter merges into the quantized weights only: its
+    B A starts as W - dequant(Q), so on the original W that correction would count twice."""
+    loftq = read_adapter_config(adapter).get("init_lora_weights") == "loftq"
+    into = into or ("quantized" if loftq else "original")
+    if loftq and into == "original":
+        raise TaskError(f"--into original: {adapter} is a LoftQ adapter, initialised as the quantization error "
+                        "W - dequant(Q) of its base; merged into the original W it would add that error twice. "
+                        "Merge it --into quantized (the default for LoftQ adapters)")
     if into not in ("original", "quantized"):
         raise TaskError(f"--into {into!r}: choose original or quantized")
     loaded = load_adapter_folder(adapter, base, merge_ready=into == "original")

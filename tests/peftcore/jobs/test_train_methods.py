@@ -69,3 +69,21 @@ def test_adalora_recipe_whose_schedule_does_not_fit_the_run_is_one_line(tmp_path
     code, _, err = run("train", EXAMPLES / "support_adalora.toml", "--output-dir", tmp_path, "--max-steps", 2, *FAST)
     assert code == 2
     assert "[adapter] tinit = 20 and tfinal = 30 leave none of the run's 2 steps" in err
+
+
+def test_qlora_loftq_recipe_trains_on_the_q_it_initialised_and_merges_into_it(tmp_path):
+    """LoftQ's recipe path (dense load, LoftQ, then NF4): eval on the saved adapter rebuilds the same base; merge
+    goes into the quantized weights by default and refuses the original ones (the correction would count twice)."""
+    code, out, err = run("train", EXAMPLES / "support_qlora_loftq.toml", "--output-dir", tmp_path, "--max-steps", 2,
+                         *FAST, "--set", "eval.samples=0")
+    assert code == 0, err
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "loftq" and config["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 1}
+    after = json.loads((tmp_path / "summary.json").read_text())["after"]["eval_loss"]
+    code, out, err = run("eval", "--adapter", tmp_path / "adapter", "--max-records", 2)
+    assert code == 0, err
+    code, out, err = run("merge", "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert code == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), err
+    assert "re-quantizing them would add a relative error of" in out + err
+    code, _, err = run("merge", "--adapter", tmp_path / "adapter", "--output", tmp_path / "m2", "--into", "original")
+    assert code == 2 and "is a LoftQ adapter" in err and after > 0

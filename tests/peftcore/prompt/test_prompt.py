@@ -194,7 +194,7 @@ def test_a_prompt_model_refuses_mixed_batches_and_a_lora_adapter_beside_it():
         pm.generate(ids, adapter_names=["default", "default"], max_new_tokens=1)
     with pytest.raises(TypeError, match="holds prompt-learning adapters; a LoraConfig needs its own PeftModel"):
         pm.add_adapter("lora", LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(TypeError, match="a PeftModel is made from a LoraConfig, IA3Config, .*, PromptLearningConfig"):
+    with pytest.raises(TypeError, match="made from one of AdaLoraConfig, LoraConfig, .*, PromptLearningConfig"):
         get_peft_model(tiny_llama(), {"num_virtual_tokens": 3})
 
 
@@ -214,7 +214,7 @@ def test_a_disabled_prompt_runs_the_base_model_and_unload_returns_it_untouched()
 def test_every_saved_method_is_in_the_one_config_registry():
     from peftcore.adapter_io import CONFIG_CLASSES, config_from_dict
 
-    assert sorted(CONFIG_CLASSES) == ["IA3", "LOHA", "LOKR", "LORA", "OFT", "PREFIX_TUNING", "PROMPT_TUNING",
-                                      "P_TUNING", "VERA"]
+    assert sorted(CONFIG_CLASSES) == ["ADALORA", "IA3", "LOHA", "LOKR", "LORA", "OFT", "PREFIX_TUNING",
+                                      "PROMPT_TUNING", "P_TUNING", "VERA"]
     config = config_from_dict(PrefixTuningConfig(num_virtual_tokens=2).to_dict())
     assert isinstance(config, PrefixTuningConfig) and config.num_virtual_tokens == 2
