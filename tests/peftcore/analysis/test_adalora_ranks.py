@@ -4,22 +4,12 @@ import json
 
 import pytest
 import torch
-import transformers
 
 from peftcore import AdaLoraConfig, get_peft_model
 from peftcore.analysis.adalora_ranks import format_rank_table, inspect_adalora_adapter, plot_rank_history, rank_history
 from peftcore.models import load_pretrained
-from tests.peftcore.lora.test_vs_peft import LLAMA
 
 V0, V1 = "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(path)
-    return path
 
 
 def orthonormal_adapter(base, folder, keep: dict[str, list[bool]]):

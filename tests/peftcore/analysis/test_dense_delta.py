@@ -21,7 +21,6 @@ from safetensors.torch import save_file  # noqa: E402
 from peftcore.analysis.dense_delta import format_dense_table, inspect_dense_adapter  # noqa: E402
 from peftcore.cli import main  # noqa: E402
 from peftcore.jobs.inspect import run_inspect  # noqa: E402
-from tests.peftcore.lora.test_vs_peft import LLAMA  # noqa: E402
 from tests.peftcore.lycoris.test_conv import CONVS, convs  # noqa: E402
 from tests.peftcore.lycoris.tiny import peft_adapter_params, peft_layers, perturb  # noqa: E402
 
@@ -196,12 +195,9 @@ def test_a_fresh_adapter_has_no_direction_and_still_draws(tmp_path, capsys):
     assert {p.name for p in written} == {"inspect.json", "inspect_spectra.png"}
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(folder)
-    return folder
+@pytest.fixture
+def llama(base):  # the analysis tests' shared checkpoint (conftest.py), under this file's name for it
+    return base
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])

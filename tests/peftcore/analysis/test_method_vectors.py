@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from peftcore import get_peft_model
 from peftcore.analysis.method_vectors import format_vector_table, inspect_method_adapter
@@ -13,15 +12,6 @@ from peftcore.jobs.inspect import run_inspect
 from peftcore.models import load_pretrained
 from peftcore.oft import OFTConfig
 from peftcore.vera import VeraConfig
-from tests.peftcore.lora.test_vs_peft import LLAMA
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(path)
-    return path
 
 
 def saved(base, tmp_path, config, fill):
