@@ -11,6 +11,9 @@ The layout is llama.cpp's own (convert_lora_to_gguf.py writes it, src/llama-adap
   scale      llama.cpp adds scale * B (A x) with scale = adapter.lora.alpha / rank, rank = b.ne[0] per pair
              (llama_adapter_lora_weight::get_scale): one alpha for the file, ranks per pair, so a rank_pattern
              is fine; an alpha_pattern or use_rslora (alpha / sqrt r) is folded into that pair's lora_b.
+  AdaLoRA    its B diag(E) A * scaling / ranknum is a pair too: lora_a = A * E (E folded into A's rows), the
+             scale folded into lora_b as above; triplets the schedule pruned are not in the file, and a layer
+             pruned to rank 0 adds nothing, so it is left out (llama.cpp has no rank-0 pair).
   q / k      convert_hf_to_gguf.py permutes the rows of a llama base's q_proj / k_proj for llama.cpp's RoPE
              (LlamaModel.permute; convert_lora_to_gguf.py sends lora_B through the same permute, lora_A is
              untouched), so lora_B of those gets the same row permutation here.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from peftcore.adalora.layer import RANKNUM_EPS
 from peftcore.adapter_io import adapter_weights, load_config
 from peftcore.config import CONFIG_NAME, LoraConfig, PeftType
 from peftcore.jobs.bases import TaskError, canonical_base, resolve_base
@@ -41,7 +45,8 @@ FORMATS = ("gguf",)
 OUTTYPES = {"f32": (torch.float32, 0), "f16": (torch.float16, 1)}  # -> dtype, general.file_type (LlamaFileType)
 HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # config.json model_type -> GGUF's
 PREFIX = "base_model.model."  # PEFT's on-disk prefix of every adapter key
-_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+# LoRA's lora_A / lora_B are nn.Linears (`.weight`); AdaLoRA's lora_A / lora_B / lora_E are bare parameters
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB]\.weight|[ABE])")
 _BASE_TABLE = ".base_layer.weight"  # the base table PEFT saves beside a targeted lm_head / embed_tokens
 
 
@@ -72,18 +77,19 @@ def run_export(adapter: Path, output: Path, fmt: str = "gguf", base: str | None 
     pairs = lora_pairs(adapter)
     if (adapter / HEADS_CONFIG).is_file():  # they sit on the hidden states, which a llama.cpp LoRA cannot add
         log.warning(f"{adapter} is multi-task: its shared LoRA is exported, its task heads ({HEADS_CONFIG}) are not")
+    pairs = without_empty_pairs(pairs)
     tensors, folded = gguf_tensors(pairs, config, target, OUTTYPES[outtype][0])
     metadata = {"general.type": "adapter", "general.architecture": target.arch, "general.name": adapter.name,
                 "general.file_type": Typed(UINT32, OUTTYPES[outtype][1]), "adapter.type": "lora",
-                "adapter.lora.alpha": Typed(FLOAT32, float(config.lora_alpha))}
+                "adapter.lora.alpha": Typed(FLOAT32, file_alpha(config))}
     output.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(output, metadata, tensors)
     ranks = sorted({a.shape[0] for a, _ in pairs.values()})
     log.info(f"exported {len(pairs)} LoRA pairs of {adapter} (rank {'/'.join(map(str, ranks))}, alpha "
-             f"{config.lora_alpha:g}, {outtype}) for the {target.arch} base {base_name} -> {output}")
+             f"{file_alpha(config):g}, {outtype}) for the {target.arch} base {base_name} -> {output}")
     if folded:
-        log.info(f"folded the per-module scale of {folded} pairs into their lora_b (alpha_pattern / use_rslora: "
-                 "llama.cpp scales every pair by adapter.lora.alpha / rank)")
+        log.info(f"folded the per-module scale of {folded} pairs into their lora_b (alpha_pattern / use_rslora / "
+                 "AdaLoRA's ranknum: llama.cpp scales every pair by adapter.lora.alpha / rank)")
     log.info(f"use: llama-cli -m <the base .gguf> --lora {output}")
     return output
 
@@ -94,7 +100,7 @@ def exportable_config(adapter: Path) -> LoraConfig:
         raise TaskError(f"--adapter {adapter}: no {CONFIG_NAME} there (point at the adapter folder, "
                         "e.g. runs/<timestamp>/adapter)")
     config = load_config(adapter)
-    if not isinstance(config, LoraConfig) or config.peft_type != PeftType.LORA:  # AdaLoRA's is a LoraConfig too
+    if not isinstance(config, LoraConfig):  # AdaLoRA's is a LoraConfig too, and its update a B A pair
         what = ("prompt learning adds virtual tokens, not weight deltas" if config.peft_type.value.endswith("TUNING")
                 else "its update is no B A pair (merge it into the base with `peftcore merge` instead)")
         raise TaskError(f"{adapter} holds a {config.peft_type.value} adapter: {what}, and a llama.cpp LoRA file "
@@ -137,23 +143,53 @@ def read_base(path: Path) -> ExportBase:
 
 
 def lora_pairs(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module name (no PEFT prefix) -> (lora_A (r, in), lora_B (out, r)), float32; any other tensor refused."""
+    """module name (no PEFT prefix) -> (lora_A (r, in), lora_B (out, r)), float32 (AdaLoRA: A * E); any other
+    tensor refused."""
     path, _, tensors = adapter_weights(adapter)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors:
         name = key.removeprefix(PREFIX)
         match = _LORA_KEY.fullmatch(name)
         if match:
-            parts.setdefault(match["module"], {})[match["which"]] = tensor.float()
+            parts.setdefault(match["module"], {})[match["which"][0]] = tensor.float()
         elif not name.endswith(_BASE_TABLE):  # a base table: llama.cpp reads it from the base (as its converter)
             raise TaskError(f"{path.name} holds {key}, which is no lora_A / lora_B weight (embedding LoRA, "
                             "DoRA magnitudes, biases): a llama.cpp LoRA file holds only lora_a / lora_b pairs")
+    for ab in parts.values():
+        if "E" in ab:  # AdaLoRA: E (r, 1) scales A's rows
+            ab["A"] = ab["A"] * ab.pop("E")
     incomplete = sorted(module for module, ab in parts.items() if len(ab) != 2)
     if incomplete:
         raise TaskError(f"{path.name}: {incomplete[0]} has only one of lora_A / lora_B")
     if not parts:
         raise TaskError(f"{path.name} holds no LoRA pairs")
     return {module: (ab["A"], ab["B"]) for module, ab in parts.items()}
+
+
+def without_empty_pairs(pairs: dict) -> dict:
+    """AdaLoRA can prune a layer to rank 0: it adds nothing, and llama.cpp has no rank-0 pair."""
+    empty = sorted(module for module, (a, _) in pairs.items() if a.shape[0] == 0)
+    if empty:
+        log.info(f"left out {len(empty)} pair(s) of rank 0 (pruned by AdaLoRA; they add nothing): {empty[0]}, ...")
+    kept = {module: ab for module, ab in pairs.items() if ab[0].shape[0] > 0}
+    if not kept:
+        raise TaskError("every pair has rank 0: the adapter adds nothing to export")
+    return kept
+
+
+def file_alpha(config: LoraConfig) -> float:
+    """adapter.lora.alpha: LoRA's lora_alpha; AdaLoRA's too, or init_r where it is <= 0 (its scaling then)."""
+    if config.peft_type == PeftType.ADALORA and config.lora_alpha <= 0:
+        return float(config.init_r)
+    return float(config.lora_alpha)
+
+
+def pair_scale(config: LoraConfig, module: str, rank: int) -> float:
+    """What the adapter multiplies this pair's B A by: LoRA's alpha (per module) / r (or sqrt r); AdaLoRA's
+    scaling / (ranknum + eps), ranknum staying init_r however many triplets the file kept."""
+    if config.peft_type == PeftType.ADALORA:
+        return file_alpha(config) / (config.init_r + RANKNUM_EPS)
+    return lora_scaling(rank, pattern_value(module, config.alpha_pattern, config.lora_alpha), config.use_rslora)
 
 
 def gguf_tensors(pairs: dict, config: LoraConfig, base: ExportBase,
@@ -164,9 +200,7 @@ def gguf_tensors(pairs: dict, config: LoraConfig, base: ExportBase,
         a, b = pairs[module]
         name = base_tensor(module, a, b, base)
         rank = a.shape[0]
-        # ours: lora_scaling(r, alpha of this module, use_rslora); llama.cpp's: the file's alpha / r
-        ours = lora_scaling(rank, pattern_value(module, config.alpha_pattern, config.lora_alpha), config.use_rslora)
-        factor = ours / (float(config.lora_alpha) / rank)
+        factor = pair_scale(config, module, rank) / (file_alpha(config) / rank)  # ours / llama.cpp's alpha / r
         if factor != 1.0:
             b, folded = b * factor, folded + 1
         kind = name.split(".")[-2]

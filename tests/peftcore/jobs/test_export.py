@@ -196,6 +196,36 @@ def test_export_refuses_what_a_llama_cpp_lora_cannot_carry(tiny_base, tmp_path, 
     assert not (tmp_path / "a.gguf").exists()
 
 
+def test_an_adalora_adapter_exports_its_kept_triplets_as_pairs(tiny_base, tmp_path, caplog):
+    """B diag(E) A * scaling / ranknum as llama.cpp's scale * B A: E folded into lora_a, the scale into lora_b; the
+    pruned triplets are not in the file, and a layer pruned to rank 0 is left out."""
+    from peftcore import AdaLoraConfig
+
+    config = AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10, lora_alpha=6)
+    peft_model = get_peft_model(load_pretrained(tiny_base), config)
+    generator = torch.Generator().manual_seed(0)
+    pattern = {}
+    with torch.no_grad():
+        for name, layer in peft_model.model.named_modules():
+            if hasattr(layer, "lora_E"):
+                for p in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]):
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+                keep = [False] * 4 if name == "model.layers.0.self_attn.v_proj" else [True, False, True, True]
+                layer.lora_E["default"].masked_fill_(~torch.tensor(keep).view(4, 1), 0.0)  # what training leaves
+                pattern[f"{name}.lora_E"] = keep
+    peft_model.peft_config["default"].rank_pattern = pattern
+    adapter = save_adapter(peft_model, tmp_path / "adapter", str(tiny_base))
+    with caplog.at_level("INFO"):
+        out = run_export(adapter, tmp_path / "adalora.gguf")
+    assert "left out 1 pair(s) of rank 0" in caplog.text
+    with GGUFFile(out) as file:
+        assert file.metadata["adapter.lora.alpha"] == 6
+        assert "blk.0.attn_v.weight.lora_a" not in file.tensors
+        assert file.tensors["blk.1.attn_v.weight.lora_b"].shape == (16, 3)  # 3 of init_r = 4 kept
+        assert len(file.tensors) == 2 * (2 * TINY["num_hidden_layers"] - 1)
+    assert_llama_cpp_deltas_match(out, peft_model, {"attn_q": 4, "attn_k": 2})
+
+
 def test_export_refuses_the_other_weight_methods_naming_merge(tiny_base, tmp_path):
     from peftcore.ia3 import IA3Config
 
