@@ -84,6 +84,18 @@ def row_vectors(layer: nn.Module, adapter_names: list[str], batch: int) -> torch
     return torch.stack([layer.ia3_l[n].flatten().to(dtype) if n in layer.ia3_l else ones for n in adapter_names])
 
 
+def vector_params(layer: nn.Module, name: str):
+    if name in layer.ia3_l:
+        yield layer.ia3_l[name]
+
+
+def multiplicative_delta(layer: nn.Module, name: str) -> torch.Tensor:
+    """What merging `name` now adds to the stored weight: W * (l - 1), in W's layout and dtype (multiplicative:
+    relative to the weight as it is, with any adapters merged before; layer.weight_scale shapes l)."""
+    W = layer.base_layer.weight.detach()
+    return (W * (layer.weight_scale(name) - 1)).to(W.dtype)
+
+
 def pending_merges(layer: nn.Module, adapter_names: list[str] | None) -> list[str]:
     """PEFT's check_adapters_to_merge: the named (default: active) adapters this layer holds and has not merged;
     an already merged one is skipped with a warning."""
@@ -154,8 +166,7 @@ class IA3Linear(nn.Module):
         delete_adapter(self, name)
 
     def adapter_params(self, name: str):
-        if name in self.ia3_l:
-            yield self.ia3_l[name]
+        return vector_params(self, name)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
@@ -187,10 +198,7 @@ class IA3Linear(nn.Module):
         return l_.T if self.fan_in_fan_out else l_
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """What merging `name` now adds to the stored weight: W * (l - 1), in W's layout and dtype (multiplicative:
-        relative to the weight as it is, with any adapters merged before)."""
-        W = self.base_layer.weight.detach()
-        return (W * (self.weight_scale(name) - 1)).to(W.dtype)
+        return multiplicative_delta(self, name)
 
     def check_mergeable(self, names: list[str]) -> None:
         """A quantized base cannot be scaled in place (PEFT refuses 4-bit / 8-bit IA3 merges too)."""
@@ -226,8 +234,7 @@ class IA3Conv(nn.Module):
         delete_adapter(self, name)
 
     def adapter_params(self, name: str):
-        if name in self.ia3_l:
-            yield self.ia3_l[name]
+        return vector_params(self, name)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
@@ -268,9 +275,7 @@ class IA3Conv(nn.Module):
         return per_group.reshape(base.out_channels, in_per_group, *spatial)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """W * (l - 1) in W's layout: what merging `name` now adds to the stored weight."""
-        W = self.base_layer.weight.detach()
-        return (W * (self.weight_scale(name) - 1)).to(W.dtype)
+        return multiplicative_delta(self, name)
 
     def check_mergeable(self, names: list[str]) -> None:
         """A convolution always takes its vectors."""

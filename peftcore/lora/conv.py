@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from peftcore.config import LoraConfig
-from peftcore.lora.init import init_adapter
+from peftcore.lora.init import PLAIN_INITS, init_adapter
 from peftcore.lora.layer import (
     Magnitude,
     adapter_dtype,
@@ -40,7 +40,6 @@ from peftcore.lora.layer import (
 )
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_INITS = (True, False, "gaussian")  # PiSSA / OLoRA factor a 2-D weight: not defined for a conv kernel
 
 
 def conv_norm(W: torch.Tensor, lora_weight: torch.Tensor, s: float) -> torch.Tensor:
@@ -183,7 +182,7 @@ def check_adapter(base: nn.Module, config: LoraConfig, r: int) -> None:
         raise ValueError(f"r={r} on a {type(base).__name__} with groups={base.groups}: lora_B is grouped like the "
                          f"base, so r must be a multiple of {base.groups} (as in HF PEFT); set rank_pattern for this "
                          "layer or leave it out of target_modules")
-    if config.init_lora_weights not in CONV_INITS:
+    if config.init_lora_weights not in PLAIN_INITS:  # PiSSA / OLoRA / LoftQ factor a 2-D weight, not a kernel
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not defined for conv layers (it factors "
                          f"a 2-D weight); a {type(base).__name__} takes True, False or 'gaussian'")
     if base.groups > 1:

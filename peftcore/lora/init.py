@@ -16,6 +16,10 @@ from torch import nn
 from peftcore.lora.loftq import init_loftq
 from peftcore.models.quantized import QuantLinear
 
+# The schemes that draw A and B without reading the base weight: the only ones a layer whose weight is no plain
+# (out, in) matrix takes (a conv kernel, nn.MultiheadAttention's packed in_proj, a bare MoE parameter).
+PLAIN_INITS = (True, False, "gaussian")
+
 
 def init_adapter(layer, name: str, scheme: bool | str, loftq_config: dict | None = None) -> None:
     """`loftq_config`: the LoraConfig's, which scheme "loftq" needs (its bits and steps)."""

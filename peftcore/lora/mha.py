@@ -38,10 +38,9 @@ import torch
 from torch import nn
 
 from peftcore.config import LoraConfig
-from peftcore.lora.init import init_adapter
+from peftcore.lora.init import PLAIN_INITS, init_adapter
 from peftcore.lora.layer import LoraLinear, adapter_dtype, delete_from, init_adapter_state, lora_scaling
 
-ATTENTION_INITS = (True, False, "gaussian")
 # what PEFT's wrapper reads through to the attention (nn.TransformerEncoderLayer reads several of them)
 BASE_ATTRIBUTES = ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "in_proj_weight",
                    "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "merge_masks")
@@ -76,7 +75,7 @@ def refusal(config: LoraConfig, r: int) -> str | None:
         return "lora_bias=True (HF PEFT never applies the in_proj bias and does not train the out_proj one)"
     if config.fan_in_fan_out:
         return "fan_in_fan_out=True (its weights are stored (out, in))"
-    if config.init_lora_weights not in ATTENTION_INITS:
+    if config.init_lora_weights not in PLAIN_INITS:
         return f"init_lora_weights={config.init_lora_weights!r} (a weight factorisation; use True, False or 'gaussian')"
     if r <= 0:
         return f"r={r} (the rank must be positive)"

@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 from peftcore.config import LoraConfig
-from peftcore.lora.init import init_adapter
+from peftcore.lora.init import PLAIN_INITS, init_adapter
 from peftcore.lora.layer import FLOAT8_NAMES, UPCAST_DTYPES, delete_from, init_adapter_state, lora_scaling
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # PEFT's ALLOWED_COMPUTE_DTYPES
 FLOAT8_DTYPES = tuple(getattr(torch, n) for n in FLOAT8_NAMES if hasattr(torch, n))
-PARAMETER_INITS = (True, False, "gaussian")
 
 
 def refusal(config: LoraConfig, r: int) -> str | None:
@@ -47,7 +46,7 @@ def refusal(config: LoraConfig, r: int) -> str | None:
         return "lora_bias=True (a bare parameter has no output to add a bias to)"
     if config.use_dora:
         return "use_dora=True (DoRA needs a weight's output rows)"
-    if config.init_lora_weights not in PARAMETER_INITS:
+    if config.init_lora_weights not in PLAIN_INITS:
         return f"init_lora_weights={config.init_lora_weights!r} (a weight factorisation; use True, False or 'gaussian')"
     if r <= 0:
         return f"r={r} (the rank must be positive)"

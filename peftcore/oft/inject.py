@@ -76,22 +76,3 @@ def match_fan_in_fan_out(name: str, layer: nn.Module, config: OFTConfig) -> None
     if isinstance(layer, OftLinear) and config.fan_in_fan_out:
         warnings.warn(f"fan_in_fan_out is True but {name} is an nn.Linear: setting it to False")
         config.fan_in_fan_out = False
-
-
-def mark_trainable(model: nn.Module, adapter_name: str, bias: str = "none") -> None:
-    """PEFT's _mark_only_adapters_as_trainable for OFT: only adapter `adapter_name`'s vectors train, plus the biases
-    `bias` names: "all" every parameter named bias or ending in ".bias", "oft_only" the base biases of OFT layers."""
-    layers = [m for m in model.modules() if isinstance(m, OFT_LAYERS)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers:
-        for p in layer.adapter_params(adapter_name):
-            p.requires_grad_(True)
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                p.requires_grad_(True)
-    elif bias == "oft_only":
-        for layer in layers:
-            if getattr(layer.base_layer, "bias", None) is not None:  # an nn.Embedding has no bias at all
-                layer.base_layer.bias.requires_grad_(True)

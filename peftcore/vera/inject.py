@@ -142,14 +142,3 @@ def register_shared(holder: nn.Module, vera_A: BufferDict, vera_B: BufferDict) -
     """Put the dicts on the holder as `vera_A` / `vera_B` (a no-op when they are there already)."""
     if holder._modules.get("vera_A") is not vera_A:
         holder.vera_A, holder.vera_B = vera_A, vera_B
-
-
-def bias_parameters(model: nn.Module, config: VeraConfig) -> list[nn.Parameter]:
-    """The base biases that train beside the adapter (PEFT's bias option): "all" every `.bias` of the model,
-    "vera_only" those of the layers VeRA wraps, "none" none."""
-    if config.bias == "all":
-        return [p for name, p in model.named_parameters() if name == "bias" or name.endswith(".bias")]
-    if config.bias == "vera_only":
-        return [m.base_layer.bias for m in model.modules()
-                if isinstance(m, VeraLinear) and getattr(m.base_layer, "bias", None) is not None]
-    return []

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftcore.oft import OFTConfig, inject_oft, mark_trainable
+from peftcore.lora_backend import activate
+from peftcore.oft import OFTConfig, inject_oft
 from tests.peftcore.oft.common import block, ids, merge_all, oft_layers, pair, peft_layers, tiny_llama, unmerge_all
 from tests.tolerances import assert_close
 
@@ -89,8 +90,10 @@ def test_trainable_parameter_counts_equal_peft(bias):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(target_modules=TARGETS, oft_block_size=4,
                                                                     bias=bias))
     ours = copy.deepcopy(base)
-    layers = inject_oft(ours, OFTConfig(target_modules=TARGETS, oft_block_size=4, bias=bias), "default")
-    mark_trainable(ours, "default", bias)
+    config = OFTConfig(target_modules=TARGETS, oft_block_size=4, bias=bias)
+    layers = inject_oft(ours, config, "default")
+    ours.requires_grad_(False)
+    activate(ours, ["default"], {"default": config})  # what PeftModel runs for every method
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable == {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad}
     assert sum(p.numel() for n, p in ours.named_parameters() if n in trainable) == \

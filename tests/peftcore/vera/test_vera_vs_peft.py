@@ -17,7 +17,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
-from peftcore.vera import VeraConfig, VeraLinear, bias_parameters, inject_vera  # noqa: E402
+from peftcore.lora_backend import activate  # noqa: E402
+from peftcore.vera import VeraConfig, VeraLinear, inject_vera  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 VOCAB = 61
@@ -228,8 +229,10 @@ def test_bias_options_train_the_biases_peft_trains(bias):
     model = tiny("gpt2")
     hf, holder = build(model, r=4, target_modules=["c_attn"], fan_in_fan_out=True, bias=bias)
     theirs = sum(p.numel() for n, p in hf.named_parameters() if p.requires_grad and "vera_lambda" not in n)
-    biases = bias_parameters(holder.model, VeraConfig(r=4, target_modules=["c_attn"], bias=bias))
-    assert theirs > 0 and sum(p.numel() for p in biases) == theirs
+    holder.model.requires_grad_(False)
+    activate(holder.model, ["default"], {"default": VeraConfig(r=4, target_modules=["c_attn"], bias=bias)})
+    ours = sum(p.numel() for n, p in holder.model.named_parameters() if p.requires_grad and "vera_lambda" not in n)
+    assert theirs > 0 and ours == theirs
 
 
 def test_a_wider_target_for_a_later_adapter_is_refused_before_anything_changes():
