@@ -16,7 +16,7 @@ from torch import nn
 from peftcore import adapter_io, adapter_keys
 from peftcore.config import LoraConfig
 from peftcore.lora_backend import activate, add_lora
-from peftcore.methods import method_of
+from peftcore.methods import fit_layers_to_file, method_of
 from peftcore.prompt.configs import PromptLearningConfig
 from peftcore.prompt.encoders import load_prompt_embeddings, saved_prompt_tensors
 
@@ -87,9 +87,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if isinstance(config, PromptLearningConfig):
         load_prompt_embeddings(model.prompt_encoder[adapter_name], given.pop("prompt_embeddings"), "state dict")
         return LoadResult([], list(given))
-    before_load = method_of(config).before_load  # AdaLoRA: a pruned dict holds fewer triplets than init_r
-    if before_load is not None:
-        before_load(adapter_keys.user_model(model), config, adapter_name)
+    fit_layers_to_file(adapter_keys.user_model(model), config, adapter_name)
     state = model.state_dict(keep_vars=True)
     if not any(k.startswith(PEFT_PREFIX) for k in state):
         given = {k.removeprefix(PEFT_PREFIX): v for k, v in given.items()}

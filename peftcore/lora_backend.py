@@ -24,7 +24,7 @@ from peftcore.lora.modules_to_save import ModulesToSave, wrap_modules_to_save
 from peftcore.lora.registry import LORA_LAYERS
 from peftcore.lora.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, wrap_token_rows
 from peftcore.methods import ADAPTER_LAYERS as METHOD_LAYERS
-from peftcore.methods import LAYER_METHOD_CONFIGS, method_of, trains_adapted_biases
+from peftcore.methods import LAYER_METHOD_CONFIGS, fit_layers_to_file, method_of, trains_adapted_biases
 from peftcore.models.generate import generate as generate_tokens
 
 
@@ -53,22 +53,24 @@ class LoraModel(nn.Module):
             hooks.append(self.method_hooks[name])
         return hooks
 
-    @property
-    def rankallocator(self):
-        """PEFT's AdaLoraModel.rankallocator: the trainable AdaLoRA adapter's RankAllocator."""
+    def allocator(self):
+        """The trainable AdaLoRA adapter's RankAllocator (AttributeError without one, as PEFT's missing attribute)."""
         hooks = self.trained_hooks()
         if not hooks:
-            raise AttributeError("no trainable AdaLoRA adapter: rankallocator exists for AdaLoRA only")
+            raise AttributeError("no trainable AdaLoRA adapter: the rank allocator needs one (load it with "
+                                 "is_trainable=True)")
         return hooks[0]
+
+    @property
+    def rankallocator(self):
+        """PEFT's AdaLoraModel.rankallocator. (Without one, __getattr__ reads through to the model, as PEFT's
+        hasattr(base_model, "rankallocator") is False.)"""
+        return self.allocator()
 
     def update_and_allocate(self, global_step: int) -> None:
         """PEFT's AdaLoraModel.update_and_allocate, for hand-written loops: call it after optimizer.step() and
         before zero_grad() (it reads the gradients), with the 0-based step. `peftcore train` does it itself."""
-        hooks = self.trained_hooks()
-        if not hooks:  # not via the property: its AttributeError would fall through to __getattr__
-            raise AttributeError("no trainable AdaLoRA adapter: update_and_allocate needs one (load it with "
-                                 "is_trainable=True)")
-        hooks[0].update_and_allocate(global_step)
+        self.allocator().update_and_allocate(global_step)
 
     def __getattr__(self, name: str):
         """Attributes of the wrapped model (`config`, ...) read through, as in PEFT."""
@@ -446,10 +448,8 @@ class LoraBackend:
     def load_weights(self, folder: str | Path, name: str, key_mapping: dict[str, str] | None = None,
                      ignore_mismatched_sizes: bool = False) -> None:
         config = self.peft_model.peft_config[name]
-        if method_of(config).before_load is not None:
-            method_of(config).before_load(self.model, config, name)
-        adapter_io.load_adapter_weights(self.peft_model, folder, name, self.peft_model.peft_config[name],
-                                        key_mapping, ignore_mismatched_sizes)
+        fit_layers_to_file(self.model, config, name)
+        adapter_io.load_adapter_weights(self.peft_model, folder, name, config, key_mapping, ignore_mismatched_sizes)
 
 
 def warn_if_biased(configs: dict, names: list[str]) -> None:

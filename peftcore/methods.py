@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from torch import nn
+
 from peftcore.adalora import (
     ADALORA_LAYERS,
     AdaLoraConfig,
@@ -63,6 +65,14 @@ def method_of(config: PeftConfig) -> Method:
             return method
     raise TypeError(f"{type(config).__name__} adapts no weights; layer methods: "
                     f"{', '.join(m.config.__name__ for m in METHODS)}")
+
+
+def fit_layers_to_file(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """Before a file (or state dict) of adapter `adapter_name` loads: the method's before_load, if it has one
+    (AdaLoRA: shrink the layers to the ranks a pruned file holds)."""
+    before_load = method_of(config).before_load
+    if before_load is not None:
+        before_load(model, config, adapter_name)
 
 
 def trains_adapted_biases(bias: str) -> bool:

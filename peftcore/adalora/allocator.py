@@ -41,8 +41,13 @@ def budget_schedule(config: AdaLoraConfig, step: int, init_bgt: int, target_bgt:
 
 def orthogonal_regularization(model: nn.Module, adapter_name: str) -> torch.Tensor:
     """mean over A and B matrices of ||A A^T - I||_F and ||B^T B - I||_F (PEFT's regu_loss, unweighted)."""
+    return orthogonality_penalty(svd_layers(model, adapter_name), adapter_name)
+
+
+def orthogonality_penalty(layers: list[tuple[str, nn.Module]], adapter_name: str) -> torch.Tensor:
+    """orthogonal_regularization over the (name, layer) pairs svd_layers found (the allocator keeps them)."""
     total, count = torch.zeros(()), 0
-    for _, layer in svd_layers(model, adapter_name):
+    for _, layer in layers:
         A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         for cov in (A @ A.T, B.T @ B):  # (r, r) each
             term = torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro")
@@ -57,17 +62,18 @@ class RankAllocator:
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str):
         self.model, self.config, self.adapter_name = model, config, adapter_name
-        layers = svd_layers(model, adapter_name)
-        if not layers:
+        # found once: every step reads them (a walk over named_modules per step would repeat this)
+        self.layers = svd_layers(model, adapter_name)
+        if not self.layers:
             raise ValueError(f"the model holds no AdaLoRA layer of adapter {adapter_name!r}")
-        pruned = [(name, layer_rank(layer, adapter_name)) for name, layer in layers
-                  if layer_rank(layer, adapter_name) != config.init_r]
+        ranks = {name: layer_rank(layer, adapter_name) for name, layer in self.layers}
+        pruned = next(((name, r) for name, r in ranks.items() if r != config.init_r), None)
         if pruned:  # PEFT sizes its allocator before the file shrinks the layers, then masks every triplet
-            raise ValueError(f"adapter {adapter_name!r} was pruned by an earlier AdaLoRA run ({pruned[0][0]} has "
-                             f"rank {pruned[0][1]}, not init_r={config.init_r}): its rank schedule has run; load "
+            raise ValueError(f"adapter {adapter_name!r} was pruned by an earlier AdaLoRA run ({pruned[0]} has "
+                             f"rank {pruned[1]}, not init_r={config.init_r}): its rank schedule has run; load "
                              "it with is_trainable=False, or train a new AdaLoRA adapter")
-        self.init_bgt = sum(layer_rank(layer, adapter_name) for _, layer in layers)
-        self.target_bgt = config.target_r * len(layers)
+        self.init_bgt = sum(ranks.values())
+        self.target_bgt = config.target_r * len(self.layers)
         self.reset_ipt()
 
     def reset_ipt(self) -> None:
@@ -76,7 +82,7 @@ class RankAllocator:
 
     def named_parts(self):
         """("<module>.lora_A", A), ... for every trained matrix of the adapter."""
-        for module_name, layer in svd_layers(self.model, self.adapter_name):
+        for module_name, layer in self.layers:
             for part in ("lora_A", "lora_B", "lora_E"):
                 yield f"{module_name}.{part}", getattr(layer, part)[self.adapter_name]
 
@@ -97,7 +103,7 @@ class RankAllocator:
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """{"<module>.lora_E": (r,) scores}: E's own plus the mean over A's row and B's column of each triplet."""
         out = {}
-        for module_name, _ in svd_layers(self.model, self.adapter_name):
+        for module_name, _ in self.layers:
             a = self.score(f"{module_name}.lora_A").mean(dim=1)  # (r,)
             b = self.score(f"{module_name}.lora_B").mean(dim=0)  # (r,)
             out[pattern_key(module_name)] = self.score(f"{module_name}.lora_E").view(-1) + (a + b)
@@ -116,7 +122,7 @@ class RankAllocator:
 
     @torch.no_grad()
     def apply_pattern(self, pattern: dict[str, list[bool]]) -> None:
-        for module_name, layer in svd_layers(self.model, self.adapter_name):
+        for module_name, layer in self.layers:
             E = layer.lora_E[self.adapter_name]
             keep = torch.tensor(pattern[pattern_key(module_name)], device=E.device).view(-1, 1)
             E.masked_fill_(~keep, 0.0)
@@ -144,7 +150,7 @@ class RankAllocator:
         forward's loss; a gradient-accumulating trainer averages those, which is the same)."""
         if self.config.orth_reg_weight == 0:
             return None
-        return self.config.orth_reg_weight * orthogonal_regularization(self.model, self.adapter_name)
+        return self.config.orth_reg_weight * orthogonality_penalty(self.layers, self.adapter_name)
 
     def after_step(self, step: int) -> dict:
         """update_and_allocate after the optimizer step. -> metrics for the step's record: the budget, and the
