@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -164,11 +165,12 @@ def quantizable(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", group_size: int | None = None,
-                   double_quant: bool = False, skip: tuple[str, ...] = SKIP_BY_DEFAULT) -> nn.Module:
-    """Swap every nn.Linear and GPT-2 Conv1D (but the heads in `skip`) for a QuantLinear, in place;
-    returns the model."""
+                   double_quant: bool = False, skip: tuple[str, ...] = SKIP_BY_DEFAULT,
+                   keep_dense: Callable[[str], bool] | None = None) -> nn.Module:
+    """Swap every nn.Linear and GPT-2 Conv1D (but the heads in `skip`, and the names `keep_dense` picks) for a
+    QuantLinear, in place; returns the model."""
     for name, module in list(model.named_modules()):
-        if quantizable(name, module, skip):
+        if quantizable(name, module, skip) and not (keep_dense and keep_dense(name)):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child,
                     QuantLinear.from_linear(module, method, group_size, double_quant))

@@ -27,6 +27,12 @@ from peftcore.models.quantized import QuantLinear
 RANKNUM_EPS = 1e-5  # PEFT's guard against a layer made with r = 0
 
 
+def svd_scaling(lora_alpha: float, r: int) -> float:
+    """PEFT's AdaLoRA scaling: lora_alpha, or the rank when lora_alpha <= 0 (the update is then divided by
+    ranknum + eps: svd_product)."""
+    return lora_alpha if lora_alpha > 0 else float(r)
+
+
 def base_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
     if isinstance(base, QuantLinear):
         return base.compute_dtype, next(base.buffers()).device
@@ -78,7 +84,7 @@ def add_svd_adapter(layer: nn.Module, name: str, config, r: int, a_columns: int,
     layer.ranknum[name] = as_adapter_tensor(torch.full((1,), float(r)), base, autocast)
     layer.ranknum[name].requires_grad_(False)
     layer.r[name], layer.lora_alpha[name] = r, config.lora_alpha
-    layer.scaling[name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
+    layer.scaling[name] = svd_scaling(config.lora_alpha, r)
     layer.active_adapters = [name]
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from peftcore.adalora.layer import RANKNUM_EPS, svd_scaling
 from peftcore.adapter_io import adapter_weights, read_adapter_config
 from peftcore.analysis import plots
 from peftcore.analysis.lowrank import natural_key
 
 SVD_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_E)$")
-RANKNUM_EPS = 1e-5  # adalora.layer's
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RankStats:
 def layer_stats(module: str, parts: dict[str, torch.Tensor], config: dict) -> RankStats:
     A, B, E = (parts[p].double() for p in ("lora_A", "lora_B", "lora_E"))  # (r, in), (out, r), (r, 1)
     init_r, alpha = config.get("init_r", 12), config.get("lora_alpha", 8)
-    scaling = (alpha if alpha > 0 else init_r) / (init_r + RANKNUM_EPS)  # ranknum stays init_r, pruned or not
+    scaling = svd_scaling(alpha, init_r) / (init_r + RANKNUM_EPS)  # ranknum stays init_r, pruned or not
     eye = torch.eye(A.shape[0], dtype=A.dtype)
     return RankStats(module, init_r, A.shape[0], sorted(E.abs().flatten().tolist(), reverse=True),
                      float(torch.linalg.matrix_norm(B @ (A * E)) * scaling),

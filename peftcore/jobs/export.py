@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from peftcore.adalora.layer import RANKNUM_EPS
+from peftcore.adalora.layer import RANKNUM_EPS, svd_scaling
 from peftcore.adapter_io import adapter_weights, load_config
 from peftcore.config import CONFIG_NAME, LoraConfig, PeftType
 from peftcore.jobs.bases import TaskError, canonical_base, resolve_base
@@ -179,8 +179,8 @@ def without_empty_pairs(pairs: dict) -> dict:
 
 def file_alpha(config: LoraConfig) -> float:
     """adapter.lora.alpha: LoRA's lora_alpha; AdaLoRA's too, or init_r where it is <= 0 (its scaling then)."""
-    if config.peft_type == PeftType.ADALORA and config.lora_alpha <= 0:
-        return float(config.init_r)
+    if config.peft_type == PeftType.ADALORA:
+        return svd_scaling(config.lora_alpha, config.init_r)
     return float(config.lora_alpha)
 
 

@@ -34,8 +34,7 @@ from torch import nn
 
 from peftcore.config import LOFTQ_BITS
 from peftcore.models import checkpoint, safetensors_io
-from peftcore.models.layers import Conv1D
-from peftcore.models.quantized import SKIP_BY_DEFAULT, QuantLinear
+from peftcore.models.quantized import SKIP_BY_DEFAULT, QuantLinear, quantize_model
 
 # Children of a LoRA layer (and of a modules_to_save wrapper) that are adapter weights, not base layers: PEFT's
 # attribute names, which the adapter files key on.
@@ -128,18 +127,14 @@ def quantize_base_layers(model: nn.Module, method: str = "nf4", group_size: int 
     and GPT-2 Conv1D becomes a QuantLinear, the dense base inside each LoRA layer included, but the adapters'
     own weights, modules_to_save copies and the heads in `skip` (as models.quantized.quantize_model, which would
     take lora_A / lora_B for base linears). In place; -> the names of the layers quantized."""
-    done = []
-    for name, module in list(model.named_modules()):
+    def keep_dense(name: str) -> bool:  # an adapter's own weight, or a head under its wrapper's name
         parts = name.split(".")
-        if not isinstance(module, (nn.Linear, Conv1D)) or ADAPTER_PARTS & set(parts):
-            continue
         logical = [p for p in parts if p not in ("base_layer", "original_module")]  # the name the model gives it
-        if logical and logical[-1] in skip:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, method, group_size, double_quant))
-        done.append(name)
-    return done
+        return bool(ADAPTER_PARTS & set(parts)) or bool(logical) and logical[-1] in skip
+
+    before = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantize_model(model, method, group_size, double_quant, skip=(), keep_dense=keep_dense)
+    return [name for name, m in model.named_modules() if isinstance(m, QuantLinear) and name not in before]
 
 
 # -- replace_lora_weights_loftq: the QLoRA pairing -----------------------------------------------------
